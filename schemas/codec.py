@@ -1,0 +1,406 @@
+"""Confluent-framed Avro codec: magic byte 0, 4-byte big-endian schema id, Avro binary body.
+
+Two representations of a datum, one schema:
+
+* **raw** (the hot path): money and quantities are *unscaled integers* (fen for scale 2),
+  timestamps are int milliseconds since the epoch (UTC), dates are int days since the epoch.
+  The worker never builds ``Decimal``/``datetime`` objects: measured here, fastavro's logical
+  readers more than double decode time, and clickhouse-driver's Decimal path costs ~7× an Int64.
+* **logical**: ``Decimal``, timezone-aware ``datetime``, ``date``; for people and tools.
+
+Both encode to the same bytes; ``to_logical``/``to_raw``/``from_json``/``to_json`` convert.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import fastavro
+import fastavro._read as _fa_read
+import fastavro._write as _fa_write
+
+from .registry import Registry, Schema, SchemaVersion
+
+MAGIC = 0
+HEADER = struct.Struct(">bI")
+DEFAULT_MAX_BYTES = 1_000_000
+CHINA_TZ = ZoneInfo("Asia/Shanghai")
+EPOCH_DATE = dt.date(1970, 1, 1)
+_UNSCALED = "yibao-unscaled"
+
+
+def _read_unscaled(data: bytes, writer_schema: Any = None, reader_schema: Any = None) -> int:
+    return int.from_bytes(data, "big", signed=True)
+
+
+def _write_unscaled(datum: int, schema: Any = None) -> bytes:
+    return datum.to_bytes((datum.bit_length() + 8) // 8 or 1, "big", signed=True)
+
+
+# A private logical type name: registering it changes nothing for other fastavro users.
+_fa_read.LOGICAL_READERS[f"bytes-{_UNSCALED}"] = _read_unscaled  # type: ignore[attr-defined]
+_fa_write.LOGICAL_WRITERS[f"bytes-{_UNSCALED}"] = _write_unscaled  # type: ignore[attr-defined]
+
+
+class DecodeError(Exception):
+    """An input that cannot be decoded; ``reason_code`` is machine-readable."""
+
+    def __init__(self, reason_code: str, detail: str, schema_id: int | None = None) -> None:
+        super().__init__(f"{reason_code}: {detail}")
+        self.reason_code = reason_code
+        self.detail = detail
+        self.schema_id = schema_id
+
+
+class ConversionError(ValueError):
+    """A JSON/logical value that does not fit its field; names the field path."""
+
+    def __init__(self, path: str, msg: str) -> None:
+        super().__init__(f"{path}: {msg}")
+        self.path = path
+
+
+def _strip_logical(schema: Any) -> Any:
+    """Schema with the same binary encoding but no logical types except unscaled decimals."""
+    if isinstance(schema, list):
+        return [_strip_logical(s) for s in schema]
+    if isinstance(schema, dict):
+        out = {k: _strip_logical(v) for k, v in schema.items() if k != "doc"}
+        lt = out.get("logicalType")
+        if lt == "decimal":
+            out["logicalType"] = _UNSCALED
+        elif lt is not None:
+            del out["logicalType"]
+        return out
+    return schema
+
+
+@dataclass(frozen=True)
+class Decoded:
+    schema_id: int
+    subject: str
+    record: str
+    datum: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class _Compiled:
+    version: SchemaVersion
+    fast: Any
+    full: Any
+    fast_reader: Any  # latest fast schema when this is an older version, else None
+    single: str | None
+
+
+class Codec:
+    """Encode/decode framed messages for every registered subject version."""
+
+    def __init__(self, registry: Registry | None = None, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        self.registry = registry or Registry.load()
+        self.max_bytes = max_bytes
+        self._by_id: dict[int, _Compiled] = {}
+        self._record_schemas: dict[str, dict[str, Any]] = {}
+        latest_fast: dict[str, Any] = {}
+        for subject in self.registry.subjects():
+            latest = self.registry.latest(subject)
+            latest_fast[subject] = fastavro.parse_schema(_strip_logical(latest.schema))
+        for sv in self.registry.all_versions():
+            latest = self.registry.latest(sv.subject)
+            self._by_id[sv.id] = _Compiled(
+                version=sv,
+                fast=fastavro.parse_schema(_strip_logical(sv.schema)),
+                full=fastavro.parse_schema(sv.schema),
+                fast_reader=None if latest.id == sv.id else latest_fast[sv.subject],
+                single=None if sv.is_union else sv.records[0],
+            )
+            if latest.id == sv.id:
+                parts = sv.schema if isinstance(sv.schema, list) else [sv.schema]
+                for rec in parts:
+                    self._record_schemas[_fullname(rec)] = rec
+        self._subject_of_record = {
+            rec: s for s in self.registry.subjects() for rec in self.registry.latest(s).records
+        }
+
+    # --- lookups ------------------------------------------------------------------------------
+    def subject_of(self, record: str) -> str:
+        try:
+            return self._subject_of_record[self.resolve_record(record)]
+        except KeyError:
+            raise KeyError(f"unknown record {record!r}") from None
+
+    def resolve_record(self, name: str) -> str:
+        """Accept a full name or the short record name (``Settlement``)."""
+        if name in self._record_schemas:
+            return name
+        matches = [r for r in self._record_schemas if r.rsplit(".", 1)[-1] == name]
+        if len(matches) == 1:
+            return matches[0]
+        raise KeyError(f"unknown record {name!r}")
+
+    def record_schema(self, record: str) -> dict[str, Any]:
+        return self._record_schemas[self.resolve_record(record)]
+
+    def record_names(self) -> list[str]:
+        return sorted(self._record_schemas)
+
+    # --- encode -------------------------------------------------------------------------------
+    def encode(self, record: str, datum: dict[str, Any], *, logical: bool = False) -> bytes:
+        """Frame ``datum`` (raw unless ``logical``) with the latest schema of its subject."""
+        record = self.resolve_record(record)
+        sv = self.registry.latest(self._subject_of_record[record])
+        comp = self._by_id[sv.id]
+        buf = io.BytesIO()
+        buf.write(HEADER.pack(MAGIC, sv.id))
+        value: Any = datum if comp.single else (record, datum)
+        fastavro.schemaless_writer(buf, comp.full if logical else comp.fast, value)
+        return buf.getvalue()
+
+    # --- decode -------------------------------------------------------------------------------
+    def header(self, data: bytes) -> int:
+        """Validate the frame and return its schema id."""
+        if len(data) > self.max_bytes:
+            raise DecodeError("OVERSIZED", f"{len(data)} bytes exceeds the {self.max_bytes}-byte limit")
+        if len(data) < HEADER.size:
+            raise DecodeError("TRUNCATED_FRAME", f"{len(data)} bytes is shorter than the 5-byte header")
+        magic, schema_id = HEADER.unpack_from(data)
+        if magic != MAGIC:
+            raise DecodeError("BAD_MAGIC", f"magic byte {magic & 0xFF} is not 0 (Confluent wire format)")
+        if schema_id not in self._by_id:
+            raise DecodeError("UNKNOWN_SCHEMA_ID", f"schema id {schema_id} is not registered", schema_id)
+        return int(schema_id)
+
+    def decode(self, data: bytes, *, subject: str | None = None, logical: bool = False) -> Decoded:
+        """Decode one framed message; raises DecodeError with a reason code."""
+        schema_id = self.header(data)
+        comp = self._by_id[schema_id]
+        if subject is not None and comp.version.subject != subject:
+            raise DecodeError(
+                "WRONG_SUBJECT",
+                f"schema id {schema_id} belongs to {comp.version.subject!r}, not {subject!r}",
+                schema_id,
+            )
+        buf = io.BytesIO(data)
+        buf.seek(HEADER.size)
+        out: Any
+        try:
+            if logical:
+                out = fastavro.schemaless_reader(buf, comp.full, None, return_record_name=True)
+            else:
+                out = fastavro.schemaless_reader(buf, comp.fast, comp.fast_reader, return_record_name=True)
+        except EOFError:
+            raise DecodeError("TRUNCATED_BODY", "Avro body ends early", schema_id) from None
+        except Exception as exc:
+            raise DecodeError("BAD_AVRO", f"{type(exc).__name__}: {exc}"[:300], schema_id) from None
+        if buf.tell() != len(data):
+            raise DecodeError(
+                "TRAILING_BYTES", f"{len(data) - buf.tell()} bytes after the Avro datum", schema_id
+            )
+        if comp.single is not None:
+            return Decoded(schema_id, comp.version.subject, comp.single, out)
+        name, datum = out
+        return Decoded(schema_id, comp.version.subject, name, datum)
+
+    # --- conversions --------------------------------------------------------------------------
+    def to_logical(self, record: str, raw: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = _convert(self.record_schema(record), raw, _raw_to_logical, record)
+        return out
+
+    def to_raw(self, record: str, value: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = _convert(self.record_schema(record), value, _logical_to_raw, record)
+        return out
+
+    def from_json(self, record: str, obj: dict[str, Any]) -> dict[str, Any]:
+        """JSON object (ISO-8601 times, decimals as strings/numbers) → raw datum, checked."""
+        out: dict[str, Any] = _convert(self.record_schema(record), obj, _json_to_raw, record)
+        return out
+
+    def to_json(self, record: str, raw: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = _convert(self.record_schema(record), raw, _raw_to_json, record)
+        return out
+
+
+def _fullname(rec: dict[str, Any]) -> str:
+    name = str(rec["name"])
+    ns = rec.get("namespace")
+    return name if "." in name or not ns else f"{ns}.{name}"
+
+
+# --- schema-driven conversion ------------------------------------------------------------------
+
+Leaf = Callable[[dict[str, Any], Any, str], Any]
+
+
+def _convert(schema: Any, value: Any, leaf: Leaf, path: str) -> Any:
+    if isinstance(schema, list):  # union: only ["null", T] and record unions appear in fields
+        if value is None:
+            if "null" in schema:
+                return None
+            raise ConversionError(path, "null is not allowed")
+        branches = [s for s in schema if s != "null"]
+        errors = []
+        for br in branches:
+            try:
+                return _convert(br, value, leaf, path)
+            except ConversionError as exc:
+                errors.append(str(exc))
+        raise ConversionError(path, "; ".join(errors))
+    if isinstance(schema, str):
+        schema = {"type": schema}
+    t = schema["type"]
+    if isinstance(t, (dict, list)):
+        return _convert(t, value, leaf, path)
+    if t == "record":
+        if not isinstance(value, dict):
+            raise ConversionError(path, f"expected an object, got {type(value).__name__}")
+        known = {f["name"] for f in schema["fields"]}
+        extra = sorted(set(value) - known - {"event_type"})
+        if extra:
+            raise ConversionError(path, f"unknown field(s) {', '.join(extra)}")
+        out = {}
+        for f in schema["fields"]:
+            name = f["name"]
+            if name in value:
+                out[name] = _convert(f["type"], value[name], leaf, f"{path}.{name}")
+            elif "default" in f:
+                out[name] = f["default"]
+            else:
+                raise ConversionError(f"{path}.{name}", "missing required field")
+        return out
+    if t == "array":
+        if not isinstance(value, (list, tuple)):
+            raise ConversionError(path, f"expected a list, got {type(value).__name__}")
+        return [_convert(schema["items"], v, leaf, f"{path}[{i}]") for i, v in enumerate(value)]
+    if t == "map":
+        if not isinstance(value, dict):
+            raise ConversionError(path, f"expected an object, got {type(value).__name__}")
+        return {str(k): _convert(schema["values"], v, leaf, f"{path}.{k}") for k, v in value.items()}
+    return leaf(schema, value, path)
+
+
+def _check_primitive(schema: dict[str, Any], value: Any, path: str) -> Any:
+    t = schema["type"]
+    if t == "enum":
+        if value not in schema["symbols"]:
+            raise ConversionError(path, f"{value!r} is not one of {', '.join(schema['symbols'])}")
+        return value
+    ok = {
+        "string": lambda v: isinstance(v, str),
+        "boolean": lambda v: isinstance(v, bool),
+        "int": lambda v: isinstance(v, int) and not isinstance(v, bool) and -(2**31) <= v < 2**31,
+        "long": lambda v: isinstance(v, int) and not isinstance(v, bool) and -(2**63) <= v < 2**63,
+        "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        "double": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        "bytes": lambda v: isinstance(v, (bytes, bytearray)),
+        "null": lambda v: v is None,
+    }.get(t)
+    if ok is None or not ok(value):
+        raise ConversionError(path, f"expected {t}, got {type(value).__name__} {value!r}"[:200])
+    return value
+
+
+def _raw_to_logical(schema: dict[str, Any], value: Any, path: str) -> Any:
+    lt = schema.get("logicalType")
+    if lt == "decimal":
+        return Decimal(int(value)).scaleb(-int(schema["scale"]))
+    if lt == "timestamp-millis":
+        return dt.datetime.fromtimestamp(int(value) / 1000, tz=dt.UTC)
+    if lt == "date":
+        return EPOCH_DATE + dt.timedelta(days=int(value))
+    return value
+
+
+def _logical_to_raw(schema: dict[str, Any], value: Any, path: str) -> Any:
+    lt = schema.get("logicalType")
+    if lt == "decimal":
+        return _unscale(value, schema, path)
+    if lt == "timestamp-millis":
+        if not isinstance(value, dt.datetime):
+            raise ConversionError(path, "expected a datetime")
+        return _millis(value)
+    if lt == "date":
+        if not isinstance(value, dt.date):
+            raise ConversionError(path, "expected a date")
+        return (value - EPOCH_DATE).days
+    return _check_primitive(schema, value, path)
+
+
+def _unscale(value: Any, schema: dict[str, Any], path: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (Decimal, int, float, str)):
+        raise ConversionError(path, f"expected a decimal number, got {type(value).__name__}")
+    try:
+        d = Decimal(str(value)) if isinstance(value, (float, str)) else Decimal(value)
+    except InvalidOperation:
+        raise ConversionError(path, f"{value!r} is not a decimal number") from None
+    if not d.is_finite():
+        raise ConversionError(path, f"{value!r} is not a finite number")
+    scale, precision = int(schema["scale"]), int(schema["precision"])
+    unscaled = d.scaleb(scale)
+    if unscaled != unscaled.to_integral_value():
+        raise ConversionError(path, f"{value} has more than {scale} decimal places")
+    n = int(unscaled)
+    if abs(n) >= 10**precision:
+        raise ConversionError(path, f"{value} exceeds decimal({precision},{scale})")
+    return n
+
+
+def _millis(value: dt.datetime) -> int:
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=CHINA_TZ)
+    return int(value.timestamp() * 1000)
+
+
+def _json_to_raw(schema: dict[str, Any], value: Any, path: str) -> Any:
+    lt = schema.get("logicalType")
+    if lt == "decimal":
+        return _unscale(value, schema, path)
+    if lt == "timestamp-millis":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if not isinstance(value, str):
+            raise ConversionError(path, "expected an ISO-8601 date-time string")
+        try:
+            return _millis(dt.datetime.fromisoformat(value))
+        except ValueError:
+            raise ConversionError(path, f"{value!r} is not an ISO-8601 date-time") from None
+    if lt == "date":
+        if not isinstance(value, str):
+            raise ConversionError(path, "expected an ISO-8601 date string (YYYY-MM-DD)")
+        try:
+            return (dt.date.fromisoformat(value) - EPOCH_DATE).days
+        except ValueError:
+            raise ConversionError(path, f"{value!r} is not an ISO-8601 date") from None
+    if schema["type"] == "bytes" and isinstance(value, str):
+        import base64
+
+        try:
+            return base64.b64decode(value, validate=True)
+        except ValueError:
+            raise ConversionError(path, "bytes must be base64 in JSON") from None
+    return _check_primitive(schema, value, path)
+
+
+def _raw_to_json(schema: dict[str, Any], value: Any, path: str) -> Any:
+    lt = schema.get("logicalType")
+    if lt == "decimal":
+        return str(Decimal(int(value)).scaleb(-int(schema["scale"])))
+    if lt == "timestamp-millis":
+        return dt.datetime.fromtimestamp(int(value) / 1000, tz=CHINA_TZ).isoformat(timespec="milliseconds")
+    if lt == "date":
+        return (EPOCH_DATE + dt.timedelta(days=int(value))).isoformat()
+    if schema["type"] == "bytes" and isinstance(value, (bytes, bytearray)):
+        import base64
+
+        return base64.b64encode(bytes(value)).decode("ascii")
+    return value
+
+
+def registry_schema(subject: str) -> Schema:
+    """Latest registered schema of a subject (convenience for tools)."""
+    return Registry.load().latest(subject).schema

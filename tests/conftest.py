@@ -1,0 +1,93 @@
+"""Shared fixtures: the real infrastructure every integration test talks to.
+
+One broker and one ClickHouse server per test session, started once because each test then
+isolates itself with its own topics, groups and tables. Where a Docker engine exists,
+testcontainers provides stock Apache Kafka and ClickHouse; elsewhere (the usual case on these
+machines) the same fixtures run Tansu and Debian's ClickHouse as local processes. Tests only see
+``KafkaEndpoint`` / ``ClickHouseEndpoint``, so they never depend on which of the two they got.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Iterator
+from typing import NoReturn
+
+import pytest
+
+from yibao.localinfra import (
+    ClickHouseEndpoint,
+    ClickHouseServer,
+    KafkaEndpoint,
+    MissingBinaryError,
+    TansuBroker,
+    docker_available,
+    http_query,
+)
+
+KAFKA_IMAGE = "confluentinc/cp-kafka:7.6.0"
+CLICKHOUSE_IMAGE = "clickhouse/clickhouse-server:24.8"
+
+
+def require_infra(reason: str) -> NoReturn:
+    """Skip a test whose infrastructure is missing, except in CI, where that must fail.
+
+    A developer without ClickHouse installed can still run the unit tests; a CI job that
+    silently skipped every integration test would look green while testing nothing.
+    """
+    if os.environ.get("CI"):
+        pytest.fail(
+            f"required test infrastructure is missing in CI: {reason} (run .ci/system-deps.sh)",
+            pytrace=False,
+        )
+    pytest.skip(f"test infrastructure missing: {reason}")
+
+
+@functools.cache
+def _use_docker() -> bool:
+    return docker_available()
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaEndpoint]:
+    if _use_docker():
+        from testcontainers.community.kafka import KafkaContainer
+
+        with KafkaContainer(KAFKA_IMAGE).with_kraft() as kafka:
+            yield KafkaEndpoint(bootstrap=kafka.get_bootstrap_server(), flavor="kafka")
+        return
+    try:
+        tansu = TansuBroker(workdir=tmp_path_factory.mktemp("tansu"))
+    except MissingBinaryError as exc:
+        require_infra(f"no Docker engine and no local Tansu broker: {exc}")
+    with tansu:
+        yield tansu.endpoint
+
+
+@pytest.fixture(scope="session")
+def clickhouse_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClickHouseEndpoint]:
+    if _use_docker():
+        from testcontainers.community.clickhouse import ClickHouseContainer
+
+        with ClickHouseContainer(CLICKHOUSE_IMAGE) as container:
+            host = container.get_container_host_ip()
+            tcp_port = int(container.get_exposed_port(container.port))
+            http_port = int(container.get_exposed_port(8123))
+            user, password = container.username, container.password
+            version = http_query(host, http_port, "SELECT version()", user=user, password=password)
+            yield ClickHouseEndpoint(
+                host=host,
+                tcp_port=tcp_port,
+                http_port=http_port,
+                version=version.strip(),
+                user=user,
+                password=password,
+            )
+        return
+    try:
+        server = ClickHouseServer(workdir=tmp_path_factory.mktemp("clickhouse"))
+    except MissingBinaryError as exc:
+        require_infra(f"no Docker engine and no local clickhouse-server: {exc}")
+    with server:
+        yield server.endpoint

@@ -1,0 +1,289 @@
+"""The infrastructure layer against real servers: if these fail, every other integration test lies."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import time
+import uuid
+from pathlib import Path
+
+import clickhouse_driver
+import pytest
+from clickhouse_driver.errors import Error as ClickHouseError
+from conftest import require_infra
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.admin import NewTopic
+
+from yibao.localinfra import (
+    ClickHouseEndpoint,
+    ClickHouseServer,
+    InfraError,
+    KafkaEndpoint,
+    MissingBinaryError,
+    TansuBroker,
+    docker_available,
+    tansu_binary,
+)
+
+integration = pytest.mark.integration
+
+
+def _local_clickhouse(
+    workdir: Path, extra_users_xml: str | None = None, extra_profiles_xml: str | None = None
+) -> ClickHouseServer:
+    try:
+        return ClickHouseServer(
+            workdir=workdir, extra_users_xml=extra_users_xml, extra_profiles_xml=extra_profiles_xml
+        )
+    except MissingBinaryError as exc:
+        require_infra(str(exc))
+
+
+def _local_tansu(workdir: Path, port: int | None = None) -> TansuBroker:
+    try:
+        return TansuBroker(workdir=workdir, port=port)
+    except MissingBinaryError as exc:
+        require_infra(str(exc))
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _accepts_connections(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _count(server: ClickHouseServer, table: str) -> int:
+    client = clickhouse_driver.Client(server.host, port=server.tcp_port)
+    try:
+        (count,) = client.execute(f"SELECT count() FROM {table}")[0]
+    finally:
+        client.disconnect()
+    return int(count)
+
+
+@integration
+def test_broker_topic_produce_consume_round_trip(broker: KafkaEndpoint) -> None:
+    topic = f"localinfra-{uuid.uuid4().hex[:12]}"
+    admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    try:
+        admin.create_topics([NewTopic(topic, num_partitions=3, replication_factor=1)])
+        assert topic in admin.list_topics()
+    finally:
+        admin.close()
+
+    sent = {f"key-{i}".encode(): f"value-{i}".encode() for i in range(60)}
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all")
+    try:
+        for key, value in sent.items():
+            producer.send(topic, key=key, value=value)
+        producer.flush(timeout=30)
+    finally:
+        producer.close(timeout=5)
+
+    # Count what arrives rather than compare with end offsets, which Tansu reports wrongly.
+    consumer = KafkaConsumer(
+        topic,
+        bootstrap_servers=broker.bootstrap,
+        group_id=f"{topic}-group",
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        session_timeout_ms=6000,
+        heartbeat_interval_ms=2000,
+    )
+    received: dict[bytes, bytes] = {}
+    try:
+        deadline = time.monotonic() + 45
+        while len(received) < len(sent) and time.monotonic() < deadline:
+            for records in consumer.poll(timeout_ms=500).values():
+                for record in records:
+                    received[record.key] = record.value
+        consumer.commit()
+    finally:
+        consumer.close()
+    assert received == sent
+
+
+@integration
+def test_clickhouse_fixture_answers_select_one(clickhouse_server: ClickHouseEndpoint) -> None:
+    client = clickhouse_driver.Client(
+        clickhouse_server.host,
+        port=clickhouse_server.tcp_port,
+        user=clickhouse_server.user,
+        password=clickhouse_server.password,
+    )
+    try:
+        assert client.execute("SELECT 1") == [(1,)]
+        (server_version,) = client.execute("SELECT version()")[0]
+    finally:
+        client.disconnect()
+    assert server_version == clickhouse_server.version
+    assert clickhouse_server.version[:1].isdigit()
+
+
+@integration
+def test_clickhouse_restart_and_kill_keep_mergetree_rows(tmp_path: Path) -> None:
+    with _local_clickhouse(tmp_path / "ch") as server:
+        client = clickhouse_driver.Client(server.host, port=server.tcp_port)
+        client.execute(
+            "CREATE TABLE events (id UInt64, day Date, amount Float64) "
+            "ENGINE = MergeTree PARTITION BY toYYYYMM(day) ORDER BY id"
+        )
+        rows = [(i, datetime.date(2026, 1 + i % 12, 1), i * 1.5) for i in range(1000)]
+        client.execute("INSERT INTO events (id, day, amount) VALUES", rows)
+        client.disconnect()
+        ports, first_pid = (server.tcp_port, server.http_port), server.pid
+
+        server.restart()
+        assert (server.tcp_port, server.http_port) == ports
+        assert server.pid is not None and server.pid != first_pid
+        assert _count(server, "events") == 1000
+
+        server.kill()
+        assert server.pid is None
+        assert not _accepts_connections(server.tcp_port)
+        server.start()
+        assert _count(server, "events") == 1000
+        assert server.query("SELECT sum(id) FROM events").strip() == str(sum(range(1000)))
+    assert server.pid is None
+    assert not _accepts_connections(server.tcp_port)
+
+
+@integration
+def test_clickhouse_extra_users_and_profiles_are_enforced(tmp_path: Path) -> None:
+    reader = """
+        <reader>
+            <password>s3cret</password>
+            <networks><ip>127.0.0.1</ip></networks>
+            <profile>read_only</profile>
+            <quota>default</quota>
+        </reader>"""
+    with _local_clickhouse(
+        tmp_path / "ch",
+        extra_users_xml=reader,
+        extra_profiles_xml="<read_only><readonly>1</readonly></read_only>",
+    ) as server:
+        admin = clickhouse_driver.Client(server.host, port=server.tcp_port)
+        admin.execute("CREATE TABLE t (x UInt8) ENGINE = MergeTree ORDER BY x")
+        admin.execute("INSERT INTO t VALUES", [(1,), (2,)])
+        (low_cardinality,) = admin.execute(
+            "SELECT value FROM system.settings WHERE name = 'allow_experimental_low_cardinality_type'"
+        )[0]
+        assert low_cardinality == "1"
+        admin.disconnect()
+
+        client = clickhouse_driver.Client(server.host, port=server.tcp_port, user="reader", password="s3cret")
+        try:
+            assert client.execute("SELECT count() FROM t") == [(2,)]
+            with pytest.raises(ClickHouseError, match="readonly"):
+                client.execute("INSERT INTO t VALUES", [(3,)])
+        finally:
+            client.disconnect()
+
+        intruder = clickhouse_driver.Client(server.host, port=server.tcp_port, user="reader", password="no")
+        with pytest.raises(ClickHouseError):
+            intruder.execute("SELECT 1")
+        intruder.disconnect()
+
+
+@integration
+def test_clickhouse_refuses_a_port_already_taken(tmp_path: Path) -> None:
+    with _local_clickhouse(tmp_path / "first") as first:
+        second = _local_clickhouse(tmp_path / "second")
+        second.tcp_port = first.tcp_port
+        with pytest.raises(InfraError, match="already in use"):
+            second.start()
+        assert second.pid is None
+
+
+@integration
+def test_clickhouse_startup_error_carries_the_server_log(tmp_path: Path) -> None:
+    server = _local_clickhouse(tmp_path / "ch", extra_users_xml="<unclosed>")
+    with pytest.raises(InfraError, match=r"exited with code[\s\S]*users\.xml"):
+        server.start()
+    assert server.pid is None
+
+
+@integration
+def test_tansu_stop_ends_the_process_and_frees_the_port(tmp_path: Path) -> None:
+    tansu = _local_tansu(tmp_path / "tansu")
+    tansu.start()
+    pid = tansu.pid
+    assert pid is not None and _process_exists(pid)
+    assert tansu.bootstrap == f"127.0.0.1:{tansu.port}"
+    started = time.monotonic()
+    tansu.stop()
+    assert time.monotonic() - started < 5
+    assert tansu.pid is None
+    assert not _process_exists(pid)
+    assert not _accepts_connections(tansu.port)
+    assert (tmp_path / "tansu" / "tansu.log").read_text().strip()
+
+
+@integration
+def test_tansu_kill_and_restart_on_the_same_port(tmp_path: Path) -> None:
+    with _local_tansu(tmp_path / "tansu") as tansu:
+        first_pid = tansu.pid
+        assert first_pid is not None
+        tansu.kill()
+        assert tansu.pid is None and not _process_exists(first_pid)
+        tansu.restart()
+        assert tansu.pid not in (None, first_pid)
+        admin = KafkaAdminClient(bootstrap_servers=tansu.bootstrap)
+        try:
+            admin.create_topics([NewTopic("after-restart", num_partitions=1, replication_factor=1)])
+            assert "after-restart" in admin.list_topics()
+        finally:
+            admin.close()
+    assert tansu.pid is None
+
+
+@integration
+def test_tansu_refuses_a_port_already_taken(tmp_path: Path) -> None:
+    with _local_tansu(tmp_path / "first") as first:
+        second = _local_tansu(tmp_path / "second", port=first.port)
+        with pytest.raises(InfraError, match="already in use"):
+            second.start()
+        assert second.pid is None
+        assert first.pid is not None
+
+
+def test_tansu_binary_is_executable() -> None:
+    try:
+        binary = tansu_binary()
+    except MissingBinaryError as exc:
+        require_infra(str(exc))
+    assert binary.name == "tansu"
+    assert os.access(binary, os.X_OK)
+
+
+def test_docker_available_answers_quickly() -> None:
+    started = time.monotonic()
+    assert docker_available(timeout=1) in (True, False)
+    assert time.monotonic() - started < 5
+
+
+def test_require_infra_skips_outside_ci(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="no widget"):
+        require_infra("no widget")
+    monkeypatch.setenv("CI", "")
+    with pytest.raises(pytest.skip.Exception):
+        require_infra("no widget")
+
+
+def test_require_infra_fails_in_ci(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="no widget"):
+        require_infra("no widget")

@@ -1,0 +1,211 @@
+"""All settings of the pipeline, typed and validated in one place.
+
+Every setting is read from an environment variable ``YIBAO_<NAME>`` (or a ``.env`` file) and can be
+overridden by a CLI flag. Secrets may instead be given as a path in ``YIBAO_<NAME>_FILE`` (the
+Kubernetes/Docker secret-file convention); they are held as ``SecretStr`` so they never print.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+STREAMS = ("settlement", "procurement", "supervision")
+
+
+class ClickHouseBackend(StrEnum):
+    EMBEDDED = "embedded"
+    SERVER = "server"
+
+
+class SecurityProtocol(StrEnum):
+    PLAINTEXT = "PLAINTEXT"
+    SSL = "SSL"
+    SASL_PLAINTEXT = "SASL_PLAINTEXT"
+    SASL_SSL = "SASL_SSL"
+
+
+class SaslMechanism(StrEnum):
+    PLAIN = "PLAIN"
+    SCRAM_SHA_256 = "SCRAM-SHA-256"
+    SCRAM_SHA_512 = "SCRAM-SHA-512"
+
+
+def default_data_dir() -> Path:
+    return Path(platformdirs.user_data_dir("yibao", appauthor=False))
+
+
+class SettingsError(ValueError):
+    """Raised with a message that names the setting and says how to fix it."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="YIBAO_", env_file=".env", extra="ignore", validate_default=True
+    )
+
+    # --- Kafka -------------------------------------------------------------------------------
+    kafka_bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers, host:port[,host:port]")
+    kafka_security_protocol: SecurityProtocol = SecurityProtocol.PLAINTEXT
+    kafka_sasl_mechanism: SaslMechanism = SaslMechanism.PLAIN
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_sasl_password_file: Path | None = None
+    kafka_ssl_cafile: Path | None = None
+    kafka_ssl_certfile: Path | None = None
+    kafka_ssl_keyfile: Path | None = None
+    topic_prefix: str = Field("yibao.", description="Prefix of every topic name")
+    topic_partitions: int = Field(4, ge=1, le=1024)
+    topic_replication: int = Field(1, ge=1, le=16)
+    consumer_group: str = "yibao-ingest"
+    session_timeout_ms: int = Field(10_000, ge=3_000, le=300_000)
+
+    # --- ClickHouse --------------------------------------------------------------------------
+    ch_backend: ClickHouseBackend = ClickHouseBackend.EMBEDDED
+    ch_host: str = "127.0.0.1"
+    ch_port: int = Field(9000, ge=1, le=65535)
+    ch_database: str = "yibao"
+    ch_user: str = "default"
+    ch_password: SecretStr = SecretStr("")
+    ch_password_file: Path | None = None
+    ch_secure: bool = False
+    ch_verify: bool = True
+    ch_ca_certs: Path | None = None
+    ch_cluster: str | None = Field(None, description="ClickHouse cluster name for ON CLUSTER DDL")
+    data_dir: Path = Field(default_factory=default_data_dir, description="chDB data and local state")
+
+    # --- Sink batching -----------------------------------------------------------------------
+    batch_max_events: int = Field(5000, ge=1, le=1_000_000)
+    batch_max_seconds: float = Field(1.0, gt=0, le=60)
+    sink_retry_max_seconds: float = Field(30.0, gt=0, le=600, description="Cap of the sink back-off")
+
+    # --- Privacy -----------------------------------------------------------------------------
+    pseudo_key: SecretStr | None = None
+    pseudo_key_file: Path | None = None
+    pseudo_key_id: str = Field("k1", pattern=r"^[A-Za-z0-9_-]{1,16}$")
+
+    # --- Validation --------------------------------------------------------------------------
+    max_future_skew_s: int = Field(300, ge=0, description="Event times further ahead than this are rejected")
+    min_event_year: int = Field(2018, ge=1990, le=2100, description="Event times before this year are rejected")
+    known_insutypes: tuple[str, ...] = ("310", "320", "330", "340", "390", "391", "392", "510")
+    known_med_types: tuple[str, ...] = ("11", "12", "13", "14", "15", "16", "21", "22", "41", "51", "52")
+
+    # --- Worker ------------------------------------------------------------------------------
+    web_port: int = Field(6066, ge=0, le=65535, description="Metrics/health port of the first worker process")
+    processes: int = Field(1, ge=1, le=64, description="Worker processes started by `yibao worker`")
+    log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
+    shutdown_deadline_s: float = Field(20.0, gt=0, le=600)
+
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _bootstrap(cls, v: str) -> str:
+        for part in v.split(","):
+            if not re.fullmatch(r"[A-Za-z0-9_.\-\[\]:]+:\d{1,5}", part.strip()):
+                raise ValueError(f"{part!r} is not host:port; e.g. YIBAO_KAFKA_BOOTSTRAP=kafka-1:9092")
+        return v
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9._-]*", v):
+            raise ValueError("topic prefix may only contain letters, digits, '.', '_' and '-'")
+        return v
+
+    @field_validator("ch_database")
+    @classmethod
+    def _db(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v):
+            raise ValueError("database name must be an identifier (letters, digits, underscore)")
+        return v
+
+    @model_validator(mode="after")
+    def _secrets_from_files(self) -> Settings:
+        for name in ("kafka_sasl_password", "ch_password", "pseudo_key"):
+            path: Path | None = getattr(self, f"{name}_file")
+            if path is None:
+                continue
+            try:
+                value = path.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ValueError(f"{name}_file: cannot read {path}: {exc.strerror}") from exc
+            object.__setattr__(self, name, SecretStr(value))
+        if self.kafka_security_protocol.value.startswith("SASL") and not self.kafka_sasl_username:
+            raise ValueError(
+                "kafka_security_protocol is SASL_* but YIBAO_KAFKA_SASL_USERNAME is not set"
+            )
+        return self
+
+    # --- derived -----------------------------------------------------------------------------
+    def topic(self, stream: str) -> str:
+        """Full topic name of a logical stream (settlement, procurement, supervision, alerts, ...)."""
+        return f"{self.topic_prefix}{stream}"
+
+    @property
+    def chdb_path(self) -> Path:
+        return self.data_dir / "chdb"
+
+    def kafka_client_kwargs(self) -> dict[str, Any]:
+        """Connection options shared by every aiokafka/kafka-python client."""
+        kw: dict[str, Any] = {
+            "bootstrap_servers": self.kafka_bootstrap,
+            "security_protocol": self.kafka_security_protocol.value,
+        }
+        if self.kafka_security_protocol.value.startswith("SASL"):
+            kw["sasl_mechanism"] = self.kafka_sasl_mechanism.value
+            kw["sasl_plain_username"] = self.kafka_sasl_username
+            kw["sasl_plain_password"] = (
+                self.kafka_sasl_password.get_secret_value() if self.kafka_sasl_password else ""
+            )
+        if self.kafka_security_protocol.value.endswith("SSL"):
+            import ssl
+
+            ctx = ssl.create_default_context(
+                cafile=str(self.kafka_ssl_cafile) if self.kafka_ssl_cafile else None
+            )
+            if self.kafka_ssl_certfile:
+                ctx.load_cert_chain(
+                    str(self.kafka_ssl_certfile),
+                    str(self.kafka_ssl_keyfile) if self.kafka_ssl_keyfile else None,
+                )
+            kw["ssl_context"] = ctx
+        return kw
+
+    def redacted(self) -> dict[str, Any]:
+        """Settings as a dict with every secret replaced, for `yibao config show` and logs."""
+        out: dict[str, Any] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                value = "**********" if value.get_secret_value() else ""
+            elif isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, StrEnum):
+                value = value.value
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[name] = value
+        return out
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build settings from the environment plus explicit overrides (CLI flags).
+
+    Overrides that are ``None`` are ignored, so unset flags never mask the environment.
+    Raises SettingsError with one line per problem, naming the environment variable.
+    """
+    clean = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return Settings(**clean)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "settings"
+            env = f"YIBAO_{loc.upper()}" if loc != "settings" else "settings"
+            lines.append(f"{env}: {err['msg']}")
+        raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from None
