@@ -1,0 +1,209 @@
+"""The one small interface every ClickHouse backend implements, and the errors it raises.
+
+Two real engines sit behind it: a ClickHouse server over the native protocol
+(:class:`sinks.server.ServerBackend`) and chDB in-process (:class:`sinks.embedded.EmbeddedBackend`).
+Callers (stream workers, migrations, reports, tests) only ever see :class:`Backend`, so the same
+code and the same SQL run against both; that is also why the SQL must stay within what
+ClickHouse 18.16 understands unless it is gated on :meth:`Backend.version`.
+
+Raw values
+----------
+:meth:`Backend.insert` takes *raw* values, never ``Decimal``/``datetime`` objects: decimals as
+unscaled integers, ``DateTime`` as int epoch seconds, ``Date`` as int days since 1970-01-01,
+booleans as 0/1, arrays as lists, NULL as ``None``. Building those objects is what makes a Python
+pipeline slow: measured on this box, clickhouse-driver encodes a ``Decimal(16, 2)`` column
+about 10× slower than an ``Int64`` column (~1.1 M vs ~11-16 M values/s; the lead measured ~7×
+earlier), and every ``datetime`` costs a pytz ``astimezone``. So rows go into a staging twin
+``<table>_in`` whose columns have the raw types, and a materialized view converts them exactly
+inside ClickHouse (see :mod:`sinks.migrate`).
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, ClassVar
+
+IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+STAGING_SUFFIX = "_in"
+
+# An INSERT whose data is inside the statement (VALUES (...) or FORMAT ...) rather than in a
+# following SELECT. Over the native protocol an 18.16 server answers such a statement by waiting
+# for data blocks the client never sends, so the call hangs until the socket times out.
+_INLINE_INSERT = re.compile(r"^\s*INSERT\s+INTO\b(?:(?!\bSELECT\b).)*\b(?:VALUES|FORMAT)\b", re.I | re.S)
+
+
+class SinkError(Exception):
+    """ClickHouse refused a statement (bad SQL, missing table, wrong value...).
+
+    Retrying the same call will fail the same way, so the worker must not loop on it.
+    ``code`` is ClickHouse's error code when the server gave one.
+    """
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+class SinkUnavailable(SinkError):
+    """ClickHouse cannot be reached, or is overloaded: back off and retry the same call.
+
+    A subclass of :class:`SinkError` so ``except SinkError`` still catches every sink failure;
+    a worker that wants to retry must therefore catch ``SinkUnavailable`` *first*. An insert that
+    failed this way may or may not have been written (the connection can drop after the server
+    committed): the exactly-once machinery must look the batch up before re-sending it.
+    """
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    """Rows of a query, identical in shape and Python types on both backends.
+
+    Values are what clickhouse-driver returns: ``Decimal`` for decimals, timezone-aware
+    ``datetime`` for ``DateTime('tz')``, ``date``, lists, ``None`` for NULL, ``str`` for strings
+    (``bytes`` when a string is not valid UTF-8).
+    """
+
+    columns: list[str]
+    types: list[str]
+    rows: list[tuple[Any, ...]] = field(default_factory=list)
+
+    def scalar(self) -> Any:
+        """First column of the first row, or ``None`` when there is no row."""
+        return self.rows[0][0] if self.rows and self.rows[0] else None
+
+    def dicts(self) -> list[dict[str, Any]]:
+        """Rows as dicts keyed by column name, for callers that prefer names to positions."""
+        return [dict(zip(self.columns, row, strict=True)) for row in self.rows]
+
+
+class Backend(ABC):
+    """A ClickHouse engine the pipeline writes to and reads from.
+
+    One instance per process and data store. Every method is thread-safe (each implementation
+    serializes calls with a lock, because neither clickhouse-driver's ``Client`` nor a chDB
+    session may be used from two threads at once), blocks until ClickHouse has answered, and
+    raises :class:`SinkUnavailable` or :class:`SinkError`, never a driver exception.
+    """
+
+    name: ClassVar[str]
+    _version_cache: tuple[int, ...] | None = None
+
+    @property
+    @abstractmethod
+    def database(self) -> str:
+        """Database holding the pipeline's tables. Every statement names it explicitly
+        (``db.table``) because the database may not exist before :func:`sinks.migrate.migrate`."""
+
+    @abstractmethod
+    def execute(self, sql: str) -> None:
+        """Run a statement that returns nothing (DDL, ``INSERT ... SELECT``, ``ALTER``...).
+
+        Called by migrations and maintenance tasks, never on the hot path. Inline-data INSERTs
+        (``VALUES``/``FORMAT``) are rejected with ``ValueError`` on every backend, because the
+        18.16 server cannot take them over the native protocol: use :meth:`insert` or
+        ``INSERT ... SELECT``.
+        """
+
+    @abstractmethod
+    def query(self, sql: str) -> QueryResult:
+        """Run a ``SELECT``-like statement and return all its rows in memory.
+
+        Called at worker start-up and on partition assignment (the exactly-once lookup of
+        already-written Kafka offsets), by migrations, reports and tests. Not for large exports.
+        """
+
+    @abstractmethod
+    def insert(self, table: str, columns: Mapping[str, Sequence[Any]]) -> int:
+        """Append one batch of raw values to ``<database>.<table>_in``; return the row count.
+
+        Called by a stream worker each time it flushes a batch (5k-50k rows: small batches
+        multiply ClickHouse's merge work), as exactly one INSERT, so the batch lands whole or
+        not at all. ``columns`` maps column names of the staging table to equally long lists of
+        raw values (see the module docstring). A staging column left out takes its type's
+        default (0, '', []), not the target table's DEFAULT; only columns that are absent from
+        the staging table (such as ``ingested_at``) take the target's DEFAULT.
+        """
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the connection or session. Called once at shutdown; calling it twice is
+        harmless, and every other method raises :class:`SinkError` afterwards."""
+
+    def version(self) -> tuple[int, ...]:
+        """Engine version as integers, e.g. ``(18, 16, 1)``; migrations gate features on it.
+
+        Called by migrations when choosing SQL. Cached: an engine does not change version
+        under a running process without dropping its connection.
+        """
+        cached = self._version_cache
+        if cached is None:
+            text = str(self.query("SELECT version()").scalar())
+            cached = tuple(int(part) for part in re.findall(r"\d+", text))
+            if not cached:
+                raise SinkError(f"cannot parse ClickHouse version {text!r}")
+            self._version_cache = cached
+        return cached
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name} database={self.database}>"
+
+
+def check_identifier(name: str, what: str = "identifier") -> str:
+    """Return ``name`` if it is a plain SQL identifier, else raise ``ValueError``.
+
+    Table and column names are interpolated into SQL (ClickHouse 18.16 has no server-side
+    parameters), so anything that is not a bare identifier is refused rather than quoted.
+    """
+    if not IDENTIFIER.fullmatch(name):
+        raise ValueError(f"{what} {name!r} is not a plain identifier (letters, digits, underscore)")
+    return name
+
+
+def check_batch(table: str, columns: Mapping[str, Sequence[Any]]) -> int:
+    """Validate an insert batch's names and shape; return its row count.
+
+    Done before touching the engine so a caller bug (ragged columns, odd names) is a
+    ``ValueError`` naming the column, not an opaque driver failure half-way through a send.
+    """
+    check_identifier(table, "table name")
+    if not columns:
+        raise ValueError(f"insert into {table}: no columns given")
+    lengths = {name: len(values) for name, values in columns.items()}
+    for name in lengths:
+        check_identifier(name, "column name")
+    n = next(iter(lengths.values()))
+    ragged = {name: length for name, length in lengths.items() if length != n}
+    if ragged:
+        raise ValueError(f"insert into {table}: columns differ in length: {lengths}")
+    return n
+
+
+def reject_inline_insert(sql: str) -> None:
+    """Refuse ``INSERT ... VALUES``/``FORMAT`` passed to :meth:`Backend.execute` (see there)."""
+    if _INLINE_INSERT.match(sql):
+        raise ValueError(
+            "execute() cannot send an INSERT with inline data: a ClickHouse 18.16 server waits for "
+            "native data blocks and the call hangs; use Backend.insert() or INSERT ... SELECT"
+        )
+
+
+def literal(value: str) -> str:
+    """Quote a Python string as a ClickHouse string literal (for names and checksums in
+    bookkeeping statements; never for bulk data)."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"

@@ -1,0 +1,277 @@
+"""The shape every subsystem module has, so a reader who knows one knows all.
+
+A subsystem (``settlement``, ``procurement``, ``supervision``) is one topic carrying a union of
+records. For each record it declares:
+
+* ``checks``: the validation rules (streams.validation), run on the raw datum;
+* ``tables``: where it lands. The first table is its *primary* table (one row per event: that is
+  how ``landed + dead-lettered = produced`` is counted); a table entry may take the event's nested
+  lines instead of the event itself (``lines=``);
+* ``overrides``: columns that are not a plain copy of a field (tokens, age, negated amounts).
+
+Everything else (copying fields to columns, ms → s for DateTime, None → '' for String) is derived
+once from the ClickHouse table spec, so modules stay declarative.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sinks.tables import TABLES
+
+from .privacy import Pseudonymizer
+from .validation import Check
+
+Datum = dict[str, Any]
+Columns = dict[str, list[Any]]
+#: Computes one column for a list of data (events, or lines with their parents).
+ColumnFn = Callable[[Sequence[Datum], "RowContext"], list[Any]]
+
+SERVER_SIDE_COLUMNS = frozenset({"ingested_at"})
+SOURCE_COLUMNS = ("src_partition", "src_offset")
+
+
+@dataclass(frozen=True)
+class RowContext:
+    """What row builders may use besides the data: positions, tokens, parents of lines."""
+
+    partitions: list[int]
+    offsets: list[int]
+    pseudonymizer: Pseudonymizer
+    parents: list[Datum] | None = None
+
+
+@dataclass(frozen=True)
+class TableMapping:
+    """How events of one record fill one table."""
+
+    table: str
+    lines: str | None = None
+    overrides: dict[str, ColumnFn] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.table not in TABLES:
+            raise ValueError(f"unknown table {self.table!r}; known: {', '.join(sorted(TABLES))}")
+        cols = {c for c, _ in TABLES[self.table].columns}
+        unknown = set(self.overrides) - cols
+        if unknown:
+            raise ValueError(f"{self.table}: overrides for unknown column(s) {', '.join(sorted(unknown))}")
+
+
+@dataclass(frozen=True)
+class RecordSpec:
+    """One record type of a subsystem: its checks and the tables it lands in."""
+
+    record: str
+    event_time: str
+    checks: tuple[Check, ...]
+    tables: tuple[TableMapping, ...]
+    key_field: str
+
+    def __post_init__(self) -> None:
+        if not self.tables:
+            raise ValueError(f"{self.record}: needs at least one table")
+        if self.tables[0].lines is not None:
+            raise ValueError(f"{self.record}: the primary table must take the event itself, not its lines")
+
+    @property
+    def primary_table(self) -> str:
+        return self.tables[0].table
+
+    @property
+    def short_name(self) -> str:
+        return self.record.rsplit(".", 1)[-1]
+
+
+@dataclass(frozen=True)
+class Subsystem:
+    """A topic, what its key is and why, and the records it carries."""
+
+    name: str
+    key_doc: str
+    records: tuple[RecordSpec, ...]
+
+    def __post_init__(self) -> None:
+        names = [r.record for r in self.records]
+        if len(set(names)) != len(names):
+            raise ValueError(f"{self.name}: a record is declared twice")
+
+    def spec(self, record: str) -> RecordSpec | None:
+        for r in self.records:
+            if r.record == record:
+                return r
+        return None
+
+    def tables(self) -> list[str]:
+        out: list[str] = []
+        for r in self.records:
+            for t in r.tables:
+                if t.table not in out:
+                    out.append(t.table)
+        return out
+
+
+# --- column helpers used by the modules ----------------------------------------------------------
+
+
+def token_of(fld: str, domain: str = "psn") -> ColumnFn:
+    """Pseudonymous token column for an identifier field."""
+
+    def fn(ds: Sequence[Datum], ctx: RowContext) -> list[Any]:
+        tok = ctx.pseudonymizer.token
+        return [tok(d.get(fld), domain) for d in ds]
+
+    return fn
+
+
+def negated(fld: str) -> ColumnFn:
+    def fn(ds: Sequence[Datum], ctx: RowContext) -> list[Any]:
+        return [-d[fld] for d in ds]
+
+    return fn
+
+
+def constant(value: Any) -> ColumnFn:
+    def fn(ds: Sequence[Datum], ctx: RowContext) -> list[Any]:
+        return [value] * len(ds)
+
+    return fn
+
+
+def from_field(fld: str, ms_to_s: bool = False) -> ColumnFn:
+    """Copy another field (renamed column); optionally epoch ms → s."""
+
+    def fn(ds: Sequence[Datum], ctx: RowContext) -> list[Any]:
+        if ms_to_s:
+            return [d[fld] // 1000 for d in ds]
+        return [d.get(fld) for d in ds]
+
+    return fn
+
+
+def from_parent(fld: str, ms_to_s: bool = False) -> ColumnFn:
+    """For line tables: a field of the line's parent event."""
+
+    def fn(ds: Sequence[Datum], ctx: RowContext) -> list[Any]:
+        assert ctx.parents is not None
+        if ms_to_s:
+            return [p[fld] // 1000 for p in ctx.parents]
+        return [p.get(fld) for p in ctx.parents]
+
+    return fn
+
+
+def parent_token(fld: str, domain: str = "psn") -> ColumnFn:
+    def fn(ds: Sequence[Datum], ctx: RowContext) -> list[Any]:
+        assert ctx.parents is not None
+        tok = ctx.pseudonymizer.token
+        return [tok(p.get(fld), domain) for p in ctx.parents]
+
+    return fn
+
+
+# --- compiled row building -----------------------------------------------------------------------
+
+
+def _default_for(ch_type: str) -> Any:
+    t = ch_type
+    if t.startswith("Nullable("):
+        return None
+    if t.startswith("Array("):
+        return []
+    if "String" in t:
+        return ""
+    return 0
+
+
+def _copier(col: str, ch_type: str, nullable_src: bool) -> ColumnFn:
+    if ch_type.startswith("DateTime"):
+        def dt_fn(ds: Sequence[Datum], ctx: RowContext) -> list[Any]:
+            return [d[col] // 1000 for d in ds]
+        return dt_fn
+    if ("String" in ch_type and not ch_type.startswith(("Nullable", "Array"))) and nullable_src:
+        def str_fn(ds: Sequence[Datum], ctx: RowContext) -> list[Any]:
+            return [d[col] or "" for d in ds]
+        return str_fn
+    if ch_type == "UInt8":
+        def bool_fn(ds: Sequence[Datum], ctx: RowContext) -> list[Any]:
+            return [int(d[col]) for d in ds]
+        return bool_fn
+
+    def copy_fn(ds: Sequence[Datum], ctx: RowContext) -> list[Any]:
+        return [d[col] for d in ds]
+
+    return copy_fn
+
+
+def _missing(ch_type: str) -> ColumnFn:
+    default = _default_for(ch_type)
+
+    def fn(ds: Sequence[Datum], ctx: RowContext) -> list[Any]:
+        return [default] * len(ds) if not isinstance(default, list) else [[] for _ in ds]
+
+    return fn
+
+
+@dataclass(frozen=True)
+class ColumnPlan:
+    """For one (record, table): a function per column, in table order."""
+
+    table: str
+    lines: str | None
+    fns: tuple[tuple[str, ColumnFn], ...]
+
+    def build(self, data: Sequence[Datum], partitions: list[int], offsets: list[int],
+              pseudonymizer: Pseudonymizer) -> Columns:
+        if self.lines is None:
+            ctx = RowContext(partitions, offsets, pseudonymizer)
+            rows: Sequence[Datum] = data
+        else:
+            rows, parents, parts, offs = [], [], [], []
+            for d, p, o in zip(data, partitions, offsets, strict=True):
+                for line in d[self.lines]:
+                    rows.append(line)
+                    parents.append(d)
+                    parts.append(p)
+                    offs.append(o)
+            ctx = RowContext(parts, offs, pseudonymizer, parents)
+        out: Columns = {}
+        for col, fn in self.fns:
+            out[col] = fn(rows, ctx)
+        return out
+
+
+def compile_plan(mapping: TableMapping, record_schema: dict[str, Any]) -> ColumnPlan:
+    """Derive the per-column functions of ``mapping`` from the table spec and the Avro schema."""
+    fields = {f["name"]: f["type"] for f in record_schema["fields"]}
+    if mapping.lines is not None:
+        items = fields[mapping.lines]["items"]
+        fields = {f["name"]: f["type"] for f in items["fields"]}
+    fns: list[tuple[str, ColumnFn]] = []
+    for col, ch_type in TABLES[mapping.table].columns:
+        if col in SERVER_SIDE_COLUMNS:
+            continue
+        if col in mapping.overrides:
+            fns.append((col, mapping.overrides[col]))
+        elif col == "src_partition":
+            fns.append((col, lambda ds, ctx: ctx.partitions))
+        elif col == "src_offset":
+            fns.append((col, lambda ds, ctx: ctx.offsets))
+        elif col in fields:
+            ftype = fields[col]
+            fns.append((col, _copier(col, ch_type, isinstance(ftype, list) and "null" in ftype)))
+        else:
+            fns.append((col, _missing(ch_type)))
+    return ColumnPlan(mapping.table, mapping.lines, tuple(fns))
+
+
+def merge_columns(into: dict[str, Columns], table: str, cols: Columns) -> None:
+    """Append ``cols`` to the pending columns of ``table`` (same column set by construction)."""
+    cur = into.get(table)
+    if cur is None:
+        into[table] = cols
+        return
+    for k, v in cols.items():
+        cur[k].extend(v)

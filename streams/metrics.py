@@ -1,0 +1,43 @@
+"""Prometheus metrics of a worker process (served on its web port at /metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+EVENTS_IN = Counter("yibao_events_in_total", "Events consumed", ["topic"], registry=REGISTRY)
+EVENTS_LANDED = Counter(
+    "yibao_events_landed_total", "Events written to their primary table", ["topic", "record"], registry=REGISTRY
+)
+DEAD_LETTERS = Counter(
+    "yibao_dead_letters_total", "Events dead-lettered", ["topic", "reason"], registry=REGISTRY
+)
+DUPLICATES_SKIPPED = Counter(
+    "yibao_redelivered_rows_skipped_total",
+    "Rows not re-inserted because a redelivered event had already landed",
+    ["table"],
+    registry=REGISTRY,
+)
+ROWS_WRITTEN = Counter("yibao_rows_written_total", "Rows written to ClickHouse", ["table"], registry=REGISTRY)
+SINK_SECONDS = Histogram(
+    "yibao_sink_batch_seconds",
+    "Time to make one batch durable in ClickHouse",
+    ["topic"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    registry=REGISTRY,
+)
+SINK_RETRIES = Counter(
+    "yibao_sink_retries_total", "Sink attempts that failed and were retried", ["topic", "kind"], registry=REGISTRY
+)
+SINK_UP = Gauge("yibao_sink_up", "1 when the last ClickHouse write succeeded", registry=REGISTRY)
+BATCH_EVENTS = Histogram(
+    "yibao_batch_events", "Events per flushed batch", ["topic"],
+    buckets=(1, 10, 100, 500, 1000, 2500, 5000, 10000, 50000), registry=REGISTRY,
+)
+ASSIGNED_PARTITIONS = Gauge(
+    "yibao_assigned_partitions", "Partitions assigned to this worker", ["topic"], registry=REGISTRY
+)
+STAGE_SECONDS = Counter(
+    "yibao_stage_seconds_total", "CPU-side time per pipeline stage", ["topic", "stage"], registry=REGISTRY
+)

@@ -1,0 +1,164 @@
+"""Settlement subsystem (结算): settlements with fee lines, reversals, cross-province filings.
+
+Topic key: ``psn_no``. Person-history rules (repeat tests, excess prescribing, doctor shopping,
+split hospitalization, ghost visits) are keyed by person, and visit/stay rules by ``mdtrt_id``,
+which belongs to one person, so all of them see a person's events in order on one partition.
+A reversal carries the same key, so it arrives after the settlement it reverses. Hospital-month
+rules re-key by ``fixmedins_code``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from yibao.settings import Settings
+
+from .base import (
+    RecordSpec,
+    RowContext,
+    Subsystem,
+    TableMapping,
+    constant,
+    from_parent,
+    negated,
+    parent_token,
+    token_of,
+)
+from .checks_common import amount_matches, money, not_blank, quantity, when
+from .validation import (
+    AtMost,
+    BirthDate,
+    Code,
+    DateOrder,
+    Each,
+    EachString,
+    Limits,
+    LinesSumTo,
+    OneOf,
+    Region,
+    SumsTo,
+)
+
+NS = "cn.nhsa.yibao.settlement"
+CHINA_OFFSET_MS = 8 * 3_600_000
+DAY_MS = 86_400_000
+_EPOCH_ORDINAL = dt.date(1970, 1, 1).toordinal()
+
+MONEY = ("medfee_sumamt", "inscp_amt", "fulamt_ownpay_amt", "overlmt_selfpay", "preselfpay_amt",
+         "hifp_pay", "hifmi_pay", "hifob_pay", "maf_pay", "fund_pay_sumamt", "acct_pay", "psn_cash_pay")
+FUND_PARTS = ("hifp_pay", "hifmi_pay", "hifob_pay", "maf_pay")
+REVERSAL_MONEY = ("medfee_sumamt", "inscp_amt", "hifp_pay", "hifmi_pay", "hifob_pay", "maf_pay",
+                  "fund_pay_sumamt", "acct_pay", "psn_cash_pay")
+
+
+def age_at(brdy_days: int, setl_ms: int) -> int:
+    """Completed years at the settlement's China-time date."""
+    b = dt.date.fromordinal(_EPOCH_ORDINAL + brdy_days)
+    s = dt.date.fromordinal(_EPOCH_ORDINAL + (setl_ms + CHINA_OFFSET_MS) // DAY_MS)
+    return max(0, s.year - b.year - ((s.month, s.day) < (b.month, b.day)))
+
+
+def _age(ds: Sequence[dict[str, Any]], ctx: RowContext) -> list[Any]:
+    return [age_at(d["brdy"], d["setl_time"]) for d in ds]
+
+
+def _line_count(ds: Sequence[dict[str, Any]], ctx: RowContext) -> list[Any]:
+    return [len(d["fee_details"]) for d in ds]
+
+
+def build(settings: Settings, limits: Callable[[], Limits]) -> Subsystem:
+    insutypes = frozenset(settings.known_insutypes)
+    med_types = frozenset(settings.known_med_types)
+    line_checks = (
+        not_blank("feedetl_sn"),
+        Code("hilist_code", "list_item"),
+        Code("med_list_codg", "list_item"),
+        Code("bilg_dr_code", "practitioner", optional=True),
+        quantity("cnt"),
+        money("pric", "det_item_fee_sumamt"),
+        amount_matches("det_item_fee_sumamt", "cnt", "pric"),
+        when("fee_ocur_time", limits),
+    )
+    settlement = RecordSpec(
+        record=f"{NS}.Settlement",
+        event_time="setl_time",
+        key_field="psn_no",
+        checks=(
+            not_blank("setl_id"), not_blank("mdtrt_id"), not_blank("psn_no"), not_blank("psn_cert_no"),
+            Code("fixmedins_code", "institution"),
+            Region("insu_admdvs"), Region("mdtrt_admdvs"),
+            OneOf("insutype", insutypes), OneOf("med_type", med_types),
+            when("setl_time", limits),
+            BirthDate("brdy", "setl_time"),
+            money(*MONEY),
+            SumsTo("medfee_sumamt", ("fund_pay_sumamt", "acct_pay", "psn_cash_pay")),
+            SumsTo("fund_pay_sumamt", FUND_PARTS),
+            AtMost("inscp_amt", "medfee_sumamt"),
+            Code("dscg_maindiag_code", "icd10", optional=True),
+            EachString("oprn_codes", "icd9cm3"),
+            DateOrder("adm_date", "dscg_date"),
+            DateOrder("dscg_date", "setl_time", later_is_date=False, slack_ms=DAY_MS),
+            Each("fee_details", line_checks, min_items=1),
+            LinesSumTo("fee_details", "det_item_fee_sumamt", "medfee_sumamt"),
+        ),
+        tables=(
+            TableMapping("settlements", overrides={
+                "psn_token": token_of("psn_no"),
+                "age": _age,
+                "line_count": _line_count,
+            }),
+            TableMapping("fee_details", lines="fee_details", overrides={
+                "setl_id": from_parent("setl_id"),
+                "mdtrt_id": from_parent("mdtrt_id"),
+                "psn_token": parent_token("psn_no"),
+                "fixmedins_code": from_parent("fixmedins_code"),
+                "insu_admdvs": from_parent("insu_admdvs"),
+                "med_type": from_parent("med_type"),
+                "setl_time": from_parent("setl_time", ms_to_s=True),
+            }),
+        ),
+    )
+    reversal = RecordSpec(
+        record=f"{NS}.SettlementReversal",
+        event_time="setl_time",
+        key_field="psn_no",
+        checks=(
+            not_blank("setl_id"), not_blank("init_setl_id"), not_blank("psn_no"),
+            Code("fixmedins_code", "institution"),
+            Region("insu_admdvs"), Region("mdtrt_admdvs"),
+            OneOf("insutype", insutypes), OneOf("med_type", med_types),
+            when("setl_time", limits), when("init_setl_time", limits),
+            DateOrder("init_setl_time", "setl_time", earlier_is_date=False, later_is_date=False),
+            money(*REVERSAL_MONEY),
+            SumsTo("medfee_sumamt", ("fund_pay_sumamt", "acct_pay", "psn_cash_pay")),
+            SumsTo("fund_pay_sumamt", FUND_PARTS),
+            AtMost("inscp_amt", "medfee_sumamt"),
+        ),
+        tables=(
+            TableMapping("settlements", overrides={
+                "psn_token": token_of("psn_no"),
+                "refd_setl_flag": constant(1),
+                **{m: negated(m) for m in REVERSAL_MONEY},
+            }),
+        ),
+    )
+    filing = RecordSpec(
+        record=f"{NS}.CrossProvinceFiling",
+        event_time="dcla_time",
+        key_field="psn_no",
+        checks=(
+            not_blank("trt_dcla_detl_sn"), not_blank("psn_no"), not_blank("psn_cert_no"),
+            Region("insu_admdvs"), Region("mdtrt_area_admdvs"),
+            Code("fixmedins_code", "institution", optional=True),
+            when("dcla_time", limits),
+            DateOrder("begndate", "enddate"),
+        ),
+        tables=(TableMapping("cross_province_filings", overrides={"psn_token": token_of("psn_no")}),),
+    )
+    return Subsystem(
+        name="settlement",
+        key_doc="psn_no: a person's settlements, reversals and filings stay in order on one partition",
+        records=(settlement, reversal, filing),
+    )

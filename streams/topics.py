@@ -1,0 +1,48 @@
+"""Topic layout and creation.
+
+| topic (default prefix ``yibao.``) | key | carries |
+|---|---|---|
+| ``settlement`` | psn_no | Settlement, SettlementReversal, CrossProvinceFiling |
+| ``procurement`` | fixmedins_code | contracts, orders, deliveries, inventory movements, payments |
+| ``supervision`` | fixmedins_code (region if none) | inspections, tips, penalties, recoveries, fund income |
+| ``deadletter`` | ``<source topic>/<partition>`` | DeadLetter (sealed original bytes + reason) |
+| ``alerts`` | alert subject | AnomalyAlert |
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from yibao.settings import STREAMS, Settings
+
+PIPELINE_TOPICS = ("deadletter", "alerts")
+
+
+def all_topics(settings: Settings) -> list[str]:
+    return [settings.topic(s) for s in (*STREAMS, *PIPELINE_TOPICS)]
+
+
+async def ensure_topics(settings: Settings, timeout_s: float = 30) -> list[str]:
+    """Create the pipeline's topics that do not exist yet; returns the ones created."""
+    admin = AIOKafkaAdminClient(**settings.kafka_client_kwargs(), request_timeout_ms=int(timeout_s * 1000))
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        wanted = [t for t in all_topics(settings) if t not in existing]
+        created = []
+        for name in wanted:
+            try:
+                await admin.create_topics(
+                    [NewTopic(name, settings.topic_partitions, settings.topic_replication)]
+                )
+                created.append(name)
+            except TopicAlreadyExistsError:
+                pass
+        if created:
+            await asyncio.sleep(0.2)
+        return created
+    finally:
+        await admin.close()

@@ -1,0 +1,166 @@
+"""`yibao bench`: end-to-end settlements/s through the real broker, worker(s) and ClickHouse server.
+
+Method: a fresh Tansu broker and ClickHouse 18.16 server as local processes; N settlements
+(≈10 fee lines each on average, from the generator) are produced to the settlement topic first,
+then worker processes are started and the time from the first landed row to the last is
+measured, so the figure is steady-state throughput, not start-up. In the same run, one batch is
+pushed through the in-process stages on their own to show where the time goes.
+Figures vary with the machine: compare ratios within one run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from schemas import Codec
+
+from .producer import OutEvent, produce
+from .settings import Settings, load_settings
+
+SETTLEMENT = "cn.nhsa.yibao.settlement.Settlement"
+
+
+def _settlements(n: int, seed: int) -> list[OutEvent]:
+    from .simulate import SimConfig, TrafficGenerator
+
+    out: list[OutEvent] = []
+    codec = Codec()
+    for ev in TrafficGenerator(SimConfig(seed=seed, settlements=n)).events():
+        if ev.record == SETTLEMENT:
+            out.append(OutEvent(ev.record, ev.key, None, codec.encode(ev.record, ev.datum)))
+    return out
+
+
+def stage_costs(settings: Settings, frames: list[OutEvent], backend: Any) -> dict[str, float]:
+    """µs per settlement for each in-process stage, on one batch."""
+    from streams.app import LimitsClock, build_subsystems
+    from streams.ingest import BatchProcessor, Message
+    from streams.privacy import Pseudonymizer, Sealer
+
+    key = b"k" * 32
+    proc = BatchProcessor(build_subsystems(settings)["settlement"], Codec(), Pseudonymizer(key, "k1"),
+                          Sealer(key, "k1"), settings.topic("settlement"), LimitsClock(settings))
+    msgs = [Message(0, i, f.key.encode(), f.value) for i, f in enumerate(frames)]
+    out = proc.process(msgs)
+    n = len(msgs)
+    costs = {f"{k}_us": v / n * 1e6 for k, v in out.stage_seconds.items()}
+    t0 = time.perf_counter()
+    for table, cols in out.tables.items():
+        backend.insert(table, cols)
+    costs["sink_us"] = (time.perf_counter() - t0) / n * 1e6
+    costs["rows_per_settlement"] = sum(out.rows(t) for t in out.tables) / n
+    return costs
+
+
+def run_bench(events: int, processes: int, console: Console, seed: int = 7) -> dict[str, Any]:
+    from sinks.migrate import migrate
+    from streams.app import make_backend
+
+    from .localinfra import ClickHouseServer, TansuBroker
+
+    work = Path(tempfile.mkdtemp(prefix="yibao-bench-"))
+    broker = TansuBroker(workdir=work / "broker")
+    ch = ClickHouseServer(workdir=work / "clickhouse")
+    broker.start()
+    ch.start()
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        s = load_settings(
+            kafka_bootstrap=broker.bootstrap, ch_backend="server", ch_host=ch.host, ch_port=ch.tcp_port,
+            ch_database="bench", data_dir=work / "data", web_port=0, batch_max_events=10_000,
+            batch_max_seconds=1.0, topic_partitions=max(4, processes * 2),
+        )
+        backend = make_backend(s)
+        migrate(backend)
+        console.print(f"[bold]yibao bench[/bold]: {events:,} settlements, {processes} worker process(es), "
+                      f"ClickHouse {ch.version}, Tansu at {broker.bootstrap}")
+        t0 = time.perf_counter()
+        frames = _settlements(events, seed)
+        gen_s = time.perf_counter() - t0
+        costs = stage_costs(s, frames[: min(5000, len(frames))], backend)
+        backend.execute(f"DROP DATABASE {s.ch_database}")
+        migrate(backend)
+
+        from streams.topics import ensure_topics
+
+        asyncio.run(ensure_topics(s))
+        t0 = time.perf_counter()
+        asyncio.run(produce(s, frames, Codec()))
+        produce_s = time.perf_counter() - t0
+        n = len(frames)
+
+        env = dict(os.environ, YIBAO_KAFKA_BOOTSTRAP=s.kafka_bootstrap, YIBAO_CH_BACKEND="server",
+                   YIBAO_CH_HOST=s.ch_host, YIBAO_CH_PORT=str(s.ch_port), YIBAO_CH_DATABASE=s.ch_database,
+                   YIBAO_DATA_DIR=str(s.data_dir), YIBAO_WEB_PORT="0", YIBAO_BATCH_MAX_EVENTS="10000",
+                   YIBAO_PSEUDO_KEY="00" * 32, YIBAO_LOG_LEVEL="WARNING")
+        t_start = time.perf_counter()
+        for _ in range(processes):
+            procs.append(subprocess.Popen([sys.executable, "-m", "yibao.cli", "worker", "--no-migrate"],
+                                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        t_first = t_done = None
+        deadline = time.perf_counter() + max(120.0, n / 200)
+        while time.perf_counter() < deadline:
+            c = int(backend.query(f"SELECT count() FROM {s.ch_database}.settlements").rows[0][0])
+            now = time.perf_counter()
+            if c and t_first is None:
+                t_first = now
+                first_count = c
+            if c >= n:
+                t_done = now
+                break
+            time.sleep(0.1)
+        if t_first is None or t_done is None:
+            raise RuntimeError("the workers did not land every settlement before the deadline")
+        steady = (n - first_count) / max(1e-9, t_done - t_first)
+        lines = int(backend.query(f"SELECT count() FROM {s.ch_database}.fee_details").rows[0][0])
+        backend.close()
+        figures: dict[str, Any] = {
+            "settlements": n,
+            "fee_lines": lines,
+            "worker_processes": processes,
+            "settlements_per_s": round(steady, 1),
+            "rows_per_s": round(steady * (1 + lines / n), 1),
+            "wall_including_startup_s": round(t_done - t_start, 2),
+            "generate_encode_s": round(gen_s, 2),
+            "produce_per_s": round(n / produce_s, 1),
+            "stage_us_per_settlement": {k: round(v, 1) for k, v in costs.items()},
+            "clickhouse_version": ch.version,
+            "cpus": os.cpu_count(),
+        }
+        _print(console, figures)
+        return figures
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        ch.stop()
+        broker.stop()
+
+
+def _print(console: Console, f: dict[str, Any]) -> None:
+    t = Table("figure", "value", title="end to end (broker → worker → ClickHouse server)")
+    t.add_row("settlements/s (steady state)", f"[bold]{f['settlements_per_s']:,}[/bold]")
+    t.add_row("rows/s (settlements + fee lines)", f"{f['rows_per_s']:,}")
+    t.add_row("fee lines per settlement", f"{f['fee_lines'] / f['settlements']:.1f}")
+    t.add_row("worker processes / CPUs", f"{f['worker_processes']} / {f['cpus']}")
+    t.add_row("wall time incl. start-up", f"{f['wall_including_startup_s']} s")
+    t.add_row("producer rate (msg/s)", f"{f['produce_per_s']:,}")
+    console.print(t)
+    c = Table("stage", "µs per settlement", title="in-process cost of each stage (one batch, one core)")
+    for k, v in f["stage_us_per_settlement"].items():
+        c.add_row(k.removesuffix("_us"), f"{v:,.1f}")
+    console.print(c)

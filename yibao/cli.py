@@ -1,0 +1,444 @@
+"""The `yibao` command: one entry point, a subcommand per job.
+
+Errors the user can fix (bad settings, unreachable servers, malformed files) end with a one-line
+message saying what was wrong and what to do, and exit status 2; bugs keep their traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .settings import Settings, SettingsError, load_settings
+
+app = typer.Typer(
+    name="yibao",
+    help="Event pipeline of the national medical-insurance platform: Kafka → stream workers → ClickHouse.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+schemas_app = typer.Typer(
+    help="Avro contracts: check drift and compatibility, register versions.", no_args_is_help=True
+)
+config_app = typer.Typer(help="Show the effective settings (secrets redacted).", no_args_is_help=True)
+app.add_typer(schemas_app, name="schemas")
+app.add_typer(config_app, name="config")
+
+console = Console()
+err = Console(stderr=True)
+
+T = TypeVar("T")
+
+# --- shared options ---------------------------------------------------------------------------
+Bootstrap = Annotated[str | None, typer.Option("--bootstrap", help="Kafka bootstrap servers [YIBAO_KAFKA_BOOTSTRAP]")]
+BackendOpt = Annotated[str | None, typer.Option("--backend", help="embedded|server [YIBAO_CH_BACKEND]")]
+DataDir = Annotated[Path | None, typer.Option("--data-dir", help="chDB data and local state [YIBAO_DATA_DIR]")]
+ChHost = Annotated[str | None, typer.Option("--ch-host", help="ClickHouse server host [YIBAO_CH_HOST]")]
+ChPort = Annotated[int | None, typer.Option("--ch-port", help="ClickHouse native port [YIBAO_CH_PORT]")]
+Database = Annotated[str | None, typer.Option("--database", help="ClickHouse database [YIBAO_CH_DATABASE]")]
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as one line plus a hint."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+def fail(message: str, hint: str | None = None) -> NoReturn:
+    raise UserError(message, hint)
+
+
+def settings_from(**flags: Any) -> Settings:
+    mapping = {
+        "bootstrap": "kafka_bootstrap", "backend": "ch_backend", "data_dir": "data_dir",
+        "ch_host": "ch_host", "ch_port": "ch_port", "database": "ch_database",
+    }
+    return load_settings(**{mapping.get(k, k): v for k, v in flags.items()})
+
+
+def _guard(fn: Callable[[], T]) -> T:
+    """Turn known, fixable failures into one clear line; let real bugs show their traceback."""
+    from schemas import RegistryError
+    from sinks.base import SinkError, SinkUnavailable
+    from streams.privacy import PrivacyError
+
+    try:
+        return fn()
+    except UserError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        if exc.hint:
+            err.print(f"[dim]hint: {exc.hint}[/dim]")
+    except SettingsError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+    except SinkUnavailable as exc:
+        err.print(f"[red]error:[/red] ClickHouse is unreachable: {exc}")
+        err.print("[dim]hint: check YIBAO_CH_HOST/YIBAO_CH_PORT, or use --backend embedded[/dim]")
+    except (SinkError, RegistryError, PrivacyError) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        raise typer.Exit(130) from None
+    raise typer.Exit(2)
+
+
+# --- worker -------------------------------------------------------------------------------------
+@app.command()
+def worker(
+    bootstrap: Bootstrap = None,
+    backend: BackendOpt = None,
+    data_dir: DataDir = None,
+    ch_host: ChHost = None,
+    ch_port: ChPort = None,
+    database: Database = None,
+    processes: Annotated[int | None, typer.Option(help="Worker processes to run [YIBAO_PROCESSES]")] = None,
+    web_port: Annotated[int | None, typer.Option(help="Metrics/health port; +i for process i; 0 disables")] = None,
+    migrate_first: Annotated[bool, typer.Option("--migrate/--no-migrate", help="Apply DDL first")] = True,
+) -> None:
+    """Run the stream workers against the configured broker and ClickHouse until stopped."""
+
+    def run() -> None:
+        s = settings_from(bootstrap=bootstrap, backend=backend, data_dir=data_dir, ch_host=ch_host,
+                          ch_port=ch_port, database=database, processes=processes, web_port=web_port)
+        from .worker import run_worker
+
+        code = run_worker(s, migrate_first=migrate_first)
+        raise typer.Exit(code)
+
+    _guard(run)
+
+
+# --- migrate ------------------------------------------------------------------------------------
+@app.command()
+def migrate(
+    backend: BackendOpt = None,
+    data_dir: DataDir = None,
+    ch_host: ChHost = None,
+    ch_port: ChPort = None,
+    database: Database = None,
+) -> None:
+    """Apply the versioned ClickHouse DDL (idempotent)."""
+
+    def run() -> None:
+        s = settings_from(backend=backend, data_dir=data_dir, ch_host=ch_host, ch_port=ch_port, database=database)
+        from sinks.migrate import migrate as do_migrate
+        from streams.app import make_backend
+
+        be = make_backend(s)
+        try:
+            done = do_migrate(be, cluster=s.ch_cluster, progress=lambda m: console.print(f"  {m}"))
+        finally:
+            be.close()
+        console.print(f"[green]migrated[/green] {s.ch_backend.value} database {s.ch_database}: "
+                      f"{len(done)} step(s)" if done else "[green]up to date[/green]")
+
+    _guard(run)
+
+
+# --- simulate -----------------------------------------------------------------------------------
+@app.command()
+def simulate(
+    events: Annotated[int, typer.Option("--events", "-n", help="Settlements (other traffic scales with it)")] = 10_000,
+    seed: Annotated[int, typer.Option(help="Random seed: the same seed gives the same traffic")] = 42,
+    days: Annotated[int, typer.Option(help="Days of traffic to generate")] = 7,
+    out: Annotated[Path | None, typer.Option("--out", help="Write JSON lines here instead of to Kafka")] = None,
+    bootstrap: Bootstrap = None,
+) -> None:
+    """Generate realistic synthetic traffic for all three subsystems (to Kafka or a JSONL file)."""
+
+    def run() -> None:
+        from schemas import Codec
+
+        from .simulate import SimConfig, TrafficGenerator, write_jsonl
+
+        codec = Codec()
+        gen = TrafficGenerator(SimConfig(seed=seed, settlements=events, days=days))
+        if out is not None:
+            with _progress("generating") as bar:
+                n = write_jsonl(_tick(gen.events(), bar), out, codec)
+            console.print(f"wrote {n} events to {out}")
+            return
+        s = settings_from(bootstrap=bootstrap)
+        stats = _produce_with_progress(s, gen.events(), codec, "producing")
+        _print_counts("produced", stats.by_record)
+
+    _guard(run)
+
+
+# --- replay -------------------------------------------------------------------------------------
+@app.command()
+def replay(
+    file: Annotated[Path, typer.Argument(help="JSON lines: one object per event, with event_type")],
+    bootstrap: Bootstrap = None,
+    max_errors: Annotated[int, typer.Option(help="Lines reported in detail")] = 20,
+) -> None:
+    """Produce events from a JSON-lines file; invalid lines are reported and skipped."""
+
+    def run() -> None:
+        from schemas import Codec
+
+        from .replay import LineError, read_jsonl
+
+        if not file.exists():
+            fail(f"{file}: no such file")
+        s = settings_from(bootstrap=bootstrap)
+        codec = Codec()
+        errors: list[LineError] = []
+        stats = _produce_with_progress(s, read_jsonl(file, codec, errors), codec, "replaying")
+        _print_counts("produced", stats.by_record)
+        for e in errors[:max_errors]:
+            err.print(f"[yellow]{file}:{e.line}:[/yellow] {e.message}")
+        if len(errors) > max_errors:
+            err.print(f"… and {len(errors) - max_errors} more invalid lines")
+        console.print(f"{stats.sent} events produced, {len(errors)} invalid lines skipped")
+        if errors and not stats.sent:
+            raise typer.Exit(1)
+
+    _guard(run)
+
+
+# --- query --------------------------------------------------------------------------------------
+@app.command()
+def query(
+    sql: Annotated[str, typer.Argument(help="SQL to run against the configured ClickHouse backend")],
+    fmt: Annotated[str, typer.Option("--format", "-f", help="table|json")] = "table",
+    backend: BackendOpt = None,
+    data_dir: DataDir = None,
+    ch_host: ChHost = None,
+    ch_port: ChPort = None,
+    database: Database = None,
+) -> None:
+    """Run one SQL statement and print the result."""
+
+    def run() -> None:
+        if fmt not in ("table", "json"):
+            fail(f"--format {fmt!r}: use table or json")
+        s = settings_from(backend=backend, data_dir=data_dir, ch_host=ch_host, ch_port=ch_port, database=database)
+        from streams.app import make_backend
+
+        be = make_backend(s)
+        try:
+            res = be.query(sql)
+        finally:
+            be.close()
+        if fmt == "json":
+            for row in res.rows:
+                print(json.dumps(dict(zip(res.columns, row, strict=True)), ensure_ascii=False, default=str))
+            return
+        t = Table(*res.columns, show_lines=False)
+        for row in res.rows:
+            t.add_row(*("" if v is None else str(v) for v in row))
+        console.print(t)
+        console.print(f"[dim]{len(res.rows)} row(s)[/dim]")
+
+    _guard(run)
+
+
+# --- demo ---------------------------------------------------------------------------------------
+@app.command()
+def demo(
+    events: Annotated[int, typer.Option("--events", "-n", help="Settlements to generate")] = 20_000,
+    input_file: Annotated[Path | None, typer.Option("--input", help="Replay this JSONL file instead")] = None,
+    data_dir: DataDir = None,
+    seed: Annotated[int, typer.Option(help="Traffic seed")] = 42,
+    invalid_rate: Annotated[float, typer.Option(help="Share of events broken on purpose (dead-lettering)")] = 0.01,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary object as the last line")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for every event to be accounted for")] = 600.0,
+) -> None:
+    """Start a local broker, run the workers on embedded chDB, generate traffic, show what landed."""
+
+    def run() -> None:
+        if not 0 <= invalid_rate < 1:
+            fail("--invalid-rate must be in [0, 1)")
+        s = settings_from(data_dir=data_dir, backend="embedded")
+        from .demo import run_demo
+
+        summary = run_demo(s, events=events, input_file=input_file, seed=seed, invalid_rate=invalid_rate,
+                           timeout_s=timeout, console=console if not as_json else Console(stderr=True))
+        if as_json:
+            print(json.dumps(summary, ensure_ascii=False, default=str))
+        if not summary["accounted"]:
+            raise typer.Exit(1)
+
+    _guard(run)
+
+
+# --- bench --------------------------------------------------------------------------------------
+@app.command()
+def bench(
+    events: Annotated[int, typer.Option("--events", "-n", help="Settlements to push through")] = 50_000,
+    processes: Annotated[int, typer.Option(help="Worker processes")] = 2,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON")] = False,
+) -> None:
+    """Measure end-to-end settlements/s (broker → worker → ClickHouse server) and per-stage cost."""
+
+    def run() -> None:
+        from .bench import run_bench
+
+        figures = run_bench(events=events, processes=processes, console=console if not as_json else err)
+        if as_json:
+            print(json.dumps(figures, ensure_ascii=False))
+
+    _guard(run)
+
+
+# --- schemas ------------------------------------------------------------------------------------
+@schemas_app.command("check")
+def schemas_check() -> None:
+    """Fail when a contract changed without being registered, or a version breaks compatibility."""
+
+    def run() -> None:
+        from schemas import Registry
+        from schemas.registry import backward_incompatibilities
+
+        reg = Registry.load()
+        problems = []
+        for subject in reg.subjects():
+            versions = reg.versions(subject)
+            for prev, cur in itertools.pairwise(versions):
+                for p in backward_incompatibilities(cur.schema, prev.schema):
+                    problems.append(f"{subject} v{cur.version} cannot read v{prev.version}: {p}")
+        drift = reg.drift()
+        for subject in drift:
+            problems.append(f"{subject}: .avsc files changed; run `yibao schemas register`")
+        if problems:
+            for p in problems:
+                err.print(f"[red]✗[/red] {p}")
+            raise typer.Exit(1)
+        console.print(f"[green]✓[/green] {len(reg.subjects())} subjects registered, no drift")
+
+    _guard(run)
+
+
+@schemas_app.command("register")
+def schemas_register() -> None:
+    """Register changed contracts as new versions (refused when not BACKWARD compatible)."""
+
+    def run() -> None:
+        from schemas import Registry
+
+        reg = Registry.load()
+        for subject in reg.subjects():
+            sv = reg.register(subject)
+            if sv:
+                console.print(f"registered {subject} v{sv.version} as schema id {sv.id}")
+            else:
+                console.print(f"{subject}: unchanged")
+
+    _guard(run)
+
+
+@schemas_app.command("show")
+def schemas_show(
+    subject: Annotated[str | None, typer.Argument(help="Subject, e.g. settlement or yibao.settlement-value")] = None,
+    schema_id: Annotated[int | None, typer.Option("--id", help="Look up by schema id")] = None,
+) -> None:
+    """Print registered subjects, or one schema by subject or id."""
+
+    def run() -> None:
+        from schemas import Registry
+
+        reg = Registry.load()
+        if schema_id is not None:
+            sv = reg.by_id(schema_id)
+        elif subject is not None:
+            sv = reg.by_subject(subject) if subject.endswith("-value") else reg.latest(subject)
+        else:
+            t = Table("subject", "versions", "latest id", "records")
+            for sub in reg.subjects():
+                vs = reg.versions(sub)
+                t.add_row(sub, str(len(vs)), str(vs[-1].id), ", ".join(r.rsplit(".", 1)[-1] for r in vs[-1].records))
+            console.print(t)
+            return
+        print(json.dumps(sv.schema, ensure_ascii=False, indent=2))
+
+    _guard(run)
+
+
+@config_app.command("show")
+def config_show() -> None:
+    """Print the effective settings; secrets are shown as asterisks."""
+
+    def run() -> None:
+        s = load_settings()
+        t = Table("setting", "environment variable", "value")
+        for k, v in s.redacted().items():
+            t.add_row(k, f"YIBAO_{k.upper()}", str(v))
+        console.print(t)
+
+    _guard(run)
+
+
+# --- helpers ------------------------------------------------------------------------------------
+def _progress(label: str, total: int | None = None) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return _Bar(Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                         console=err, transient=False), total)
+
+
+class _Bar:
+    def __init__(self, progress: Any, total: int | None) -> None:
+        self.progress = progress
+        self.total = total
+        self.task: Any = None
+
+    def __enter__(self) -> _Bar:
+        self.progress.__enter__()
+        self.task = self.progress.add_task("", total=self.total)
+        return self
+
+    def advance(self, n: int) -> None:
+        self.progress.advance(self.task, n)
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)
+
+
+def _tick(it: Any, bar: _Bar, every: int = 1000) -> Any:
+    n = 0
+    for x in it:
+        yield x
+        n += 1
+        if n % every == 0:
+            bar.advance(every)
+    bar.advance(n % every)
+
+
+def _produce_with_progress(s: Settings, events: Any, codec: Any, label: str) -> Any:
+    from .producer import produce
+
+    with _progress(label) as bar:
+        return asyncio.run(produce(s, events, codec, progress=bar.advance))
+
+
+def _print_counts(title: str, counts: Any) -> None:
+    t = Table("event", title)
+    for k, v in sorted(counts.items()):
+        t.add_row(k, f"{v:,}")
+    console.print(t)
+
+
+def main() -> None:
+    started = time.monotonic()
+    try:
+        app()
+    finally:
+        if "--verbose-timing" in sys.argv:
+            err.print(f"{time.monotonic() - started:.1f}s")
+
+
+if __name__ == "__main__":
+    main()
