@@ -8,6 +8,7 @@ consumers (see streams/ingest.py for the measured reason).
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import time
@@ -140,6 +141,7 @@ class IngestService(mode.Service):
                 retry_max_seconds=s.sink_retry_max_seconds,
                 executor=ThreadPoolExecutor(1, thread_name_prefix=f"sink-{name}"),
             )
+        tune_gc()
         for ing in self.ingestors.values():
             self._ingest_tasks.append(asyncio.create_task(self._run(ing)))
         log.info("worker started", streams=list(self.streams), backend=s.ch_backend.value)
@@ -173,6 +175,19 @@ class IngestService(mode.Service):
         return bool(self.ingestors) and all(i.ready.is_set() for i in self.ingestors.values())
 
 
+def tune_gc() -> None:
+    """Keep the cyclic GC from rescanning every decoded event of a batch.
+
+    A batch holds tens of thousands of dicts that never form cycles; with the default
+    thresholds, collections triggered by those allocations repeatedly scan them all (measured:
+    decode cost up to ~2× in a 5,000-event batch). Start-up objects are frozen out of
+    collection, and the young generation is collected less often.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
+
+
 def build_limits(settings: Settings) -> LimitsClock:
     return LimitsClock(settings)
 
@@ -180,6 +195,7 @@ def build_limits(settings: Settings) -> LimitsClock:
 def create_app(settings: Settings, streams: tuple[str, ...] = STREAMS,
                backend: Backend | None = None) -> tuple[faust.App, IngestService]:
     """A Faust app hosting the ingest service, with /metrics, /healthz and /readyz pages."""
+    (settings.data_dir / "faust").mkdir(parents=True, exist_ok=True)
     app = faust.App(
         "yibao-worker",
         broker=";".join(f"kafka://{b.strip()}" for b in settings.kafka_bootstrap.split(",")),

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import chain, repeat
+from operator import itemgetter
 from typing import Any
 
 from sinks.tables import TABLES
 
 from .privacy import Pseudonymizer
-from .validation import Check
+from .validation import CheckBase as Check
 
 Datum = dict[str, Any]
 Columns = dict[str, list[Any]]
@@ -35,12 +37,19 @@ SOURCE_COLUMNS = ("src_partition", "src_offset")
 
 @dataclass(frozen=True)
 class RowContext:
-    """What row builders may use besides the data: positions, tokens, parents of lines."""
+    """What row builders may use besides the data: positions, tokens, and for line tables the
+    parent events with how many lines each has (parent values are computed once per event)."""
 
     partitions: list[int]
     offsets: list[int]
     pseudonymizer: Pseudonymizer
-    parents: list[Datum] | None = None
+    parents: Sequence[Datum] | None = None
+    counts: list[int] | None = None
+
+    def per_line(self, values: list[Any]) -> list[Any]:
+        """Repeat one value per parent event for each of its lines."""
+        assert self.counts is not None
+        return list(chain.from_iterable(map(repeat, values, self.counts)))
 
 
 @dataclass(frozen=True)
@@ -157,8 +166,8 @@ def from_parent(fld: str, ms_to_s: bool = False) -> ColumnFn:
     def fn(ds: Sequence[Datum], ctx: RowContext) -> list[Any]:
         assert ctx.parents is not None
         if ms_to_s:
-            return [p[fld] // 1000 for p in ctx.parents]
-        return [p.get(fld) for p in ctx.parents]
+            return ctx.per_line([p[fld] // 1000 for p in ctx.parents])
+        return ctx.per_line(list(map(itemgetter(fld), ctx.parents)))
 
     return fn
 
@@ -167,7 +176,7 @@ def parent_token(fld: str, domain: str = "psn") -> ColumnFn:
     def fn(ds: Sequence[Datum], ctx: RowContext) -> list[Any]:
         assert ctx.parents is not None
         tok = ctx.pseudonymizer.token
-        return [tok(p.get(fld), domain) for p in ctx.parents]
+        return ctx.per_line([tok(p[fld], domain) for p in ctx.parents])
 
     return fn
 
@@ -200,8 +209,10 @@ def _copier(col: str, ch_type: str, nullable_src: bool) -> ColumnFn:
             return [int(d[col]) for d in ds]
         return bool_fn
 
+    get = itemgetter(col)
+
     def copy_fn(ds: Sequence[Datum], ctx: RowContext) -> list[Any]:
-        return [d[col] for d in ds]
+        return list(map(get, ds))
 
     return copy_fn
 
@@ -229,14 +240,11 @@ class ColumnPlan:
             ctx = RowContext(partitions, offsets, pseudonymizer)
             rows: Sequence[Datum] = data
         else:
-            rows, parents, parts, offs = [], [], [], []
-            for d, p, o in zip(data, partitions, offsets, strict=True):
-                for line in d[self.lines]:
-                    rows.append(line)
-                    parents.append(d)
-                    parts.append(p)
-                    offs.append(o)
-            ctx = RowContext(parts, offs, pseudonymizer, parents)
+            nested = list(map(itemgetter(self.lines), data))
+            counts = list(map(len, nested))
+            rows = list(chain.from_iterable(nested))
+            base = RowContext(partitions, offsets, pseudonymizer, data, counts)
+            ctx = RowContext(base.per_line(partitions), base.per_line(offsets), pseudonymizer, data, counts)
         out: Columns = {}
         for col, fn in self.fns:
             out[col] = fn(rows, ctx)

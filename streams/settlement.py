@@ -10,6 +10,7 @@ rules re-key by ``fixmedins_code``.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -53,11 +54,17 @@ REVERSAL_MONEY = ("medfee_sumamt", "inscp_amt", "hifp_pay", "hifmi_pay", "hifob_
                   "fund_pay_sumamt", "acct_pay", "psn_cash_pay")
 
 
+@functools.lru_cache(maxsize=100_000)
+def _ymd(days: int) -> tuple[int, int, int]:
+    d = dt.date.fromordinal(_EPOCH_ORDINAL + days)
+    return d.year, d.month, d.day
+
+
 def age_at(brdy_days: int, setl_ms: int) -> int:
     """Completed years at the settlement's China-time date."""
-    b = dt.date.fromordinal(_EPOCH_ORDINAL + brdy_days)
-    s = dt.date.fromordinal(_EPOCH_ORDINAL + (setl_ms + CHINA_OFFSET_MS) // DAY_MS)
-    return max(0, s.year - b.year - ((s.month, s.day) < (b.month, b.day)))
+    by, bm, bd = _ymd(brdy_days)
+    sy, sm, sd = _ymd((setl_ms + CHINA_OFFSET_MS) // DAY_MS)
+    return max(0, sy - by - ((sm, sd) < (bm, bd)))
 
 
 def _age(ds: Sequence[dict[str, Any]], ctx: RowContext) -> list[Any]:
