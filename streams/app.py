@@ -215,7 +215,9 @@ def create_app(settings: Settings, streams: tuple[str, ...] = STREAMS,
 
     @app.page("/metrics")
     async def _metrics(web: Any, request: Any) -> Any:
-        return web.bytes(generate_latest(metrics.REGISTRY), content_type=CONTENT_TYPE_LATEST)
+        # aiohttp wants the charset apart from the media type
+        media_type = CONTENT_TYPE_LATEST.split(";")[0]
+        return web.bytes(generate_latest(metrics.REGISTRY), content_type=media_type)
 
     @app.page("/healthz")
     async def _healthz(web: Any, request: Any) -> Any:

@@ -34,7 +34,7 @@ from sinks.base import Backend, SinkError, SinkUnavailable
 from . import metrics
 from .base import ColumnPlan, Columns, Datum, Subsystem, TableMapping, compile_plan, merge_columns
 from .privacy import Pseudonymizer, Sealer
-from .validation import Limits, compile_checks
+from .validation import EventId, Limits, compile_checks
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -113,7 +113,9 @@ class BatchProcessor:
         self.topic = topic
         self.limits = limits
         self._specs = {s.record: s for s in subsystem.records}
-        self._validators = {s.record: compile_checks(s.checks, s.short_name) for s in subsystem.records}
+        self._validators = {
+            s.record: compile_checks((EventId(), *s.checks), s.short_name) for s in subsystem.records
+        }
         self._plans: dict[str, list[ColumnPlan]] = {
             s.record: [compile_plan(m, codec.record_schema(s.record)) for m in s.tables]
             for s in subsystem.records

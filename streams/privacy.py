@@ -142,7 +142,9 @@ class Sealer:
         if key is None:
             raise PrivacyError(f"payload sealed with unknown key id {kid.decode('ascii', 'replace')!r}")
         nonce, ct = envelope[5 + n : 17 + n], envelope[17 + n :]
+        if len(nonce) != 12 or len(ct) < 16:
+            raise PrivacyError("sealed payload is truncated")
         try:
             return AESGCM(key).decrypt(nonce, ct, self.MAGIC + kid)
-        except InvalidTag:
+        except (InvalidTag, ValueError):
             raise PrivacyError("sealed payload failed authentication (corrupt or wrong key)") from None

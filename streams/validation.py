@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 DAY_MS = 86_400_000
+CHINA_OFFSET_MS = 8 * 3_600_000  # dates are China (UTC+8, no DST) calendar days
 _MEMO_LIMIT = 1_000_000
 
 #: GB/T 2260 province-level prefixes that take part in the national platform.
@@ -31,31 +32,35 @@ PROVINCES = frozenset(
      "42", "43", "44", "45", "46", "50", "51", "52", "53", "54", "61", "62", "63", "64", "65"]
 )
 
+_A = re.ASCII  # \d must not accept full-width or other Unicode digits
+
 CODE_PATTERNS: dict[str, re.Pattern[str]] = {
-    "hospital": re.compile(r"H\d{11}"),
-    "pharmacy": re.compile(r"P\d{11}"),
-    "institution": re.compile(r"[HP]\d{11}"),
-    "practitioner": re.compile(r"[DNY]\d{12}"),
-    "western_drug": re.compile(r"X[A-Z]\d\d[A-Z]{2}[A-Z]\d{3}[A-Z]\d{3}\d{9}"),
-    "patent_medicine": re.compile(r"Z[A-Z]\d\d[A-Z]{2}[A-Z]\d{4}\d{9}"),
-    "consumable": re.compile(r"C\d{19}(\d{7})?"),
-    "service_item": re.compile(r"\d{15}"),
+    "hospital": re.compile(r"H\d{11}", _A),
+    "pharmacy": re.compile(r"P\d{11}", _A),
+    "institution": re.compile(r"[HP]\d{11}", _A),
+    "practitioner": re.compile(r"[DNY]\d{12}", _A),
+    "western_drug": re.compile(r"X[A-Z]\d\d[A-Z]{2}[A-Z]\d{3}[A-Z]\d{3}\d{9}", _A),
+    "patent_medicine": re.compile(r"Z[A-Z]\d\d[A-Z]{2}[A-Z]\d{4}\d{9}", _A),
+    "consumable": re.compile(r"C\d{19}(\d{7})?", _A),
+    "service_item": re.compile(r"\d{15}", _A),
     "list_item": re.compile(
         r"X[A-Z]\d\d[A-Z]{2}[A-Z]\d{3}[A-Z]\d{3}\d{9}"
         r"|Z[A-Z]\d\d[A-Z]{2}[A-Z]\d{4}\d{9}"
         r"|C\d{19}(\d{7})?"
-        r"|\d{15}"
+        r"|\d{15}",
+        _A,
     ),
     "product": re.compile(
         r"X[A-Z]\d\d[A-Z]{2}[A-Z]\d{3}[A-Z]\d{3}\d{9}"
         r"|Z[A-Z]\d\d[A-Z]{2}[A-Z]\d{4}\d{9}"
-        r"|C\d{19}(\d{7})?"
+        r"|C\d{19}(\d{7})?",
+        _A,
     ),
-    "icd10": re.compile(r"[A-Z]\d\d\.\d{3}(x\d{3})?"),
-    "icd9cm3": re.compile(r"\d\d\.\d{4}(x\d{3})?"),
-    "admdvs": re.compile(r"\d{6}"),
-    "credit_code": re.compile(r"[0-9A-HJ-NPQRTUWXY]{2}\d{6}[0-9A-HJ-NPQRTUWXY]{10}"),
-    "trace_code": re.compile(r"\d{20}"),
+    "icd10": re.compile(r"[A-Z]\d\d\.\d{3}(x\d{3})?", _A),
+    "icd9cm3": re.compile(r"\d\d\.\d{4}(x\d{3})?", _A),
+    "admdvs": re.compile(r"\d{6}", _A),
+    "credit_code": re.compile(r"[0-9A-HJ-NPQRTUWXY]{2}\d{6}[0-9A-HJ-NPQRTUWXY]{10}", _A),
+    "trace_code": re.compile(r"\d{20}", _A),
 }
 
 
@@ -82,8 +87,9 @@ class Limits:
     @classmethod
     def from_settings(cls, max_future_skew_s: int, min_event_year: int, now_ms: int | None = None) -> Limits:
         import datetime as dt
+        from zoneinfo import ZoneInfo
 
-        start = dt.datetime(min_event_year, 1, 1, tzinfo=dt.UTC)
+        start = dt.datetime(min_event_year, 1, 1, tzinfo=ZoneInfo("Asia/Shanghai"))
         return cls(
             now_ms=now_ms if now_ms is not None else int(time.time() * 1000),
             max_future_skew_ms=max_future_skew_s * 1000,
@@ -142,7 +148,8 @@ Check = CheckBase
 
 
 def compile_checks(checks: Sequence[CheckBase], name: str = "validate") -> Validator:
-    """One function running ``checks`` in order; a check that crashes is a MALFORMED_EVENT."""
+    """One function running ``checks`` in order; a check that crashes is a MALFORMED_EVENT (one bad
+    event must never fail its whole batch)."""
     e = Emitter()
     body: list[str] = []
     for c in checks:
@@ -151,7 +158,7 @@ def compile_checks(checks: Sequence[CheckBase], name: str = "validate") -> Valid
     src = [f"def {ident}(d):", "    try:"]
     src += ["        " + line for line in (*e.prologue, *body)] or ["        pass"]
     src += [
-        "    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:",
+        "    except Exception as exc:",
         "        return _V('MALFORMED_EVENT', '', (type(exc).__name__ + ': ' + str(exc))[:300])",
         "    return None",
     ]
@@ -184,12 +191,35 @@ def _memo_code_lines(e: Emitter, var: str, path: str, fld: str, ok: str, bad_lin
 
 
 @dataclass(frozen=True)
+class EventId(CheckBase):
+    """``event_id`` is a UUID: it is the identity every table uses to recognize a redelivery."""
+
+    field: str = "event_id"
+
+    def emit(self, e: Emitter, var: str, path: str) -> list[str]:
+        pat = e.const(_UUID.fullmatch, "uuid")
+        f = self.field
+        return [
+            f"v = {var}.get({f!r})",
+            f"if v.__class__ is not str or {pat}(v) is None:",
+            "    " + _fail("INVALID_EVENT_ID", path, f, f'f"{f}={{v!r}} is not a UUID"'),
+        ]
+
+
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}", re.ASCII)
+
+
+@dataclass(frozen=True)
 class NotBlank(CheckBase):
     field: str
 
     def emit(self, e: Emitter, var: str, path: str) -> list[str]:
         f = self.field
-        return [f"if not {var}.get({f!r}):", "    " + _fail("MISSING_FIELD", path, f, repr(f"{f} is empty"))]
+        return [
+            f"v = {var}.get({f!r})",
+            "if not v or (v.__class__ is str and not v.strip()):",
+            "    " + _fail("MISSING_FIELD", path, f, repr(f"{f} is empty")),
+        ]
 
 
 @dataclass(frozen=True)
@@ -351,7 +381,10 @@ class EventTime(CheckBase):
 
 @dataclass(frozen=True)
 class DateOrder(CheckBase):
-    """``earlier`` ≤ ``later`` (+ slack); each a date (days) or a timestamp (ms)."""
+    """``earlier`` ≤ ``later`` (+ slack); each a date (days) or a timestamp (ms).
+
+    A date against a timestamp compares China calendar days (the platform's dates are local).
+    """
 
     earlier: str
     later: str
@@ -360,19 +393,24 @@ class DateOrder(CheckBase):
     slack_ms: int = 0
 
     def emit(self, e: Emitter, var: str, path: str) -> list[str]:
-        a = f"_a * {DAY_MS}" if self.earlier_is_date else "_a"
-        b = f"_b * {DAY_MS}" if self.later_is_date else "_b"
+        if self.earlier_is_date == self.later_is_date:
+            a, b, slack = "_a", "_b", self.slack_ms // DAY_MS if self.earlier_is_date else self.slack_ms
+        else:
+            day = f"(({{}} + {CHINA_OFFSET_MS}) // {DAY_MS})"
+            a = "_a" if self.earlier_is_date else day.format("_a")
+            b = "_b" if self.later_is_date else day.format("_b")
+            slack = self.slack_ms // DAY_MS
         return [
             f"_a = {var}.get({self.earlier!r})",
             f"_b = {var}.get({self.later!r})",
-            f"if _a is not None and _b is not None and {a} > {b} + {self.slack_ms}:",
+            f"if _a is not None and _b is not None and {a} > {b} + {slack}:",
             "    " + _fail("BAD_DATE_ORDER", path, self.earlier, repr(f"{self.earlier} is after {self.later}")),
         ]
 
 
 @dataclass(frozen=True)
 class BirthDate(CheckBase):
-    """Birth date (days) before the event (ms) and an age below ``max_age`` years."""
+    """Birth date (days) not after the event's China-time date, and an age below ``max_age`` years."""
 
     field: str
     event_field: str
@@ -384,10 +422,11 @@ class BirthDate(CheckBase):
             f"_a = {var}.get({f!r})",
             f"_b = {var}.get({t!r})",
             "if _a is not None and _b is not None:",
-            f"    if _a * {DAY_MS} > _b:",
+            f"    _b = (_b + {CHINA_OFFSET_MS}) // {DAY_MS}",
+            "    if _a > _b:",
             "        " + _fail("BAD_DATE_ORDER", path, f, repr(f"{f} is after {t}")),
-            f"    if _b // {DAY_MS} - _a > {self.max_age * 366}:",
-            "        " + _fail("IMPLAUSIBLE_DATE", path, f, repr(f"{f} implies an age over {self.max_age}")),
+            f"    if (_b - _a) >= {self.max_age * 365.2425!r}:",
+            "        " + _fail("IMPLAUSIBLE_DATE", path, f, repr(f"{f} implies an age of {self.max_age} or more")),
         ]
 
 

@@ -41,6 +41,7 @@ def read_jsonl(path: Path, codec: Codec, errors: list[LineError]) -> Iterator[Ou
     """Yield events from ``path``; append a LineError for every line that cannot be used."""
     with path.open(encoding="utf-8") as fh:
         for n, line in enumerate(fh, start=1):
+            line = line.rstrip("\r\n")
             if not line.strip():
                 continue
             try:
