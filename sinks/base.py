@@ -130,6 +130,14 @@ class Backend(ABC):
         """
 
     @abstractmethod
+    def use_database(self) -> None:
+        """Resolve unqualified table names in this backend's database from now on.
+
+        Called by ad-hoc tools (``yibao query``) once the database exists, so that people can
+        write ``FROM settlements``; pipeline code keeps qualifying every name.
+        """
+
+    @abstractmethod
     def close(self) -> None:
         """Release the connection or session. Called once at shutdown; calling it twice is
         harmless, and every other method raises :class:`SinkError` afterwards."""

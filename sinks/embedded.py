@@ -240,6 +240,9 @@ class EmbeddedBackend(Backend):
                 del yibao_batch
         return n
 
+    def use_database(self) -> None:
+        self.execute(f"USE {self._db}")
+
     def close(self) -> None:
         with self._lock:
             if self._session is not None:

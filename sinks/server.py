@@ -166,6 +166,14 @@ class ServerBackend(Backend):
         written = self._call(send)
         return int(written) if isinstance(written, int) else n
 
+    def use_database(self) -> None:
+        def switch(client: Client) -> None:
+            client.execute(f"SELECT 1 FROM system.databases WHERE name = {literal(self._db)}")
+            client.disconnect()
+            client.connection.database = self._db
+
+        self._call(switch)
+
     def close(self) -> None:
         with self._lock:
             if self._client is not None:

@@ -230,6 +230,11 @@ def query(
 
         be = make_backend(s)
         try:
+            exists = be.query(f"SELECT count() FROM system.databases WHERE name = '{s.ch_database}'").rows[0][0]
+            if not exists:
+                fail(f"database {s.ch_database} does not exist on the {s.ch_backend.value} backend",
+                     "run `yibao migrate` (or `yibao demo`) first, or pass --database/--data-dir")
+            be.use_database()
             res = be.query(sql)
         finally:
             be.close()

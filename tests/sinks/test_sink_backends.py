@@ -279,3 +279,14 @@ def test_arrow_conversion_is_as_strict_as_the_driver() -> None:
     ):
         with pytest.raises((TypeError, pa.ArrowException)):
             to_arrow(bad, target)
+
+
+def test_use_database_resolves_unqualified_names(backend: Backend) -> None:
+    with pytest.raises(SinkError):
+        backend.query("SELECT count() FROM settlements")  # not migrated, nor the default database
+    migrate(backend)
+    with pytest.raises(SinkError):
+        backend.query("SELECT count() FROM settlements")  # exists, but not in the default database
+    backend.use_database()
+    assert backend.query("SELECT count() FROM settlements").scalar() == 0
+    assert backend.query("SELECT currentDatabase()").scalar() == backend.database
