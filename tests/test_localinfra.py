@@ -12,7 +12,7 @@ from pathlib import Path
 import clickhouse_driver
 import pytest
 from clickhouse_driver.errors import Error as ClickHouseError
-from conftest import require_infra
+from tests.conftest import require_infra
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 
