@@ -12,10 +12,10 @@ from pathlib import Path
 import clickhouse_driver
 import pytest
 from clickhouse_driver.errors import Error as ClickHouseError
-from tests.conftest import require_infra
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 
+from tests.conftest import require_infra
 from yibao.localinfra import (
     ClickHouseEndpoint,
     ClickHouseServer,
