@@ -61,12 +61,26 @@ def fail(message: str, hint: str | None = None) -> NoReturn:
     raise UserError(message, hint)
 
 
+def configure_logging(level: str) -> None:
+    """Structured logs to stderr at ``level`` (the pipeline's own loggers; Faust has its own)."""
+    import logging
+
+    import structlog
+
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level)),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+    )
+
+
 def settings_from(**flags: Any) -> Settings:
     mapping = {
         "bootstrap": "kafka_bootstrap", "backend": "ch_backend", "data_dir": "data_dir",
         "ch_host": "ch_host", "ch_port": "ch_port", "database": "ch_database",
     }
-    return load_settings(**{mapping.get(k, k): v for k, v in flags.items()})
+    s = load_settings(**{mapping.get(k, k): v for k, v in flags.items()})
+    configure_logging(s.log_level)
+    return s
 
 
 def _guard(fn: Callable[[], T]) -> T:
@@ -268,6 +282,7 @@ def demo(
         if not 0 <= invalid_rate < 1:
             fail("--invalid-rate must be in [0, 1)")
         s = settings_from(data_dir=data_dir, backend="embedded")
+        configure_logging("WARNING")  # the summary is the demo's output; warnings still show
         from .demo import run_demo
 
         summary = run_demo(s, events=events, input_file=input_file, seed=seed, invalid_rate=invalid_rate,
