@@ -1,0 +1,242 @@
+"""The settlement-stream detector engine: facts per settlement, a timeline per person, alerts once.
+
+Called by the settlement ingestor with each batch's valid events, in partition order. Per person
+(key: the pseudonymous ``psn_token``, never the clear ``psn_no``) the ``person`` store keeps the
+recent timeline, the alerts already fired (so a rule, subject and window alert once) and ``o``,
+the last source offset applied (so a redelivered event is not applied twice, see state.py).
+
+Reversals retract: a full reversal removes its settlement from the timeline; every alert that
+rested on it is re-evaluated without it and, when it no longer holds, re-published as RETRACTED.
+Inpatient stays are also re-keyed to the hospital and DRG streams for the hospital-month rules.
+"""
+
+from __future__ import annotations
+
+from bisect import insort
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from ..privacy import Pseudonymizer
+from ..settlement import age_at
+from .alerts import alert_datum, alert_id, fired_datum, next_generation, remember, retract
+from .detectors import INPATIENT, KINDS, Facts, Finding, entry_of, gather
+from .knowledge import Knowledge
+from .rulebook import RuleBook
+from .state import Store
+
+DAY_MS = 86_400_000
+SETTLEMENT = "Settlement"
+REVERSAL = "SettlementReversal"
+
+
+@dataclass(frozen=True)
+class EngineEvent:
+    record: str  # short record name
+    datum: dict[str, Any]
+    partition: int
+    offset: int
+    age: int | None = None
+
+
+@dataclass
+class EngineOutput:
+    alerts: list[tuple[dict[str, Any], int, int]] = field(default_factory=list)  # datum, partition, offset
+    emits: list[tuple[str, bytes, bytes]] = field(default_factory=list)  # stream, key, value
+    late: int = 0
+    skipped: int = 0
+
+
+def stay_record(f: Facts, token: str, admdvs: str, rev: bool, setl_id: str | None = None) -> bytes:
+    """Compact stay summary for the hospital/DRG streams (no personal data beyond the token)."""
+    sev = f.drg[-1:] if f.drg else ""
+    return orjson.dumps({
+        "s": setl_id or f.setl_id, "m": f.mdtrt_id, "h": f.h, "drg": f.drg, "sev": sev, "amt": f.medfee,
+        "t": f.t, "tok": token, "r": admdvs, "rev": int(rev),
+    })
+
+
+class SettlementEngine:
+    def __init__(self, book: RuleBook, knowledge: Knowledge, pseudonymizer: Pseudonymizer, person: Store,
+                 allowed_lateness_days: int = 35) -> None:
+        self.book = book
+        self.k = knowledge
+        self.pseudo = pseudonymizer
+        self.person = person
+        self.lateness_ms = allowed_lateness_days * DAY_MS
+        self.watermark: dict[int, int] = {}
+        self._dup_codes = frozenset(c for p in knowledge.duplicate_pairs for c in (p.primary, p.secondary))
+        self._excluded: dict[str, frozenset[str]] = {}
+
+    # --- state lifecycle ---------------------------------------------------------------------
+    def restored(self, partition: int) -> None:
+        wm = 0
+        for st in self.person.part(partition).values():
+            for e in st.get("tl", ()):
+                wm = max(wm, e["t"])
+        self.watermark[partition] = wm
+
+    def forget(self, partitions: Sequence[int]) -> None:
+        self.person.forget(partitions)
+        for p in partitions:
+            self.watermark.pop(p, None)
+
+    # --- the batch -----------------------------------------------------------------------------
+    def process(self, events: Sequence[EngineEvent]) -> EngineOutput:
+        out = EngineOutput()
+        rules = self.book.current
+        stateless = [(r, KINDS[r.kind]) for r in rules.enabled() if KINDS[r.kind].stateless is not None]
+        historic = [(r, KINDS[r.kind]) for r in rules.enabled() if KINDS[r.kind].historic is not None]
+        horizon = (max((k.horizon_days(r) for r, k in historic), default=1) + 1) * DAY_MS
+        excluded = self._excluded_dx(historic)
+        by_scenario: dict[tuple[str, bool], tuple[list[tuple[Any, Any]], list[tuple[Any, Any]]]] = {}
+        for ev in events:
+            if ev.record == SETTLEMENT:
+                d = ev.datum
+                sc = (d["med_type"], d["insu_admdvs"][:2] != d["mdtrt_admdvs"][:2])
+                lists = by_scenario.get(sc)
+                if lists is None:
+                    lists = by_scenario[sc] = ([(r, k) for r, k in stateless if r.applies_to(*sc)],
+                                               [(r, k) for r, k in historic if r.applies_to(*sc)])
+                self._settlement(ev, lists[0], lists[1], horizon, excluded, out)
+            elif ev.record == REVERSAL:
+                self._reversal(ev, stateless, historic, out)
+        return out
+
+    def _excluded_dx(self, historic: list[tuple[Any, Any]]) -> frozenset[str]:
+        codes: set[str] = set()
+        for r, _ in historic:
+            if r.kind == "split_stay":
+                codes.update(str(c)[:3] for c in r.param("exclude_diagnoses"))
+        return frozenset(codes)
+
+    def _state(self, partition: int, token: str) -> dict[str, Any]:
+        st: dict[str, Any] | None = self.person.get(partition, token)
+        if st is None:
+            st = {"o": -1, "tl": [], "f": {}, "ep": {}}
+        return st
+
+    def _settlement(self, ev: EngineEvent, stateless: list[tuple[Any, Any]], historic: list[tuple[Any, Any]],
+                    horizon: int, excluded: frozenset[str], out: EngineOutput) -> None:
+        s = ev.datum
+        token = self.pseudo.token(s["psn_no"])
+        st = self._state(ev.partition, token)
+        if ev.offset <= st["o"]:
+            out.skipped += 1
+            return
+        age = ev.age if ev.age is not None else age_at(s["brdy"], s["setl_time"])
+        f = gather(s, age, self.k, self._dup_codes)
+        admdvs = s["insu_admdvs"]
+        findings: list[Finding] = []
+        for rule, kind in stateless:  # already filtered to this settlement's scenario
+            findings.extend(kind.stateless(rule, f, self.k))
+        wm = self.watermark.get(ev.partition, 0)
+        late = f.t < wm - self.lateness_ms
+        if late:
+            out.late += 1
+        else:
+            entry = entry_of(f, excluded, self.k)
+            tl: list[dict[str, Any]] = st["tl"]
+            if any(e["s"] == f.setl_id for e in tl):
+                # the same settlement again at a new offset (an upstream retry): count it once
+                st["o"] = ev.offset
+                self.person.put(ev.partition, token, st)
+                out.skipped += 1
+                return
+            insort(tl, entry, key=lambda e: e["t"])
+            newest = max(wm, f.t)
+            self.watermark[ev.partition] = newest
+            while tl and tl[0]["t"] < newest - horizon:
+                tl.pop(0)
+            for rule, kind in historic:
+                findings.extend(kind.historic(rule, entry, tl, self.k))
+        for fd in findings:
+            self._fire(fd, token, admdvs, st, ev, out)
+        self._prune_fired(st, self.watermark.get(ev.partition, f.t))
+        st["o"] = ev.offset
+        self.person.put(ev.partition, token, st)
+        if f.inpatient and f.drg:
+            rec = stay_record(f, token, admdvs, rev=False)
+            out.emits.append(("internal.stays-by-hospital", f.h.encode(), rec))
+            out.emits.append(("internal.stays-by-drg", f.drg.encode(), rec))
+
+    def _fire(self, fd: Finding, token: str, admdvs: str, st: dict[str, Any], ev: EngineEvent,
+              out: EngineOutput) -> None:
+        aid = alert_id(fd.rule.id, token, fd.key)
+        gen = next_generation(st, aid)
+        if gen is None:
+            return
+        ep_key = None
+        if fd.episode is not None:
+            ep_key = f"{fd.rule.id}|{fd.episode[0]}"
+            if st["ep"].get(ep_key, 0) > fd.detected_at:
+                return
+            st["ep"][ep_key] = fd.episode[1]
+        datum = alert_datum(fd, "settlement", token, token, admdvs, gen)
+        wm = self.watermark.get(ev.partition, fd.window_end)
+        remember(st, datum, gen, max(wm, fd.window_end) + self.lateness_ms + 60 * DAY_MS, ep_key)
+        out.alerts.append((datum, ev.partition, ev.offset))
+
+    def _prune_fired(self, st: dict[str, Any], now: int) -> None:
+        """Forget alerts (and episodes) once no reversal or late event can concern them."""
+        for aid in [a for a, e in st["f"].items() if e["exp"] < now]:
+            del st["f"][aid]
+        horizon = now - self.lateness_ms - 60 * DAY_MS
+        for ek in [k for k, until in st["ep"].items() if until < horizon]:
+            del st["ep"][ek]
+
+    def _reversal(self, ev: EngineEvent, stateless: list[tuple[Any, Any]], historic: list[tuple[Any, Any]],
+                  out: EngineOutput) -> None:
+        r = ev.datum
+        token = self.pseudo.token(r["psn_no"])
+        st = self._state(ev.partition, token)
+        if ev.offset <= st["o"]:
+            out.skipped += 1
+            return
+        st["o"] = ev.offset
+        target = r["init_setl_id"]
+        removed = None
+        if r["full_reversal"]:
+            tl = st["tl"]
+            for i, e in enumerate(tl):
+                if e["s"] == target:
+                    removed = tl.pop(i)
+                    break
+            self._retract(target, st, ev, historic, out)
+        self.person.put(ev.partition, token, st)
+        if removed is not None and removed["mt"] in INPATIENT and removed["drg"]:
+            rec = orjson.dumps({"s": target, "m": removed["m"], "h": removed["h"], "drg": removed["drg"],
+                              "sev": removed["drg"][-1:], "amt": removed["amt"], "t": removed["t"], "tok": token,
+                              "r": r["insu_admdvs"], "rev": 1, "rt": r["setl_time"]})
+            out.emits.append(("internal.stays-by-hospital", removed["h"].encode(), rec))
+            out.emits.append(("internal.stays-by-drg", removed["drg"].encode(), rec))
+
+    def _retract(self, setl_id: str, st: dict[str, Any], ev: EngineEvent, historic: list[tuple[Any, Any]],
+                 out: EngineOutput) -> None:
+        """Re-evaluate every standing alert that rests on the reversed settlement, without it."""
+        by_id = {r.id: (r, k) for r, k in historic}
+        tl = st["tl"]
+        token = self.pseudo.token(ev.datum["psn_no"])
+        for aid in list(st["f"]):
+            fired = fired_datum(st, aid)
+            if fired is None or setl_id not in fired["setl_ids"]:
+                continue
+            rk = by_id.get(fired["rule_id"])
+            refound: list[Finding] = []
+            if rk is not None:
+                rule, kind = rk
+                for e in tl:
+                    if e["s"] in fired["setl_ids"]:
+                        refound.extend(kind.historic(rule, e, tl, self.k))
+            same = [fd for fd in refound if alert_id(fd.rule.id, fired["psn_token"], fd.key) == aid]
+            if same:
+                # still holds without it: it now rests on the remaining settlements
+                st["f"][aid]["d"] = {**fired, "setl_ids": list(same[0].setl_ids),
+                                     "mdtrt_ids": list(same[0].mdtrt_ids)}
+                continue
+            datum = retract(st, aid, ev.datum["setl_time"], f"settlement {setl_id} fully reversed")
+            out.alerts.append((datum, ev.partition, ev.offset))
+            for fd in refound:  # a different window may still qualify (its episode is free again)
+                self._fire(fd, token, fired["admdvs"] or "", st, ev, out)

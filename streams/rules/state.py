@@ -1,0 +1,156 @@
+"""Keyed detector state per source partition, backed by a compacted changelog topic.
+
+Each store (``person``, ``hospital``, ``drg``) keeps a dict per source partition. The changelog
+topic ``<prefix>changelog.<store>`` has the source topic's partition count: changelog partition p
+holds the state of source partition p, so whoever is assigned p restores exactly what it needs.
+
+Exactly-once: every stored value carries ``o``, the highest source offset applied to that key.
+After a crash the uncommitted tail is redelivered; an event at or below a key's ``o`` has already
+changed that key (its changelog record was written before the offset commit) and is not applied
+again. Writes go out once per batch and key, not per event.
+
+Restoring does not trust end offsets (the test broker's ListOffsets(latest) is wrong, see
+infra.md): the restorer writes a unique sentinel record to the partition, then reads from the
+beginning until it meets that sentinel. Everything before it is the state to restore.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import structlog
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+log = structlog.get_logger(__name__)
+
+SENTINEL_KEY = b"__yibao_restore_sentinel__"
+_dumps = orjson.dumps  # ~5× the standard library here; values are plain dicts/lists/ints/strs
+
+
+@dataclass
+class Store:
+    """One named keyed store: per source partition, key → JSON-able value (with ``o``)."""
+
+    name: str
+    topic: str
+    data: dict[int, dict[str, Any]] = field(default_factory=dict)
+    dirty: dict[int, set[str]] = field(default_factory=dict)
+
+    def part(self, partition: int) -> dict[str, Any]:
+        return self.data.setdefault(partition, {})
+
+    def get(self, partition: int, key: str) -> Any:
+        return self.data.get(partition, {}).get(key)
+
+    def put(self, partition: int, key: str, value: Any) -> None:
+        self.part(partition)[key] = value
+        self.dirty.setdefault(partition, set()).add(key)
+
+    def delete(self, partition: int, key: str) -> None:
+        if self.data.get(partition, {}).pop(key, None) is not None:
+            self.dirty.setdefault(partition, set()).add(key)
+
+    def keys(self) -> int:
+        return sum(len(d) for d in self.data.values())
+
+    def drain(self) -> list[tuple[int, bytes, bytes | None]]:
+        """Changelog records for everything changed since the last drain (None = tombstone)."""
+        out: list[tuple[int, bytes, bytes | None]] = []
+        for p, keys in self.dirty.items():
+            part = self.data.get(p, {})
+            for k in keys:
+                v = part.get(k)
+                out.append((p, k.encode(), None if v is None else _dumps(v)))
+        self.dirty = {}
+        return out
+
+    def forget(self, partitions: Iterable[int]) -> None:
+        for p in partitions:
+            self.data.pop(p, None)
+            self.dirty.pop(p, None)
+
+
+async def write_changelog(producer: AIOKafkaProducer, stores: Iterable[Store]) -> int:
+    """Produce every dirty key of every store and wait for the acks; returns records written.
+
+    Records are packed into one producer batch per (topic, partition) with ``create_batch``: a
+    batch holds thousands of keys, and per-record ``send`` calls cost more than the detectors.
+    """
+    futures = []
+    n = 0
+    for store in stores:
+        by_part: dict[int, list[tuple[bytes, bytes | None]]] = {}
+        for partition, key, value in store.drain():
+            by_part.setdefault(partition, []).append((key, value))
+        for partition, records in by_part.items():
+            batch = producer.create_batch()
+            for key, value in records:
+                if batch.append(key=key, value=value, timestamp=None) is None:
+                    futures.append(await producer.send_batch(batch, store.topic, partition=partition))
+                    batch = producer.create_batch()
+                    batch.append(key=key, value=value, timestamp=None)
+                n += 1
+            if batch.record_count():
+                futures.append(await producer.send_batch(batch, store.topic, partition=partition))
+    if futures:
+        await asyncio.gather(*futures)
+    return n
+
+
+async def restore(store: Store, partitions: Iterable[int], producer: AIOKafkaProducer,
+                  consumer_kwargs: dict[str, Any], timeout_s: float = 120.0) -> dict[int, int]:
+    """Rebuild ``store`` for ``partitions`` from its changelog; returns keys restored per partition."""
+    parts = sorted(set(partitions))
+    if not parts:
+        return {}
+    marks: dict[int, bytes] = {}
+    for p in parts:
+        mark = uuid.uuid4().hex.encode()
+        await producer.send_and_wait(store.topic, mark, key=SENTINEL_KEY, partition=p)
+        marks[p] = mark
+    consumer = AIOKafkaConsumer(**consumer_kwargs, enable_auto_commit=False, group_id=None)
+    await consumer.start()
+    restored: dict[int, int] = {}
+    try:
+        tps = [TopicPartition(store.topic, p) for p in parts]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        pending = set(parts)
+        fresh: dict[int, dict[str, Any]] = {p: {} for p in parts}
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"restoring {store.name} partitions {sorted(pending)}: sentinel not seen")
+            got = await consumer.getmany(timeout_ms=500, max_records=10_000)
+            for tp, records in got.items():
+                if tp.partition not in pending:
+                    continue
+                part = fresh[tp.partition]
+                for r in records:
+                    if r.key == SENTINEL_KEY:
+                        if r.value == marks[tp.partition]:
+                            pending.discard(tp.partition)
+                            consumer.pause(tp)
+                            break
+                        continue
+                    if r.key is None:
+                        continue
+                    k = r.key.decode()
+                    if r.value is None:
+                        part.pop(k, None)
+                    else:
+                        part[k] = orjson.loads(r.value)
+        for p in parts:
+            store.data[p] = fresh[p]
+            store.dirty.pop(p, None)
+            restored[p] = len(fresh[p])
+    finally:
+        await consumer.stop()
+    log.info("state restored", store=store.name, keys=restored)
+    return restored

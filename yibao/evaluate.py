@@ -1,0 +1,387 @@
+"""Precision and recall of the rule base against planted anomalies (ground truth).
+
+Matching, per rule: an alert of rule R matches a planted R anomaly when their ``setl_ids``
+intersect; for DRG upcoding (a hospital-month alert with no settlement ids) when hospital and
+month are the same. Only each alert's latest status counts (``argMax(status, detected_at)`` per
+``alert_id``): a RETRACTED alert is no alert. Planted anomalies whose settlement the base traffic
+fully reversed (``"reversed": true`` in the truth) are neither expected nor held against the
+rules: they and the alerts matching them are left out.
+
+Figures per rule: ``tp`` planted anomalies found, ``fn`` planted anomalies missed, ``fp`` alerts
+matching no planted anomaly of their rule; ``recall = tp / (tp + fn)``, ``precision`` = alerts
+that match / alerts (one planted anomaly may rightly raise more than one alert, e.g. a too-early
+test is too early for both neighbours). Either is ``None`` when its denominator is zero.
+
+Alerts come from the ClickHouse ``alerts`` table, a JSON-lines file, or an in-process run
+(:func:`evaluate_in_process`: generated planted traffic through the same ``BatchProcessor`` and
+``GroupedProcessor`` the workers use, no Kafka, no ClickHouse).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from collections.abc import Container, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from schemas import Codec
+from streams.rules import RULES_FILE, check_rule, load_knowledge, load_rules_file
+from streams.rules.grouped import CHINA, month_of
+
+from .anomalies import Planting
+from .settings import Settings, load_settings
+from .simulate import AUTO, EVENT_TIME_FIELD, SETTLEMENT, SimConfig, SimEvent
+
+UPCODING_KIND = "drg_upcoding"
+SETTLEMENT_NS = "cn.nhsa.yibao.settlement."
+DAY_MS = 86_400_000
+
+
+# --- alerts -------------------------------------------------------------------------------------
+
+def _status_rank(a: Mapping[str, Any]) -> tuple[int, int]:
+    t = a.get("detected_at")
+    if isinstance(t, datetime):
+        ms = int(t.timestamp() * 1000)
+    elif isinstance(t, str):
+        ms = int(_parse_time(t).timestamp() * 1000)
+    else:
+        ms = int(t or 0)
+    return ms, int(a.get("status") == "RETRACTED")
+
+
+def latest_alerts(alerts: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The latest version of each alert (by ``detected_at``; a tie goes to RETRACTED)."""
+    best: dict[str, tuple[tuple[int, int], Mapping[str, Any]]] = {}
+    for a in alerts:
+        aid = str(a["alert_id"])
+        rank = _status_rank(a)
+        cur = best.get(aid)
+        if cur is None or rank >= cur[0]:
+            best[aid] = (rank, a)
+    return [dict(a) for _, a in best.values()]
+
+
+def _parse_time(value: str) -> datetime:
+    t = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return t if t.tzinfo is not None else t.replace(tzinfo=CHINA)
+
+
+def alert_month(a: Mapping[str, Any]) -> int | None:
+    """YYYYMM (China time) an alert is about: ``month``, evidence ``month``, or its window start."""
+    if a.get("month") is not None:
+        return int(a["month"])
+    ev = a.get("evidence")
+    if isinstance(ev, Mapping) and ev.get("month"):
+        return int(ev["month"])
+    ws = a.get("window_start")
+    if ws is None:
+        return None
+    if isinstance(ws, datetime):
+        ws = ws if ws.tzinfo is not None else ws.replace(tzinfo=CHINA)
+        return ws.astimezone(CHINA).year * 100 + ws.astimezone(CHINA).month
+    if isinstance(ws, str):
+        t = _parse_time(ws).astimezone(CHINA)
+        return t.year * 100 + t.month
+    return month_of(int(ws))
+
+
+def alerts_from_backend(backend: Any) -> list[dict[str, Any]]:
+    """Latest status of every alert in the ``alerts`` table (ClickHouse 18.16 and chDB alike)."""
+    table = backend.read_table("alerts")
+    res = backend.query(
+        "SELECT alert_id, "
+        # latest by detected_at; within one second, RETRACTED wins (it is always the later one)
+        "argMax(status, toUInt64(detected_at) * 2 + (status = 'RETRACTED')) AS status, "
+        "any(rule_id) AS rule_id, any(fixmedins_code) AS fixmedins_code, any(setl_ids) AS setl_ids, "
+        "toYYYYMM(any(window_start)) AS month "
+        f"FROM {table} GROUP BY alert_id"
+    )
+    out = []
+    for alert_id, status, rule_id, h, setl_ids, month in res.rows:
+        out.append({"alert_id": str(alert_id), "status": str(status), "rule_id": str(rule_id),
+                    "fixmedins_code": str(h), "setl_ids": [str(s) for s in setl_ids], "month": int(month)})
+    return out
+
+
+def read_alerts(path: Path) -> list[dict[str, Any]]:
+    """Alerts from JSON lines (raw AnomalyAlert datums, or rows of the ``alerts`` table)."""
+    out = []
+    with path.open(encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict) or not {"alert_id", "rule_id", "status"} <= row.keys():
+                    raise ValueError("not an alert object (needs alert_id, rule_id, status)")
+            except ValueError as exc:
+                raise ValueError(f"{path}:{n}: {exc}") from None
+            if isinstance(row.get("setl_ids"), str):
+                row["setl_ids"] = json.loads(row["setl_ids"].replace("'", '"'))
+            out.append(row)
+    return out
+
+
+def write_alerts(alerts: Iterable[Mapping[str, Any]], path: Path) -> int:
+    n = 0
+    with path.open("w", encoding="utf-8") as fh:
+        for a in alerts:
+            fh.write(json.dumps(a, ensure_ascii=False, separators=(",", ":"), default=str) + "\n")
+            n += 1
+    return n
+
+
+# --- comparison ---------------------------------------------------------------------------------
+
+def rule_ids(settings: Settings | None = None) -> list[str]:
+    """Rule ids of the configured rule base, in file order."""
+    path = (settings.rules_file if settings is not None else None) or RULES_FILE
+    return [r.id for r in load_rules_file(path, check_rule)]
+
+
+def upcoding_rules(settings: Settings | None = None) -> set[str]:
+    path = (settings.rules_file if settings is not None else None) or RULES_FILE
+    return {r.id for r in load_rules_file(path, check_rule) if r.kind == UPCODING_KIND}
+
+
+def compare(alerts: Iterable[Mapping[str, Any]], truth: Iterable[Mapping[str, Any]],
+            rules: Sequence[str] = (), by_month: Iterable[str] = ("YB-HOSP-UPCODE",)) -> dict[str, Any]:
+    """Per-rule precision and recall of ``alerts`` (all versions; the latest counts) against ``truth``.
+
+    ``rules``: rule ids reported even without alerts or truth (e.g. the whole rule base);
+    ``by_month``: rules matched by hospital and month instead of settlement ids.
+    """
+    monthly = set(by_month)
+    live = latest_alerts(alerts)
+    fired = [a for a in live if a.get("status") == "FIRED"]
+    truth = list(truth)
+    ids = list(dict.fromkeys([*rules, *sorted({str(t["rule_id"]) for t in truth}),
+                              *sorted({str(a["rule_id"]) for a in fired})]))
+    out: dict[str, Any] = {}
+    for rid in ids:
+        planted = [t for t in truth if t["rule_id"] == rid]
+        mine = [a for a in fired if a["rule_id"] == rid]
+        if rid in monthly:
+            index: dict[Any, list[int]] = {}
+            for i, t in enumerate(planted):
+                index.setdefault((t.get("fixmedins_code"), t.get("month")), []).append(i)
+
+            def matches(a: Mapping[str, Any], index: dict[Any, list[int]] = index) -> list[int]:
+                return index.get((a.get("fixmedins_code"), alert_month(a)), [])
+        else:
+            index = {}
+            for i, t in enumerate(planted):
+                for s in t.get("setl_ids") or ():
+                    index.setdefault(s, []).append(i)
+
+            def matches(a: Mapping[str, Any], index: dict[Any, list[int]] = index) -> list[int]:
+                return sorted({i for s in a.get("setl_ids") or () for i in index.get(s, ())})
+        found: set[int] = set()
+        fp = matched = ignored = 0
+        for a in mine:
+            hit = matches(a)
+            live_hit = [i for i in hit if not planted[i].get("reversed")]
+            if live_hit:
+                matched += 1
+                found.update(live_hit)
+            elif hit:
+                ignored += 1  # rests only on anomalies the base traffic reversed
+            else:
+                fp += 1
+        expected = [i for i, t in enumerate(planted) if not t.get("reversed")]
+        tp = len(found)
+        fn = len(expected) - tp
+        counted = matched + fp
+        out[rid] = {
+            "precision": round(matched / counted, 4) if counted else None,
+            "recall": round(tp / len(expected), 4) if expected else None,
+            "tp": tp, "fp": fp, "fn": fn, "alerts": counted, "planted": len(expected),
+            "ignored": ignored,
+        }
+    return {
+        "rules": out,
+        "alerts": len(fired),
+        "retracted": sum(1 for a in live if a.get("status") == "RETRACTED"),
+        "planted": sum(1 for t in truth if not t.get("reversed")),
+        "reversed": sum(1 for t in truth if t.get("reversed")),
+    }
+
+
+def report_table(result: Mapping[str, Any]) -> Any:
+    """A rich table of :func:`compare`'s result."""
+    from rich.table import Table
+
+    def pct(v: float | None) -> str:
+        return "—" if v is None else f"{v:.1%}"
+
+    t = Table("rule", "planted", "alerts", "tp", "fp", "fn", "precision", "recall",
+              title=f"{result['planted']} planted anomalies, {result['alerts']} alerts")
+    for rid, r in result["rules"].items():
+        ok = (r["precision"] is None or r["precision"] >= 0.95) and (r["recall"] is None or r["recall"] >= 0.95)
+        style = "" if ok else "yellow"
+        t.add_row(rid, str(r["planted"]), str(r["alerts"]), str(r["tp"]), str(r["fp"]), str(r["fn"]),
+                  pct(r["precision"]), pct(r["recall"]), style=style)
+    return t
+
+
+# --- in-process run -----------------------------------------------------------------------------
+
+@dataclass
+class InProcessRun:
+    """What :func:`run_in_process` saw: every alert version, the truth, planted events, counts."""
+
+    alerts: list[dict[str, Any]]
+    truth: list[dict[str, Any]]
+    planted_events: list[SimEvent] = field(default_factory=list)
+    settlements: int = 0
+    events: int = 0
+    dead_letters: Counter[str] = field(default_factory=Counter)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class _TrafficClock:
+    """Validation limits as of the traffic being processed: its events are never "future"."""
+
+    def __init__(self, settings: Settings) -> None:
+        from streams.validation import Limits
+
+        self._make = Limits.from_settings
+        self._settings = settings
+        self.now_ms = int(time.time() * 1000)
+        self.limits = self._make(settings.max_future_skew_s, settings.min_event_year, now_ms=self.now_ms)
+
+    def advance(self, t_ms: int) -> None:
+        if t_ms + DAY_MS > self.now_ms:
+            self.now_ms = t_ms + DAY_MS
+            self.limits = self._make(self._settings.max_future_skew_s, self._settings.min_event_year,
+                                     now_ms=self.now_ms)
+
+    def __call__(self) -> Any:
+        return self.limits
+
+
+def run_events(events: Iterable[Any], settings: Settings | None = None, planted_ids: Container[str] = (),
+               batch: int = 5000) -> InProcessRun:
+    """Run the settlement rules in process on ``events`` (anything with ``record``, ``key`` and a
+    raw ``datum``: generated ``SimEvent`` or replayed ``OutEvent``), in order: the settlement
+    ``BatchProcessor`` (decode, validate, person rules) and the two ``GroupedProcessor`` instances
+    fed with the stay records it re-keys, as the workers do. Events of other subsystems are
+    counted and skipped. ``planted_ids``: event ids whose settlements are kept in
+    ``planted_events`` (looked up as each event arrives)."""
+    from streams import settlement
+    from streams.app import build_rulebook
+    from streams.ingest import BatchProcessor, GroupedProcessor, Message
+    from streams.privacy import Pseudonymizer, Sealer
+    from streams.rules.engine import SettlementEngine
+    from streams.rules.grouped import GroupedEngine
+    from streams.rules.state import Store
+
+    s = settings or load_settings()
+    codec = Codec()
+    key = b"yibao-evaluate-in-process-key-32"
+    pseudo = Pseudonymizer(key, "eval")
+    book = build_rulebook(s)
+    clock = _TrafficClock(s)
+    engine = SettlementEngine(book, load_knowledge(), pseudo, Store("person", "eval.person"))
+    proc = BatchProcessor(settlement.build(s, clock), codec, pseudo, Sealer(key, "eval"), "settlement", clock,
+                          engine=engine)
+    streams = {"internal.stays-by-hospital": "hospital", "internal.stays-by-drg": "drg"}
+    grouped = {by: GroupedProcessor(GroupedEngine(book, Store(by, f"eval.{by}"), by), f"eval.{by}", codec, pseudo)
+               for by in streams.values()}
+    offsets = dict.fromkeys(streams.values(), 0)
+    run = InProcessRun(alerts=[], truth=[])
+    t0 = time.perf_counter()
+    t_rules = 0.0
+    pending: list[Message] = []
+    latest = 0
+
+    def flush() -> None:
+        nonlocal t_rules
+        t = time.perf_counter()
+        clock.advance(latest)
+        out = proc.process(pending)
+        run.dead_letters.update(out.reasons)
+        run.alerts.extend(out.alerts)
+        per: dict[str, list[Message]] = {}
+        for stream, k, v in out.emits:
+            by = streams[stream]
+            per.setdefault(by, []).append(Message(0, offsets[by], k, v))
+            offsets[by] += 1
+        for by, msgs in per.items():
+            run.alerts.extend(grouped[by].process(msgs).alerts)
+        pending.clear()
+        t_rules += time.perf_counter() - t
+
+    offset = 0
+    for ev in events:
+        run.events += 1
+        if not ev.record.startswith(SETTLEMENT_NS):
+            continue
+        latest = max(latest, int(ev.datum[EVENT_TIME_FIELD[ev.record]]))
+        if ev.record == SETTLEMENT:
+            run.settlements += 1
+            if str(ev.datum["event_id"]) in planted_ids:
+                run.planted_events.append(ev)
+        pending.append(Message(0, offset, ev.key.encode(), codec.encode(ev.record, ev.datum)))
+        offset += 1
+        if len(pending) >= batch:
+            flush()
+    if pending:
+        flush()
+    total = time.perf_counter() - t0
+    run.seconds = {"total": round(total, 2), "pipeline": round(t_rules, 2), "generate": round(total - t_rules, 2)}
+    return run
+
+
+def run_in_process(config: SimConfig, planting: Planting | None = None, settings: Settings | None = None,
+                   batch: int = 5000) -> InProcessRun:
+    """Generate ``config``'s traffic (with ``planting``'s hooks) and :func:`run_events` it; the
+    run's ``truth`` is the planting's ground truth."""
+    gen = planting.generator(config) if planting is not None else _plain(config)
+    run = run_events(gen.events(), settings, planting.planted_ids if planting is not None else (), batch)
+    run.truth = planting.truth() if planting is not None else []
+    return run
+
+
+def _plain(config: SimConfig) -> Any:
+    from .simulate import TrafficGenerator
+
+    return TrafficGenerator(config)
+
+
+def evaluate_in_process(n_settlements: int, days: int, seed: int = 42, rate: float = 0.002,
+                        rules: Iterable[str] | str = "all", *, rates: Mapping[str, float] | None = None,
+                        start: datetime | None = None, regions: int = AUTO, hospitals: int = AUTO,
+                        pharmacies: int = AUTO, settings: Settings | None = None) -> dict[str, Any]:
+    """Generate planted traffic, run the rules in process, compare: :func:`compare`'s result plus
+    ``settlements``, ``events``, ``dead_letters`` and ``seconds``.
+
+    ``rules``: "all", "none" or rule ids to plant; ``rate`` per eligible settlement, ``rates``
+    per rule id. The traffic's size fields (``regions``, ``hospitals``, ``pharmacies``) default as
+    in :class:`SimConfig`; fewer hospitals give each more stays (DRG upcoding needs at least 37 a
+    month for four months at a hospital: ``days`` ≥ 4 months).
+    """
+    s = settings or load_settings()
+    kw: dict[str, Any] = {"settlements": n_settlements, "days": days, "seed": seed, "regions": regions,
+                          "hospitals": hospitals, "pharmacies": pharmacies}
+    if start is not None:
+        kw["start"] = start
+    config = SimConfig(**kw)
+    base = load_rules_file(s.rules_file or RULES_FILE, check_rule)
+    planting = Planting(rules, rate=rate, rates=rates, rule_base=base)
+    run = run_in_process(config, planting, s)
+    result = compare(run.alerts, run.truth, [r.id for r in base],
+                     by_month=[r.id for r in base if r.kind == UPCODING_KIND])
+    result.update({"settlements": run.settlements, "events": run.events,
+                   "dead_letters": sum(run.dead_letters.values()), "seconds": run.seconds})
+    return result
+
+
+__all__ = ["InProcessRun", "alert_month", "alerts_from_backend", "compare", "evaluate_in_process", "latest_alerts",
+           "read_alerts", "report_table", "rule_ids", "run_events", "run_in_process", "upcoding_rules", "write_alerts"]
+
