@@ -29,6 +29,9 @@ from typing import Any, ClassVar
 
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 STAGING_SUFFIX = "_in"
+# Cluster mode: ``T_all`` is the Distributed table over every shard's ``T`` (reads), ``T_in_all``
+# the Distributed table over every shard's ``T_in`` (inserts, routed by the table's shard key).
+DISTRIBUTED_SUFFIX = "_all"
 
 # An INSERT whose data is inside the statement (VALUES (...) or FORMAT ...) rather than in a
 # following SELECT. Over the native protocol an 18.16 server answers such a statement by waiting
@@ -98,6 +101,25 @@ class Backend(ABC):
     def database(self) -> str:
         """Database holding the pipeline's tables. Every statement names it explicitly
         (``db.table``) because the database may not exist before :func:`sinks.migrate.migrate`."""
+
+    @property
+    def cluster(self) -> str | None:
+        """Name of the ClickHouse cluster (``remote_servers``) the tables are sharded over, or
+        ``None`` for a single server or chDB. In cluster mode every shard holds its own part of
+        each table, so whole-table reads must go through :meth:`read_table`."""
+        return None
+
+    def read_table(self, table: str) -> str:
+        """Qualified name to read all of ``table`` from: ``db.table`` on a single engine,
+        ``db.table_all`` (the Distributed table over every shard) in cluster mode.
+
+        Callers that must see every row, above all the exactly-once lookup of already-landed
+        offsets, use this instead of formatting ``db.table`` themselves: reading one shard's
+        local table would miss the rows that landed on the others and re-insert them.
+        """
+        check_identifier(table, "table name")
+        suffix = DISTRIBUTED_SUFFIX if self.cluster else ""
+        return f"{self.database}.{table}{suffix}"
 
     @abstractmethod
     def execute(self, sql: str) -> None:

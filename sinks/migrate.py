@@ -26,6 +26,20 @@ numbers. Columns with a ``DEFAULT`` are not in ``T_in`` and the view computes th
 stored in ``schema_staging``; whenever it changes (a migration altered ``T``, or this
 generator changed) the pair is rebuilt. Migrations therefore only ever describe real tables.
 
+Cluster mode
+------------
+With ``cluster`` (``YIBAO_CH_CLUSTER``, a cluster of the servers' ``remote_servers``), every
+statement runs ``ON CLUSTER`` (ClickHouse's distributed DDL: the servers need ZooKeeper or
+ClickHouse Keeper and ``<distributed_ddl>``), so each shard gets the same local tables ``T``,
+staging twins ``T_in`` and views ``T_in_mv``; a shard converts and stores only its own rows.
+On top of them, on every node: ``T_all``, a Distributed table over the shards' ``T`` (what
+readers query, :meth:`sinks.base.Backend.read_table`), and ``T_in_all``, a Distributed table
+over the shards' ``T_in`` with the table's :attr:`~sinks.tables.TableSpec.shard_key` (where the
+server backend inserts). Both are part of the staging fingerprint, so they are rebuilt with the
+staging pair whenever ``T`` changes. The bookkeeping rows are written on the node ``migrate``
+talks to, but read from all of them (``cluster()`` table function), so the next run may talk
+to any node.
+
 Run ``migrate`` once per deployment, from one process, with the workers stopped: ClickHouse
 has no transactional DDL, so concurrent runs can record a file twice, and an insert that
 arrives while ``T_in_mv`` is being rebuilt can be lost (the rebuild drops ``T_in`` first so that
@@ -42,7 +56,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .base import STAGING_SUFFIX, Backend, SinkError, check_identifier, literal
+from .base import DISTRIBUTED_SUFFIX, STAGING_SUFFIX, Backend, SinkError, check_identifier, literal
 from .tables import LC, TABLES, decimal_scale, low_cardinality_supported, raw_type, unwrap_nullable
 
 DDL_DIR = Path(__file__).resolve().parent / "ddl"
@@ -139,6 +153,12 @@ def migrate(
     run with nothing to do changes nothing and returns a single line saying so. ``progress`` is
     called with each line as it happens (for a CLI spinner or a log). ``ddl_dir`` is for tests.
     """
+    if cluster is None:
+        cluster = backend.cluster
+    elif backend.cluster is not None and backend.cluster != cluster:
+        raise MigrationError(
+            f"migrate(cluster={cluster!r}) on a backend for cluster {backend.cluster!r}: use one cluster name"
+        )
     if cluster is not None:
         check_identifier(cluster, "cluster name")
         if backend.name == "embedded":
@@ -153,6 +173,7 @@ class _Run:
     def __init__(self, backend: Backend, cluster: str | None, progress: Callable[[str], None] | None) -> None:
         self.backend = backend
         self.db = backend.database
+        self.cluster = cluster
         self.on_cluster = f" ON CLUSTER {cluster}" if cluster else ""
         self.version = backend.version()
         self.lc = LC if low_cardinality_supported(self.version) else "String"
@@ -205,8 +226,16 @@ class _Run:
         result = self.backend.query(f"SELECT name FROM system.tables WHERE database = {literal(self.db)}")
         return {str(row[0]) for row in result.rows}
 
+    def everywhere(self, table: str) -> str:
+        """Where to read a bookkeeping table: this node's, or every node's in cluster mode."""
+        if self.cluster:
+            return f"cluster({literal(self.cluster)}, {self.db}, {table})"
+        return f"{self.db}.{table}"
+
     def applied(self) -> dict[int, tuple[str, str]]:
-        result = self.backend.query(f"SELECT version, name, checksum FROM {self.db}.{MIGRATIONS_TABLE}")
+        result = self.backend.query(
+            f"SELECT DISTINCT version, name, checksum FROM {self.everywhere(MIGRATIONS_TABLE)}"
+        )
         return {int(row[0]): (str(row[1]), str(row[2])) for row in result.rows}
 
     def verify(self, migrations: list[Migration], applied: dict[int, tuple[str, str]]) -> None:
@@ -257,7 +286,7 @@ class _Run:
         stored = {
             str(row[0]): str(row[1])
             for row in self.backend.query(
-                f"SELECT table, argMax(fingerprint, seq) FROM {self.db}.{STAGING_TABLE} GROUP BY table"
+                f"SELECT table, argMax(fingerprint, seq) FROM {self.everywhere(STAGING_TABLE)} GROUP BY table"
             ).rows
         }
         count = 0
@@ -267,18 +296,29 @@ class _Run:
             count += 1
             columns = self.describe(name)
             create_in, create_mv = staging_ddl(self.db, name, columns, self.on_cluster)
-            fingerprint = (
-                "sha256:"
-                + hashlib.sha256("\n".join((STAGING_GENERATOR, create_in, create_mv)).encode("utf-8")).hexdigest()
-            )
-            complete = f"{name}{STAGING_SUFFIX}" in tables and f"{name}{STAGING_SUFFIX}{MV_SUFFIX}" in tables
+            parts = [STAGING_GENERATOR, create_in, create_mv]
+            expected = [f"{name}{STAGING_SUFFIX}", f"{name}{STAGING_SUFFIX}{MV_SUFFIX}"]
+            distributed: tuple[str, str] | None = None
+            if self.cluster:
+                distributed = distributed_ddl(self.db, TABLES[name].shard_key, name, self.cluster)
+                parts.extend(distributed)
+                expected += [f"{name}{DISTRIBUTED_SUFFIX}", f"{name}{STAGING_SUFFIX}{DISTRIBUTED_SUFFIX}"]
+            fingerprint = "sha256:" + hashlib.sha256("\n".join(parts).encode("utf-8")).hexdigest()
+            complete = all(t in tables for t in expected)
             if complete and stored.get(name) == fingerprint:
                 continue
             staging = f"{self.db}.{name}{STAGING_SUFFIX}"
+            if self.cluster:
+                # The Distributed tables copy the columns of what they cover: rebuilt with them.
+                self.backend.execute(f"DROP TABLE IF EXISTS {staging}{DISTRIBUTED_SUFFIX}{self.on_cluster}")
+                self.backend.execute(f"DROP TABLE IF EXISTS {self.db}.{name}{DISTRIBUTED_SUFFIX}{self.on_cluster}")
             self.backend.execute(f"DROP TABLE IF EXISTS {staging}{self.on_cluster}")
             self.backend.execute(f"DROP TABLE IF EXISTS {staging}{MV_SUFFIX}{self.on_cluster}")
             self.backend.execute(create_in)
             self.backend.execute(create_mv)
+            if distributed is not None:
+                for statement in distributed:
+                    self.backend.execute(statement)
             self.backend.execute(
                 f"INSERT INTO {self.db}.{STAGING_TABLE} (table, fingerprint, built_at, seq) "
                 f"SELECT {literal(name)}, {literal(fingerprint)}, now(), {time.time_ns()}"
@@ -319,6 +359,26 @@ def staging_ddl(db: str, table: str, columns: list[ColumnInfo], on_cluster: str 
         f"AS SELECT {', '.join(select)} FROM {staging}"
     )
     return create_in, create_mv
+
+
+def distributed_ddl(db: str, shard_key: str, table: str, cluster: str) -> tuple[str, str]:
+    """``CREATE`` statements of ``table``'s Distributed tables in cluster mode.
+
+    ``T_all`` covers every shard's ``T`` for reads (no sharding key: nothing is inserted into
+    it); ``T_in_all`` covers every shard's staging twin and routes each inserted row by
+    ``shard_key``, so the conversion view runs on the shard that stores the row.
+    """
+    on_cluster = f" ON CLUSTER {cluster}"
+    staging = f"{table}{STAGING_SUFFIX}"
+    read = (
+        f"CREATE TABLE IF NOT EXISTS {db}.{table}{DISTRIBUTED_SUFFIX}{on_cluster} AS {db}.{table} "
+        f"ENGINE = Distributed({cluster}, {db}, {table})"
+    )
+    write = (
+        f"CREATE TABLE IF NOT EXISTS {db}.{staging}{DISTRIBUTED_SUFFIX}{on_cluster} AS {db}.{staging} "
+        f"ENGINE = Distributed({cluster}, {db}, {staging}, {shard_key})"
+    )
+    return read, write
 
 
 def to_target(name: str, ch_type: str) -> str:

@@ -17,6 +17,7 @@ from clickhouse_driver import Client
 from clickhouse_driver import errors as ch_errors
 
 from .base import (
+    DISTRIBUTED_SUFFIX,
     STAGING_SUFFIX,
     Backend,
     QueryResult,
@@ -96,12 +97,20 @@ class ServerBackend(Backend):
         connect_timeout: float = 5,
         send_receive_timeout: float = 300,
         settings: Mapping[str, Any] | None = None,
+        cluster: str | None = None,
     ) -> None:
         """``settings`` are sent with every query; their names are checked against the
         server's ``system.settings`` on first use, because clickhouse-driver silently drops
         names the server does not know (e.g. ``async_insert`` on 18.16) and a safety setting
-        that is quietly ignored is worse than an error."""
+        that is quietly ignored is worse than an error.
+
+        ``cluster`` names a cluster of the server's ``remote_servers`` that the tables are
+        sharded over (``migrate(..., cluster=...)`` built them): batches then go into the
+        Distributed staging table ``T_in_all`` as synchronous inserts (see
+        :meth:`_sync_insert_settings`), and :meth:`read_table` names the Distributed ``T_all``."""
         self._db = check_identifier(database, "database name")
+        self._cluster = check_identifier(cluster, "cluster name") if cluster else None
+        self._insert_settings: dict[str, Any] | None = None if self._cluster else {}
         self._host = host
         self._port = port
         self._settings = dict(settings or {})
@@ -129,6 +138,10 @@ class ServerBackend(Backend):
         return self._db
 
     @property
+    def cluster(self) -> str | None:
+        return self._cluster
+
+    @property
     def address(self) -> str:
         return f"{self._host}:{self._port}"
 
@@ -149,12 +162,15 @@ class ServerBackend(Backend):
         if n == 0:
             return 0
         target = f"{self._db}.{table}{STAGING_SUFFIX}"
+        if self._cluster is not None:
+            target += DISTRIBUTED_SUFFIX
         sql = f"INSERT INTO {target} ({', '.join(columns)}) VALUES"
         data = list(columns.values())
 
         def send(client: Client) -> Any:
+            extra = self._sync_insert_settings(client)
             try:
-                return client.execute(sql, data, columnar=True, types_check=False)
+                return client.execute(sql, data, columnar=True, types_check=False, settings=extra)
             except (*_ENCODING_ERRORS, ch_errors.TypeMismatchError) as exc:
                 client.disconnect()
                 detail = exc.message if isinstance(exc, ch_errors.Error) else f"{type(exc).__name__}: {exc}"
@@ -203,6 +219,37 @@ class ServerBackend(Backend):
             except ch_errors.Error as exc:
                 client.disconnect()
                 raise SinkError(f"ClickHouse client error: {exc}", exc.code) from exc
+
+    def _sync_insert_settings(self, client: Client) -> dict[str, Any]:
+        """Settings that make an insert into a Distributed table synchronous (cluster mode).
+
+        By default a Distributed table queues inserted rows on the receiving server's disk and
+        sends them to the shards later; the worker would then commit Kafka offsets for rows no
+        shard holds yet, and the exactly-once lookup after a crash would not find them. With the
+        synchronous setting the INSERT returns only once every shard has written its part. The
+        setting was renamed (``insert_distributed_sync`` up to 23.x, then
+        ``distributed_foreground_insert``, the old name an alias that ``system.settings`` no
+        longer lists), and the driver silently drops a name the server does not know, so the
+        name is taken from the server itself once.
+        """
+        if self._insert_settings is None:
+            names = {
+                str(row[0])
+                for row in client.execute(
+                    "SELECT name FROM system.settings "
+                    "WHERE name IN ('distributed_foreground_insert', 'insert_distributed_sync')"
+                )
+            }
+            for name in ("distributed_foreground_insert", "insert_distributed_sync"):
+                if name in names:
+                    self._insert_settings = {name: 1}
+                    break
+            else:
+                raise SinkError(
+                    f"ClickHouse at {self.address} has no setting for synchronous Distributed inserts; "
+                    "cluster mode cannot guarantee that a written batch is on its shards"
+                )
+        return self._insert_settings
 
     def _check_settings(self, client: Client) -> None:
         names = ", ".join(literal(name) for name in self._settings)

@@ -18,6 +18,22 @@ three reporter fields become one ``rptr_token``, and a settlement's birth date b
 ``LowCardinality(String)`` is experimental on ClickHouse 18.16, where the DDL uses plain
 ``String`` instead (the ``{lc}`` placeholder); :meth:`TableSpec.columns_for` gives the types a
 given engine version ends up with.
+
+Cluster mode (``YIBAO_CH_CLUSTER``): every shard holds its part of each table, and rows are
+routed by :attr:`TableSpec.shard_key`, a hash of stable columns of the row itself (never
+``rand()``, so a re-sent row goes where its first copy went):
+
+- by the insured region (``insu_admdvs``, ``admdvs`` for procurement and supervision): a region
+  lives on one shard, so the per-region aggregates the decision subsystem asks for (fund
+  balance and months of payout capacity per pooling region, procurement completion per region)
+  run shard-locally and a region filter touches one shard; a settlement, its reversals (which
+  carry the same ``insu_admdvs``) and its fee lines are co-located, so joins by ``setl_id`` stay
+  local (``distributed_product_mode = 'local'``). The price is skew: a very large region makes
+  its shard hotter. With hundreds of regions and a handful of shards the hash spreads well;
+  when one region outgrows a shard, add ``psn_token`` to its key in a new migration.
+- ``alerts`` by ``alert_id``: ReplacingMergeTree collapses versions of an alert only within a
+  shard, so all versions of one alert must land on the same shard.
+- ``dead_letters`` by ``payload_digest``: a dead letter may have no readable region at all.
 """
 
 from __future__ import annotations
@@ -54,6 +70,12 @@ class TableSpec:
     engine: str = "MergeTree()"
     partition_column: str = ""
     defaulted: tuple[str, ...] = ("ingested_at",)
+    shard_by: tuple[str, ...] = ()
+
+    @property
+    def shard_key(self) -> str:
+        """Sharding expression of the Distributed insert table in cluster mode (module docstring)."""
+        return f"cityHash64({', '.join(self.shard_by)})"
 
     @property
     def partition_by(self) -> str:
@@ -156,7 +178,11 @@ def _table(
     order_by: tuple[str, ...],
     engine: str = "MergeTree()",
     partition_column: str = "",
+    shard_by: tuple[str, ...] = (),
 ) -> TableSpec:
+    names = {name for name, _ in columns}
+    if not shard_by:
+        shard_by = ("insu_admdvs",) if "insu_admdvs" in names else ("admdvs",)
     return TableSpec(
         name=name,
         time_column=time_column,
@@ -164,6 +190,7 @@ def _table(
         order_by=order_by,
         engine=engine,
         partition_column=partition_column,
+        shard_by=shard_by,
     )
 
 
@@ -454,6 +481,7 @@ DEAD_LETTERS = _table(
         ("failed_at", DT),
     ),
     ("source_topic", "source_partition", "source_offset"),
+    shard_by=("payload_digest",),
 )
 
 # Partitioned by window_start, not detected_at: alert_id is derived from rule, subject and
@@ -486,6 +514,7 @@ ALERTS = _table(
     ("alert_id",),
     engine="ReplacingMergeTree(detected_at)",
     partition_column="window_start",
+    shard_by=("alert_id",),
 )
 
 TABLES: dict[str, TableSpec] = {

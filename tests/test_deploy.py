@@ -1,0 +1,378 @@
+"""deploy/ validated offline: what operators run must at least be well-formed and consistent.
+
+- The compose file passes Debian's ``docker-compose config`` (no engine needed) and has the
+  services and ordering the operations runbook relies on.
+- Kubernetes manifests validate against the Kubernetes JSON schemas (``kubernetes-validate``,
+  strict: unknown fields are errors) and wire probes, secrets and scaling consistently.
+- systemd units pass ``systemd-analyze verify`` without a single warning.
+- Every ``YIBAO_*`` variable any of them sets is a real setting with a valid value, so a typo is
+  caught here and not by a worker that silently ignores it.
+- Dashboards and alert rules only name metrics the worker exports, and promtool accepts the
+  Prometheus config, the alert rules and every dashboard query.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from prometheus_client.metrics_core import Metric
+
+from streams import metrics
+from yibao.settings import Settings, load_settings
+
+from .conftest import require_infra
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+COMPOSE = DEPLOY / "compose"
+K8S = DEPLOY / "k8s"
+SYSTEMD = DEPLOY / "systemd"
+K8S_VERSION = "1.30.0"
+VAR = re.compile(r"\bYIBAO_[A-Z0-9_]+\b")
+
+
+# --- helpers ------------------------------------------------------------------------------------
+def env_file(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines of an env file (compose ``env_file``, systemd ``EnvironmentFile``)."""
+    out: dict[str, str] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            out[key.strip()] = value.strip()
+    return out
+
+
+def k8s_documents() -> Iterator[tuple[Path, dict[str, Any]]]:
+    for path in sorted(K8S.glob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        for doc in yaml.safe_load_all(path.read_text(encoding="utf-8")):
+            if doc:
+                yield path, doc
+
+
+def k8s(kind: str, name: str) -> dict[str, Any]:
+    for _, doc in k8s_documents():
+        if doc["kind"] == kind and doc["metadata"]["name"] == name:
+            return doc
+    raise AssertionError(f"no {kind}/{name} in deploy/k8s")
+
+
+def setting_of(variable: str) -> str:
+    return variable.removeprefix("YIBAO_").lower()
+
+
+def assert_valid_settings(env: dict[str, str], where: str) -> Settings:
+    """Every YIBAO_* key is a setting, and the values together pass the settings' validation.
+
+    Secret files do not exist here, so ``*_FILE`` values are checked for being absolute paths
+    and then left out.
+    """
+    kw: dict[str, Any] = {}
+    for key, value in env.items():
+        if not key.startswith("YIBAO_"):
+            continue
+        name = setting_of(key)
+        assert name in Settings.model_fields, f"{where}: {key} is not a setting (yibao/settings.py)"
+        if name.endswith("_file"):
+            assert value.startswith(("/", "%d/")), f"{where}: {key}={value} must be an absolute path"
+            continue
+        kw[name] = value
+    return load_settings(**kw)
+
+
+def exported_metric_names() -> set[str]:
+    """Sample names the worker's /metrics can carry (also for labelled metrics with no sample yet)."""
+    suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count", "_created"),
+                "gauge": ("",), "summary": ("_sum", "_count", "_created")}
+    names: set[str] = set()
+    family: Metric
+    for family in metrics.REGISTRY.collect():
+        names.update(family.name + suffix for suffix in suffixes.get(family.type, ("",)))
+    return names
+
+
+# --- compose ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def compose_config() -> dict[str, Any]:
+    """``docker-compose config``: the file as the real tool resolves it (env files, anchors)."""
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        require_infra("docker-compose (Debian package docker-compose) to validate deploy/compose")
+    done = subprocess.run([binary, "-f", "compose.yaml", "config"], cwd=COMPOSE, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    config: dict[str, Any] = yaml.safe_load(done.stdout)
+    return config
+
+
+def test_compose_config_validates_and_orders_migrate_before_workers(compose_config: dict[str, Any]) -> None:
+    services = compose_config["services"]
+    assert set(services) == {"kafka", "clickhouse", "migrate", "worker", "prometheus", "grafana"}
+
+    kafka = services["kafka"]
+    assert kafka["image"].startswith("apache/kafka:")
+    assert "controller" in kafka["environment"]["KAFKA_PROCESS_ROLES"]  # KRaft, no ZooKeeper
+    assert not any("zookeeper" in k.lower() for k in kafka["environment"])
+
+    worker, migrate = services["worker"], services["migrate"]
+    assert worker["image"] == migrate["image"]
+    assert worker["build"]["dockerfile"] == "deploy/Containerfile"
+    assert (Path(worker["build"]["context"]) / worker["build"]["dockerfile"]).is_file()
+    assert migrate["command"] == ["migrate"] and migrate.get("restart") == "no"
+    assert worker["command"] == ["worker", "--no-migrate"]
+    assert worker["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    assert worker["depends_on"]["kafka"]["condition"] == "service_healthy"
+    assert worker["depends_on"]["clickhouse"]["condition"] == "service_healthy"
+    assert worker["deploy"]["replicas"] >= 2
+    s = assert_valid_settings(worker["environment"], "compose worker")
+    assert worker["deploy"]["replicas"] <= s.topic_partitions
+    assert s.ch_backend.value == "server" and s.ch_host == "clickhouse"
+    assert s.kafka_bootstrap.split(":")[0] == "kafka"
+    assert _seconds(worker["stop_grace_period"]) > s.shutdown_deadline_s
+    # the secret files the settings point at are the secrets compose mounts
+    mounted = {f"/run/secrets/{x['source']}" for x in worker["secrets"]}
+    files = {v for k, v in worker["environment"].items() if k.endswith("_FILE")}
+    assert files <= mounted
+
+    grafana = services["grafana"]
+    assert "grafana-clickhouse-datasource" in grafana["environment"]["GF_INSTALL_PLUGINS"]
+    assert set(compose_config["secrets"]) >= {"clickhouse_password", "pseudo_key"}
+
+
+def _seconds(text: str) -> float:
+    match = re.fullmatch(r"(?:(\d+)m)?(?:([\d.]+)s)?", text)
+    assert match and any(match.groups()), text
+    return int(match.group(1) or 0) * 60 + float(match.group(2) or 0)
+
+
+def test_prometheus_scrapes_every_worker_on_its_metrics_port(compose_config: dict[str, Any]) -> None:
+    port = int(compose_config["services"]["worker"]["environment"]["YIBAO_WEB_PORT"])
+    prom = yaml.safe_load((COMPOSE / "prometheus" / "prometheus.yml").read_text(encoding="utf-8"))
+    job = next(j for j in prom["scrape_configs"] if j["job_name"] == "yibao-worker")
+    assert job["metrics_path"] == "/metrics"
+    sd = job["dns_sd_configs"][0]
+    assert sd["names"] == ["worker"] and sd["port"] == port  # the service name resolves to every replica
+    assert compose_config["services"]["worker"]["expose"] == [str(port)]
+
+
+def test_grafana_provisions_both_data_sources_and_the_dashboard_folders(compose_config: dict[str, Any]) -> None:
+    grafana = compose_config["services"]["grafana"]
+    mounts = {v.split(":")[1]: Path(v.split(":")[0]) for v in grafana["volumes"] if v.startswith("/")}
+    provisioning = mounts["/etc/grafana/provisioning"]
+    sources = yaml.safe_load((provisioning / "datasources" / "datasources.yaml").read_text(encoding="utf-8"))
+    by_type = {d["type"]: d for d in sources["datasources"]}
+    assert by_type["prometheus"]["url"] == "http://prometheus:9090"
+    ch = by_type["grafana-clickhouse-datasource"]
+    assert ch["jsonData"]["host"] == "clickhouse" and ch["jsonData"]["defaultDatabase"] == "yibao"
+    secret = re.fullmatch(r"\$__file\{(/run/secrets/\w+)\}", ch["secureJsonData"]["password"])
+    assert secret and secret.group(1).rsplit("/", 1)[1] in {x["source"] for x in grafana["secrets"]}
+
+    providers = yaml.safe_load((provisioning / "dashboards" / "dashboards.yaml").read_text(encoding="utf-8"))
+    dashboards_root = mounts["/var/lib/grafana/dashboards"]
+    paths = {p["name"]: p["options"]["path"] for p in providers["providers"]}
+    assert set(paths) == {"yibao-workers", "yibao-bi"}
+    for path in paths.values():
+        local = dashboards_root / Path(path).relative_to("/var/lib/grafana/dashboards")
+        assert local.is_dir(), local  # the BI folder exists (empty) for the later BI issue
+    workers = list((dashboards_root / "workers").glob("*.json"))
+    assert workers
+    for f in workers:
+        dash = json.loads(f.read_text(encoding="utf-8"))
+        uids = {t["datasource"]["uid"] for p in dash["panels"] for t in p.get("targets", [])}
+        assert uids == {by_type["prometheus"]["uid"]}
+
+
+def _exprs(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "expr" and isinstance(value, str):
+                yield value
+            else:
+                yield from _exprs(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _exprs(item)
+
+
+def test_dashboards_and_alert_rules_only_name_exported_metrics() -> None:
+    exported = exported_metric_names()
+    dashboard = json.loads((COMPOSE / "grafana/dashboards/workers/yibao-workers.json").read_text(encoding="utf-8"))
+    rules = yaml.safe_load((COMPOSE / "prometheus" / "alerts.yml").read_text(encoding="utf-8"))
+    exprs = [*_exprs(dashboard), *_exprs(rules)]
+    used = {name for e in exprs for name in re.findall(r"\byibao_[a-z0-9_]+\b", e)}
+    assert used and used <= exported, sorted(used - exported)
+    # the dashboard covers what the issue names: in, landed, dead letters, latency, rows, alerts, state
+    for needed in ("yibao_events_in_total", "yibao_events_landed_total", "yibao_dead_letters_total",
+                   "yibao_sink_batch_seconds_bucket", "yibao_rows_written_total", "yibao_alerts_total",
+                   "yibao_window_state_keys"):
+        assert needed in {n for e in _exprs(dashboard) for n in re.findall(r"\byibao_[a-z0-9_]+\b", e)}, needed
+
+
+def _promtool() -> str:
+    binary = shutil.which("promtool")
+    if binary is None:
+        require_infra("promtool (Debian package prometheus) to check the alert rules and PromQL")
+    return binary
+
+
+def test_prometheus_config_and_alert_rules_pass_promtool(tmp_path: Path) -> None:
+    promtool = _promtool()
+    rules = COMPOSE / "prometheus" / "alerts.yml"
+    done = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    # the config names the rules file by its path inside the container
+    config = (COMPOSE / "prometheus" / "prometheus.yml").read_text(encoding="utf-8")
+    assert "/etc/prometheus/alerts.yml" in config
+    local = tmp_path / "prometheus.yml"
+    local.write_text(config.replace("/etc/prometheus/alerts.yml", str(rules)), encoding="utf-8")
+    done = subprocess.run([promtool, "check", "config", str(local)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_every_dashboard_query_is_valid_promql(tmp_path: Path) -> None:
+    """Each panel query, with Grafana's variables filled in, parses as PromQL (checked by promtool
+    as a recording rule, the one offline PromQL parser at hand)."""
+    promtool = _promtool()
+    dashboard = json.loads((COMPOSE / "grafana/dashboards/workers/yibao-workers.json").read_text(encoding="utf-8"))
+    exprs = [e.replace("$__rate_interval", "5m").replace("$topic", ".*") for e in _exprs(dashboard)]
+    assert len(exprs) >= 15 and not any("$" in e for e in exprs)
+    rules = {"groups": [{"name": "dashboard", "rules": [
+        {"record": f"dashboard:query{i}", "expr": e} for i, e in enumerate(exprs)]}]}
+    path = tmp_path / "dashboard-rules.yml"
+    path.write_text(yaml.safe_dump(rules), encoding="utf-8")
+    done = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+# --- Kubernetes ---------------------------------------------------------------------------------
+def test_kubernetes_manifests_validate_against_the_schemas() -> None:
+    docs = list(k8s_documents())
+    assert {d["kind"] for _, d in docs} >= {"Deployment", "ConfigMap", "Secret", "PodDisruptionBudget", "Job"}
+    for path, doc in docs:
+        try:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{path.name}: {doc['kind']}/{doc['metadata']['name']}: {exc.message} at {list(exc.path)}")
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text(encoding="utf-8"))
+    listed = set(kustomization["resources"])
+    assert all((K8S / r).is_file() for r in listed)
+    # the Job and the example Secret are applied by hand, never by `kubectl apply -k`
+    assert listed == {p.name for p, _ in docs} - {"migrate-job.yaml", "secret.example.yaml"}
+
+
+def test_worker_deployment_probes_secrets_and_scaling_fit_the_settings() -> None:
+    config = k8s("ConfigMap", "yibao-worker")["data"]
+    deployment = k8s("Deployment", "yibao-worker")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {**config, **{e["name"]: e["value"] for e in container["env"]}}
+    s = assert_valid_settings(env, "k8s worker")
+
+    assert container["args"] == ["worker", "--no-migrate"]
+    port = next(p for p in container["ports"] if p["name"] == "http-metrics")["containerPort"]
+    assert port == s.web_port
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http-metrics"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http-metrics"}
+    assert container["resources"]["requests"]["cpu"] and container["resources"]["requests"]["memory"]
+    assert pod["terminationGracePeriodSeconds"] > s.shutdown_deadline_s
+    assert deployment["spec"]["replicas"] <= s.topic_partitions
+    assert s.processes == 1
+
+    # secrets: mounted files, referenced through YIBAO_*_FILE, never as plain environment values
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mount = next(m for m in container["volumeMounts"] if volumes[m["name"]].get("secret"))
+    assert mount["readOnly"] is True
+    secret_name = volumes[mount["name"]]["secret"]["secretName"]
+    keys = set(k8s("Secret", secret_name)["stringData"])
+    for name, value in env.items():
+        if name.endswith("_FILE") or name == "YIBAO_KAFKA_SSL_CAFILE":
+            assert value.startswith(mount["mountPath"] + "/") and value.rsplit("/", 1)[1] in keys, name
+    assert not any(setting_of(n) in ("ch_password", "pseudo_key", "kafka_sasl_password") for n in env)
+
+    pdb = k8s("PodDisruptionBudget", "yibao-worker")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    service = k8s("Service", "yibao-worker-metrics")
+    assert service["spec"]["selector"].items() <= labels.items()
+
+    job = k8s("Job", "yibao-migrate")
+    (migrate,) = job["spec"]["template"]["spec"]["containers"]
+    assert migrate["args"] == ["migrate"] and migrate["image"] == container["image"]
+    assert migrate["envFrom"] == container["envFrom"]
+
+
+# --- systemd ------------------------------------------------------------------------------------
+def test_systemd_units_verify_without_warnings(tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        require_infra("systemd-analyze (Debian package systemd) to verify deploy/systemd")
+    # ExecStart must name an existing executable for verify: the venv's own `yibao`
+    yibao = shutil.which("yibao", path=str(Path(sys.executable).parent)) or "/bin/true"
+    units = []
+    for unit in [*SYSTEMD.glob("*.service"), *SYSTEMD.glob("*.target")]:
+        text = unit.read_text(encoding="utf-8").replace("/opt/yibao/.venv/bin/yibao", yibao)
+        # a template is verified as one of its instances
+        name = unit.name.replace("@.service", "@1.service")
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        units.append(f"./{name}")
+    done = subprocess.run([analyze, "verify", "--man=no", *units], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and not done.stderr.strip() and not done.stdout.strip(), done.stderr + done.stdout
+
+
+def test_systemd_workers_need_a_successful_migration_and_stop_gracefully() -> None:
+    worker = (SYSTEMD / "yibao-worker@.service").read_text(encoding="utf-8")
+    assert "Requires=yibao-migrate.service" in worker and "After=network-online.target yibao-migrate.service" in worker
+    assert "--no-migrate" in worker
+    stop = int(re.search(r"^TimeoutStopSec=(\d+)$", worker, re.M).group(1))  # type: ignore[union-attr]
+    example = env_file(SYSTEMD / "worker.env.example")
+    s = assert_valid_settings(example, "systemd worker.env.example")
+    assert stop > s.shutdown_deadline_s
+    unit_env = dict(re.findall(r"^Environment=(YIBAO_[A-Z0-9_]+)=(.*)$", worker, re.M))
+    assert_valid_settings(unit_env, "yibao-worker@.service")
+    # every credential the unit points a *_FILE variable at is loaded
+    credentials = set(re.findall(r"^LoadCredential=([\w-]+):", worker, re.M))
+    for var, value in unit_env.items():
+        if var.endswith("_FILE"):
+            assert value.startswith("%d/") and value[3:] in credentials, var
+
+
+# --- everything together ------------------------------------------------------------------------
+def test_every_yibao_variable_in_deploy_is_a_setting() -> None:
+    """A scan of every file under deploy/ for YIBAO_* names, whatever its format."""
+    found: dict[str, set[str]] = {}
+    for path in DEPLOY.rglob("*"):
+        if path.is_file() and path.suffix not in (".png",):
+            for var in VAR.findall(path.read_text(encoding="utf-8", errors="replace")):
+                found.setdefault(var, set()).add(str(path.relative_to(ROOT)))
+    assert len(found) > 20
+    unknown = {var: sorted(where) for var, where in found.items() if setting_of(var) not in Settings.model_fields}
+    assert not unknown, unknown
+
+
+def test_container_image_is_multistage_non_root_and_checks_health() -> None:
+    text = (DEPLOY / "Containerfile").read_text(encoding="utf-8")
+    stages = re.findall(r"^FROM\s+\S+(?:\s+AS\s+(\w+))?", text, re.M | re.I)
+    assert len(stages) >= 2
+    assert re.search(r"^COPY --from=build \S+\.whl", text, re.M)  # the wheel is what gets installed
+    user = re.findall(r"^USER\s+(\S+)", text, re.M)[-1]
+    assert user.split(":")[0] not in ("0", "root")
+    assert re.search(r"^HEALTHCHECK .*\n?.*/healthz", text, re.M)
+    assert re.search(r'^CMD \["worker", "--no-migrate"\]', text, re.M)
+    for source in re.findall(r"^COPY (?!--from)(.+) \S+$", text, re.M):
+        for item in source.split():
+            assert (ROOT / item).exists(), item
+    image_env = dict(re.findall(r"(YIBAO_[A-Z0-9_]+)=(\S+)", text))
+    assert image_env and assert_valid_settings(image_env, "Containerfile ENV").ch_backend.value == "server"
