@@ -85,6 +85,32 @@ def load_key(key: str | None, key_file: Path | None, data_dir: Path, *, create: 
     return _decode_key(path.read_text(encoding="utf-8").strip())
 
 
+def load_old_keys(path: Path | None) -> dict[str, bytes]:
+    """Retired keys by key id, from ``YIBAO_PSEUDO_OLD_KEYS_FILE`` (one ``key_id=hex`` per line).
+
+    After a rotation the worker seals with the new key only, but dead letters sealed earlier carry
+    the old key id in their envelope; ``yibao dlq show/replay`` open them with these. Blank lines
+    and ``#`` comments are ignored; a malformed line is an error naming its line number (never
+    its content: it holds a key).
+    """
+    if path is None:
+        return {}
+    keys: dict[str, bytes] = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        kid, sep, value = line.partition("=")
+        kid = kid.strip()
+        if not sep or not kid or not kid.replace("-", "").replace("_", "").isalnum():
+            raise PrivacyError(f"{path}:{n}: expected key_id=hex")
+        try:
+            keys[kid] = _decode_key(value.strip())
+        except PrivacyError as exc:
+            raise PrivacyError(f"{path}:{n}: {exc}") from None
+    return keys
+
+
 def _decode_key(text: str) -> bytes:
     try:
         raw = bytes.fromhex(text)

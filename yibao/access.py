@@ -1,0 +1,481 @@
+"""`yibao access`: ClickHouse users and what they may see, generated from one roles file (TOML).
+
+Three kinds of account, so a fund supervisor can trust that nobody sees what they should not:
+
+* **writer** (the worker): inserts into the staging tables ``T_in`` and reads the raw tables for
+  the redelivery lookup.
+* **reader** (BI): reads the tables and views the role lists by pattern (``bi_*`` for the views the
+  rule engine adds), never the columns it hides: by default ``dead_letters.payload``,
+  ``source_key`` and ``payload_digest`` (sealed originals and their fingerprint). Pseudonymous
+  tokens (``psn_token``, ``rptr_token``) stay visible: per-person analytics need them, and they
+  cannot be reversed without the key (streams/privacy.py).
+* **regional reader**: a reader restricted to the rows of one region, given as a GB/T 2260
+  prefix (``"33"`` a province, ``"3301"`` a city, ``"330106"`` a county); each table is filtered on
+  its insured-region column (``insu_admdvs``, else ``admdvs``). A table without one is not visible
+  to regional readers at all (fail closed): dead letters have no trustworthy region.
+
+How it is enforced depends on the server, gated on ``SELECT version()``:
+
+* **ClickHouse ≥ 20.5** (SQL access control): roles, column-level ``GRANT SELECT(...)``,
+  ``CREATE ROW POLICY`` per regional user, and a permissive policy for everybody else (a table
+  with any row policy hides its rows from users no policy names).
+* **ClickHouse 18.16** has none of that: users live in ``users.xml`` with ``allow_databases`` and
+  ``readonly``; measured here, it has *no* row filters (the ``<databases><db><table><filter>``
+  users.xml setting came with 19.x: 18.16 ignores it), no table or column rights, and a view is
+  executed with the caller's database rights, so a view over a hidden database is refused. The only
+  enforceable separation is physical: each reader role (and each region) gets its own database
+  (a "mart", ``<db>_bi``, ``<db>_r33``) holding only the columns and rows it may see, kept up to
+  date by materialized views on the staging tables (18.16 does not cascade a view into another
+  view's target, so they hang off ``T_in`` and convert like ``T_in_mv`` does), and backfilled once
+  when created. Readers are allowed only their mart; views matching the role's patterns are copied
+  into it, reading the mart's tables. Apply it like a migration: workers stopped, after every
+  ``yibao migrate``.
+
+Passwords never appear in the roles file or the output in clear: ``password_sha256_hex``, or
+``password_file`` (hashed when rendering).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+from xml.sax.saxutils import escape
+
+import typer
+
+from sinks.base import Backend, check_identifier, literal
+from sinks.tables import TABLES
+
+MODERN_ACCESS_VERSION = (20, 5)
+REGION_COLUMNS = ("insu_admdvs", "admdvs")
+DEFAULT_HIDDEN = {"dead_letters": ("payload", "source_key", "payload_digest")}
+DEFAULT_EXCLUDE = ("schema_migrations", "*_in", "*_in_mv", "*_in_mv_*", "*staging*", "*_all")
+_REGION = re.compile(r"\d{2}(\d{2}){0,2}")
+
+EXAMPLE = """\
+# yibao access roles: `yibao access render --roles this.toml` / `yibao access apply --roles this.toml`
+# database = "yibao"                      # default: YIBAO_CH_DATABASE
+
+[roles.ingest]
+kind = "writer"                           # insert into staging tables, read for the redelivery lookup
+
+[roles.bi]
+kind = "reader"
+tables = ["*"]                            # fnmatch patterns over the database's tables
+views = ["bi_*"]                          # and views
+# exclude = [...]                         # default: bookkeeping, staging and internal tables
+# hidden_columns = { dead_letters = ["payload", "source_key", "payload_digest"] }   # the default
+
+[roles.bi_regional]
+kind = "reader"
+tables = ["*"]
+views = ["bi_*"]
+regional = true                           # each user names its region
+
+[users.yibao_ingest]
+role = "ingest"
+password_file = "/run/secrets/clickhouse-ingest"
+networks = ["10.0.0.0/8"]
+
+[users.bi]
+role = "bi"
+password_sha256_hex = "<sha256 of the password>"
+
+[users.bi_zhejiang]
+role = "bi_regional"
+region = "33"                             # GB/T 2260 prefix: province, city (4) or county (6)
+password_file = "/run/secrets/clickhouse-bi-zhejiang"
+"""
+
+
+class AccessError(ValueError):
+    """The roles file is wrong; the message names the entry."""
+
+
+@dataclass(frozen=True)
+class Role:
+    name: str
+    kind: str  # writer | reader
+    tables: tuple[str, ...] = ("*",)
+    views: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+    hidden: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_HIDDEN))
+    regional: bool = False
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    role: Role
+    password_sha256: str
+    networks: tuple[str, ...] = ("::/0",)
+    region: str | None = None
+
+
+@dataclass(frozen=True)
+class Roles:
+    database: str
+    roles: dict[str, Role]
+    users: list[User]
+    region_columns: dict[str, str] = field(default_factory=dict)
+
+
+def load_roles(path: Path, default_database: str) -> Roles:
+    """Parse and check a roles file (passwords from files are hashed here and never kept)."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise AccessError(f"{path}: {exc}") from None
+    db = check_identifier(str(data.get("database", default_database)), "database")
+    roles: dict[str, Role] = {}
+    for name, r in (data.get("roles") or {}).items():
+        kind = r.get("kind")
+        if kind not in ("writer", "reader"):
+            raise AccessError(f"roles.{name}.kind must be 'writer' or 'reader', not {kind!r}")
+        hidden = {t: tuple(cs) for t, cs in (r.get("hidden_columns") or DEFAULT_HIDDEN).items()}
+        roles[name] = Role(name=check_identifier(name, "role name"), kind=kind,
+                           tables=tuple(r.get("tables", ["*"])), views=tuple(r.get("views", [])),
+                           exclude=tuple(r.get("exclude", DEFAULT_EXCLUDE)), hidden=hidden,
+                           regional=bool(r.get("regional", False)))
+    users: list[User] = []
+    for name, u in (data.get("users") or {}).items():
+        check_identifier(name, "user name")
+        role = roles.get(u.get("role", ""))
+        if role is None:
+            raise AccessError(f"users.{name}.role {u.get('role')!r} is not a role of {path}")
+        if "password" in u:
+            raise AccessError(f"users.{name}: no clear password in the roles file; use password_sha256_hex "
+                              "or password_file")
+        if "password_sha256_hex" in u:
+            digest = str(u["password_sha256_hex"]).lower()
+        elif "password_file" in u:
+            try:
+                secret = Path(u["password_file"]).read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise AccessError(f"users.{name}.password_file: {exc.strerror}") from None
+            digest = hashlib.sha256(secret.encode("utf-8")).hexdigest()
+        else:
+            raise AccessError(f"users.{name}: needs password_sha256_hex or password_file")
+        if not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise AccessError(f"users.{name}.password_sha256_hex is not 64 hex digits")
+        region = u.get("region")
+        if role.regional and (not isinstance(region, str) or not _REGION.fullmatch(region)):
+            raise AccessError(f"users.{name}: role {role.name} is regional; give region = a 2-, 4- or 6-digit "
+                              "GB/T 2260 prefix")
+        if not role.regional and region is not None:
+            raise AccessError(f"users.{name}: region given but role {role.name} is not regional")
+        users.append(User(name, role, digest, tuple(u.get("networks", ["::/0"])), region))
+    region_columns = {check_identifier(t): check_identifier(c) for t, c in (data.get("region_columns") or {}).items()}
+    return Roles(db, roles, users, region_columns)
+
+
+# --- what exists in the database ----------------------------------------------------------------
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type: str
+    default_kind: str
+    default_expression: str
+
+
+@dataclass
+class Catalog:
+    """Tables, views and columns of the pipeline's database, as the server reports them."""
+
+    tables: dict[str, str]  # name -> engine
+    columns: dict[str, list[Column]]
+
+    @classmethod
+    def read(cls, backend: Backend, database: str) -> Catalog:
+        tables = {str(r[0]): str(r[1]) for r in backend.query(
+            f"SELECT name, engine FROM system.tables WHERE database = {literal(database)}").rows}
+        columns: dict[str, list[Column]] = {}
+        for r in backend.query(f"SELECT table, name, type, default_kind, default_expression FROM system.columns "
+                               f"WHERE database = {literal(database)}").rows:
+            columns.setdefault(str(r[0]), []).append(Column(str(r[1]), str(r[2]), str(r[3]), str(r[4])))
+        return cls(tables, columns)
+
+    def stored(self, name: str) -> bool:
+        return self.tables.get(name, "").endswith("MergeTree")
+
+    def view(self, name: str) -> bool:
+        return self.tables.get(name) == "View"
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def region_column(roles: Roles, catalog: Catalog, table: str) -> str | None:
+    if table in roles.region_columns:
+        return roles.region_columns[table]
+    names = {c.name for c in catalog.columns.get(table, [])}
+    return next((c for c in REGION_COLUMNS if c in names), None)
+
+
+def visible(role: Role, roles: Roles, catalog: Catalog) -> dict[str, list[str]]:
+    """Stored tables the role may read, with the columns it may see (views are handled apart)."""
+    out: dict[str, list[str]] = {}
+    for t in sorted(catalog.tables):
+        if not catalog.stored(t) or not _matches(t, role.tables) or _matches(t, role.exclude):
+            continue
+        if role.regional and region_column(roles, catalog, t) is None:
+            continue  # fail closed: no region column, no way to restrict it
+        hidden = set(role.hidden.get(t, ()))
+        out[t] = [c.name for c in catalog.columns.get(t, []) if c.name not in hidden]
+    return out
+
+
+def visible_views(role: Role, catalog: Catalog) -> list[str]:
+    return sorted(t for t in catalog.tables if catalog.view(t) and _matches(t, role.views)
+                  and not _matches(t, role.exclude))
+
+
+def _region_filter(column: str, region: str) -> str:
+    return f"{column} LIKE {literal(region + '%')}"
+
+
+# --- rendering ----------------------------------------------------------------------------------
+@dataclass
+class Rendered:
+    """What to install: users.xml parts (18.16) and SQL statements (both)."""
+
+    modern: bool
+    profiles_xml: str = ""
+    users_xml: str = ""
+    sql: list[str] = field(default_factory=list)
+    marts: dict[str, str] = field(default_factory=dict)  # user -> database it reads (18.16)
+
+    def users_document(self) -> str:
+        """A complete file for the server's ``users.d/`` directory (18.16)."""
+        return (f'<?xml version="1.0"?>\n<yandex>\n<profiles>\n{self.profiles_xml}</profiles>\n'
+                f"<users>\n{self.users_xml}</users>\n</yandex>\n")
+
+
+def mart_name(db: str, role: Role, region: str | None) -> str:
+    return f"{db}_r{region}" if role.regional else f"{db}_{role.name}"
+
+
+def render(roles: Roles, catalog: Catalog, version: tuple[int, ...]) -> Rendered:
+    if version >= MODERN_ACCESS_VERSION:
+        return _render_modern(roles, catalog)
+    return _render_legacy(roles, catalog)
+
+
+def _render_modern(roles: Roles, catalog: Catalog) -> Rendered:
+    db = roles.database
+    out = Rendered(modern=True)
+    sql = out.sql
+    regional_users = [u.name for u in roles.users if u.region is not None]
+    for role in roles.roles.values():
+        r = f"yibao_{role.name}"
+        sql.append(f"CREATE ROLE IF NOT EXISTS {r}")
+        if role.kind == "writer":
+            for t in sorted(catalog.tables):
+                if t.endswith("_in"):
+                    sql.append(f"GRANT INSERT ON {db}.{t} TO {r}")
+            sql.append(f"GRANT SELECT ON {db}.* TO {r}")
+            continue
+        for t, cols in visible(role, roles, catalog).items():
+            sql.append(f"GRANT SELECT({', '.join(cols)}) ON {db}.{t} TO {r}")
+        if not role.regional:
+            for v in visible_views(role, catalog):
+                sql.append(f"GRANT SELECT ON {db}.{v} TO {r}")
+    for u in roles.users:
+        hosts = ", ".join(f"IP {literal(n)}" for n in u.networks)
+        sql.append(f"CREATE USER IF NOT EXISTS {u.name} IDENTIFIED WITH sha256_hash BY {literal(u.password_sha256)} "
+                   f"HOST {hosts}")
+        sql.append(f"GRANT yibao_{u.role.name} TO {u.name}")
+        sql.append(f"SET DEFAULT ROLE yibao_{u.role.name} TO {u.name}")
+    regional_tables = {t for u in roles.users if u.region is not None for t in visible(u.role, roles, catalog)}
+    for t in sorted(regional_tables):
+        col = region_column(roles, catalog, t)
+        assert col is not None
+        for u in roles.users:
+            if u.region is not None and t in visible(u.role, roles, catalog):
+                sql.append(f"CREATE ROW POLICY IF NOT EXISTS yibao_region_{u.name} ON {db}.{t} FOR SELECT "
+                           f"USING {_region_filter(col, u.region)} TO {u.name}")
+        # A table with a row policy shows nothing to users no policy names: everybody else sees all.
+        sql.append(f"CREATE ROW POLICY IF NOT EXISTS yibao_unrestricted ON {db}.{t} FOR SELECT USING 1 "
+                   f"TO ALL EXCEPT {', '.join(regional_users)}")
+    return out
+
+
+def _render_legacy(roles: Roles, catalog: Catalog) -> Rendered:
+    from sinks.migrate import to_target
+
+    db = roles.database
+    out = Rendered(modern=False)
+    out.profiles_xml = ("<yibao_writer><allow_experimental_low_cardinality_type>1"
+                        "</allow_experimental_low_cardinality_type></yibao_writer>\n"
+                        "<yibao_reader><readonly>1</readonly></yibao_reader>\n")
+    marts: dict[str, tuple[Role, str | None]] = {}
+    for u in roles.users:
+        if u.role.kind == "reader":
+            marts.setdefault(mart_name(db, u.role, u.region), (u.role, u.region))
+            out.marts[u.name] = mart_name(db, u.role, u.region)
+    for mart, (role, region) in marts.items():
+        out.sql.append(f"CREATE DATABASE IF NOT EXISTS {mart}")
+        for t, cols in visible(role, roles, catalog).items():
+            spec = TABLES.get(t)
+            if spec is None or f"{t}_in" not in catalog.tables:
+                continue  # not fed through a staging table: nothing to hang a view on
+            where = _region_filter(region_column(roles, catalog, t) or "", region) if region else "1"
+            cols = [c for c in cols if c in {x.name for x in catalog.columns[t]}]
+            info = {c.name: c for c in catalog.columns[t]}
+            exprs = []
+            for c in cols:
+                ci = info[c]
+                exprs.append(f"{ci.default_expression} AS {c}" if ci.default_kind == "DEFAULT"
+                             else to_target(c, ci.type))
+            key_ok = all(k in cols for k in spec.order_by)
+            order = ", ".join(spec.order_by) if key_ok else "tuple()"
+            part_col = spec.partition_column or spec.time_column
+            partition = f" PARTITION BY {spec.partition_by}" if part_col in cols else ""
+            engine = spec.engine if all(a in cols for a in re.findall(r"\((\w+)\)", spec.engine)) else "MergeTree()"
+            out.sql.append(f"CREATE TABLE IF NOT EXISTS {mart}.{t} ENGINE = {engine}{partition} ORDER BY ({order}) "
+                           f"AS SELECT {', '.join(cols)} FROM {db}.{t} WHERE 0")
+            out.sql.append(f"-- backfill-if-new {mart}.{t}\nINSERT INTO {mart}.{t} ({', '.join(cols)}) "
+                           f"SELECT {', '.join(cols)} FROM {db}.{t} WHERE {where}")
+            out.sql.append(f"CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.{t}_in_mv_{mart} TO {mart}.{t} AS "
+                           f"SELECT {', '.join(exprs)} FROM {db}.{t}_in WHERE {where}")
+        if not role.regional:
+            for v in visible_views(role, catalog):
+                out.sql.append(f"-- copy-view {db}.{v} -> {mart}.{v}")
+    writer_dbs = [db, *marts]
+    for u in roles.users:
+        dbs = writer_dbs if u.role.kind == "writer" else [out.marts[u.name]]
+        networks = "".join(f"<ip>{escape(n)}</ip>" for n in u.networks)
+        profile = "yibao_writer" if u.role.kind == "writer" else "yibao_reader"
+        allow = "".join(f"<database>{d}</database>" for d in dbs)
+        out.users_xml += (f"<{u.name}><password_sha256_hex>{u.password_sha256}</password_sha256_hex>"
+                          f"<networks>{networks}</networks><profile>{profile}</profile><quota>default</quota>"
+                          f"<allow_databases>{allow}</allow_databases></{u.name}>\n")
+    return out
+
+
+def apply(backend: Backend, rendered: Rendered, database: str) -> list[str]:
+    """Run the rendered SQL as an administrator; returns what was done (for the CLI to print).
+
+    On 18.16 a mart table is backfilled only when this run created it (re-running ``apply`` must
+    not copy the rows twice), and views are copied with their database name switched to the mart.
+    """
+    done: list[str] = []
+    existing = {(str(r[0]), str(r[1])) for r in backend.query("SELECT database, name FROM system.tables").rows}
+    created: set[str] = set()
+    for stmt in rendered.sql:
+        if stmt.startswith("-- copy-view "):
+            src, dst = stmt[len("-- copy-view "):].split(" -> ")
+            if tuple(dst.split(".")) in existing:
+                continue
+            ddl = str(backend.query(f"SHOW CREATE TABLE {src}").scalar())
+            mart = dst.split(".")[0]
+            ddl = ddl.replace(f"{src}", dst, 1).replace(f"{database}.", f"{mart}.")
+            ddl = re.sub(r"^CREATE VIEW", "CREATE VIEW IF NOT EXISTS", ddl)
+            backend.execute(ddl)
+            done.append(f"copied view {src} -> {dst}")
+            continue
+        if stmt.startswith("-- backfill-if-new "):
+            target = stmt.split("\n", 1)[0][len("-- backfill-if-new "):]
+            if target not in created:
+                continue
+            backend.execute(stmt.split("\n", 1)[1])
+            done.append(f"backfilled {target}")
+            continue
+        m = re.match(r"CREATE TABLE IF NOT EXISTS (\w+)\.(\w+) ", stmt)
+        if m and (m.group(1), m.group(2)) not in existing:
+            created.add(f"{m.group(1)}.{m.group(2)}")
+        backend.execute(stmt)
+        done.append(stmt.split(" AS SELECT")[0][:160])
+    return done
+
+
+# --- commands -----------------------------------------------------------------------------------
+access_app = typer.Typer(help="ClickHouse users, roles, column rights and regional row filters from a roles file.",
+                         no_args_is_help=True)
+RolesOpt = Annotated[Path, typer.Option("--roles", help="Roles file (TOML); `yibao access example` prints one")]
+
+
+def _prepare(roles_path: Path) -> tuple[Any, Roles, Backend, Rendered]:
+    from streams.app import make_backend
+
+    from .cli import settings_from
+
+    s = settings_from()
+    roles = load_roles(roles_path, s.ch_database)
+    backend = make_backend(s)
+    catalog = Catalog.read(backend, roles.database)
+    if not catalog.tables:
+        backend.close()
+        raise AccessError(f"database {roles.database} has no tables: run `yibao migrate` first")
+    return s, roles, backend, render(roles, catalog, backend.version())
+
+
+@access_app.command("example")
+def example_cmd() -> None:
+    """Print an example roles file."""
+    print(EXAMPLE, end="")
+
+
+@access_app.command("render")
+def render_cmd(
+    roles_path: RolesOpt,
+    out_dir: Annotated[Path | None, typer.Option("--out-dir", help="Write users.xml / access.sql here")] = None,
+) -> None:
+    """Print (or write) what `apply` would install: SQL, and on 18.16 the users.xml for users.d/."""
+    from .cli import _guard, fail
+
+    def run() -> None:
+        try:
+            _, _, backend, rendered = _prepare(roles_path)
+        except AccessError as exc:
+            fail(str(exc))
+        backend.close()
+        sql = ";\n".join(rendered.sql) + ";\n"
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "access.sql").write_text(sql, encoding="utf-8")
+            if not rendered.modern:
+                (out_dir / "yibao-access-users.xml").write_text(rendered.users_document(), encoding="utf-8")
+            return
+        print(sql, end="")
+        if not rendered.modern:
+            print(rendered.users_document(), end="")
+
+    _guard(run)
+
+
+@access_app.command("apply")
+def apply_cmd(
+    roles_path: RolesOpt,
+    users_d: Annotated[Path | None, typer.Option("--users-d", help="18.16: write the users file into this "
+                                                 "users.d/ directory (the server reloads it)")] = None,
+) -> None:
+    """Create the users, rights and (18.16) reader databases on the configured server."""
+    from .cli import _guard, console, fail
+
+    def run() -> None:
+        try:
+            _, roles, backend, rendered = _prepare(roles_path)
+        except AccessError as exc:
+            fail(str(exc))
+        try:
+            for line in apply(backend, rendered, roles.database):
+                console.print(f"  {line}")
+        finally:
+            backend.close()
+        if not rendered.modern:
+            if users_d is not None:
+                users_d.mkdir(parents=True, exist_ok=True)
+                (users_d / "yibao-access.xml").write_text(rendered.users_document(), encoding="utf-8")
+                console.print(f"wrote {users_d / 'yibao-access.xml'}")
+            else:
+                console.print("[yellow]18.16: users are defined in users.xml; pass --users-d "
+                              "/etc/clickhouse-server/users.d (or install `yibao access render` output)[/yellow]")
+
+    _guard(run)

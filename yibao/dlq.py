@@ -1,0 +1,392 @@
+"""`yibao dlq`: dead letters by reason, one dead letter in detail, and replay after a fix.
+
+Dead letters are read from the ``dead_letters`` table, not the topic: the table holds every one
+(deduplicated, and with the whole sealed payload even when it was too large for the topic), and it
+can be filtered by reason and time. The original event is sealed (AES-256-GCM, streams/privacy.py)
+because it holds clear personal identifiers; opening it needs the pseudonymization key (and, after
+a rotation, the retired keys in ``YIBAO_PSEUDO_OLD_KEYS_FILE``).
+
+``show`` prints the decoded event with personal fields masked unless ``--reveal`` is given, and a
+reveal is logged: personal data is shown deliberately or not at all. ``replay`` re-produces the
+original bytes, unsealed, to their source topic with their original key, so they go through decoding
+and validation again like any new event; an event whose id already landed is skipped (a replay run
+twice, or a dead letter of a producer's retry, must not count twice) unless ``--force``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+from zoneinfo import ZoneInfo
+
+import structlog
+import typer
+
+from sinks.base import Backend, literal
+from streams.privacy import PrivacyError, Sealer
+
+from .settings import Settings
+
+log = structlog.get_logger(__name__)
+CHINA = ZoneInfo("Asia/Shanghai")
+
+#: Fields of the input records that identify a person; masked in ``show`` without ``--reveal``.
+PERSONAL_FIELDS = frozenset(
+    {"psn_no", "psn_cert_no", "psn_name", "tel", "brdy", "rptr_name", "rptr_cert_no", "rptr_tel"}
+)
+MASK = "***"
+
+dlq_app = typer.Typer(help="Dead letters: counts by reason, one in detail, replay after a fix.",
+                      no_args_is_help=True)
+
+BackendOpt = Annotated[str | None, typer.Option("--backend", help="embedded|server [YIBAO_CH_BACKEND]")]
+DataDirOpt = Annotated[str | None, typer.Option("--data-dir", help="chDB data and local state [YIBAO_DATA_DIR]")]
+DatabaseOpt = Annotated[str | None, typer.Option("--database", help="ClickHouse database [YIBAO_CH_DATABASE]")]
+
+
+# --- reading the table --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DeadLetter:
+    """One row of ``dead_letters`` (sealed fields still sealed)."""
+
+    event_id: str
+    reason_code: str
+    reason_detail: str
+    field: str
+    source_topic: str
+    source_partition: int
+    source_offset: int
+    source_key: bytes
+    schema_id: int | None
+    event_type: str
+    payload: bytes
+    payload_digest: str
+    failed_at: dt.datetime
+
+
+_COLUMNS = ("event_id", "reason_code", "reason_detail", "field", "source_topic", "source_partition",
+            "source_offset", "source_key", "schema_id", "event_type", "payload", "payload_digest", "failed_at")
+
+
+def _as_bytes(v: Any) -> bytes:
+    # The driver returns str for a String that is valid UTF-8 and bytes otherwise; either way the
+    # original bytes come back exactly.
+    if v is None:
+        return b""
+    return v if isinstance(v, bytes) else str(v).encode("utf-8")
+
+
+def _row(r: Sequence[Any]) -> DeadLetter:
+    d = dict(zip(_COLUMNS, r, strict=True))
+    return DeadLetter(
+        event_id=str(d["event_id"]), reason_code=str(d["reason_code"]), reason_detail=str(d["reason_detail"]),
+        field=str(d["field"] or ""), source_topic=str(d["source_topic"]),
+        source_partition=int(d["source_partition"]), source_offset=int(d["source_offset"]),
+        source_key=_as_bytes(d["source_key"]), schema_id=None if d["schema_id"] is None else int(d["schema_id"]),
+        event_type=str(d["event_type"] or ""), payload=_as_bytes(d["payload"]),
+        payload_digest=str(d["payload_digest"]), failed_at=d["failed_at"],
+    )
+
+
+def reason_counts(backend: Backend) -> list[dict[str, Any]]:
+    """Dead letters per reason and source topic, most frequent first."""
+    res = backend.query(
+        f"SELECT reason_code, source_topic, uniqExact(event_id) AS n, min(failed_at), max(failed_at) "
+        f"FROM {backend.database}.dead_letters GROUP BY reason_code, source_topic ORDER BY n DESC, reason_code"
+    )
+    return [{"reason_code": str(r[0]), "source_topic": str(r[1]), "count": int(r[2]),
+             "first_failed_at": str(r[3]), "last_failed_at": str(r[4])} for r in res.rows]
+
+
+def select(backend: Backend, *, ids: Iterable[str] = (), reason: str | None = None,
+           since: dt.datetime | None = None) -> list[DeadLetter]:
+    """Dead letters matching every given filter, once each, in source order."""
+    where = ["1"]
+    id_list = [i for i in ids if i]
+    if id_list:
+        where.append(f"event_id IN ({', '.join(literal(i) for i in id_list)})")
+    if reason:
+        where.append(f"reason_code = {literal(reason)}")
+    if since is not None:
+        where.append(f"failed_at >= toDateTime({int(since.timestamp())})")
+    res = backend.query(
+        f"SELECT {', '.join(_COLUMNS)} FROM {backend.database}.dead_letters WHERE {' AND '.join(where)} "
+        "ORDER BY source_topic, source_partition, source_offset"
+    )
+    seen: set[str] = set()
+    out = []
+    for r in res.rows:
+        row = _row(r)
+        if row.event_id not in seen:
+            seen.add(row.event_id)
+            out.append(row)
+    return out
+
+
+# --- opening and showing ------------------------------------------------------------------------
+def make_sealer(s: Settings) -> Sealer:
+    """The sealer with the current key and every retired key the settings name."""
+    from streams.privacy import load_key, load_old_keys
+
+    key = load_key(s.pseudo_key.get_secret_value() if s.pseudo_key else None, s.pseudo_key_file, s.data_dir,
+                   create=False)
+    return Sealer(key, s.pseudo_key_id, load_old_keys(s.pseudo_old_keys_file))
+
+
+def mask(value: Any) -> Any:
+    """``value`` with every personal field (at any depth) replaced by a mask; None stays None."""
+    if isinstance(value, dict):
+        return {k: (MASK if k in PERSONAL_FIELDS and v is not None else mask(v)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [mask(v) for v in value]
+    return value
+
+
+def describe(dl: DeadLetter, sealer: Sealer, codec: Any, *, reveal: bool) -> dict[str, Any]:
+    """Everything about one dead letter, the original event decoded; personal data masked unless
+    ``reveal``. An undecodable payload is summarized (length) and shown in hex only on reveal."""
+    out: dict[str, Any] = {
+        "event_id": dl.event_id, "reason_code": dl.reason_code, "field": dl.field or None,
+        "reason_detail": dl.reason_detail,
+        "source": {"topic": dl.source_topic, "partition": dl.source_partition, "offset": dl.source_offset},
+        "event_type": dl.event_type or None, "schema_id": dl.schema_id, "failed_at": str(dl.failed_at),
+        "payload_digest": dl.payload_digest,
+    }
+    try:
+        raw = sealer.open(dl.payload)
+        key = sealer.open(dl.source_key) if dl.source_key else None
+    except PrivacyError as exc:
+        out["payload_error"] = f"cannot open the sealed payload: {exc}"
+        return out
+    out["payload_bytes"] = len(raw)
+    if key is not None:
+        out["key"] = key.decode("utf-8", "replace") if reveal else MASK
+    from schemas import DecodeError
+
+    try:
+        dec = codec.decode(raw)
+        event = codec.to_json(dec.record, dec.datum)
+        out["record"] = dec.record
+        out["event"] = event if reveal else mask(event)
+    except (DecodeError, ValueError, KeyError) as exc:
+        out["payload_undecodable"] = str(exc)[:300]
+        if reveal:
+            out["payload_hex"] = raw.hex()
+    out["revealed"] = reveal
+    return out
+
+
+# --- replay -------------------------------------------------------------------------------------
+@dataclass
+class ReplayReport:
+    produced: list[str] = field(default_factory=list)
+    already_landed: list[str] = field(default_factory=list)
+    unopenable: list[str] = field(default_factory=list)
+
+
+def primary_tables(s: Settings) -> dict[str, str]:
+    """Record full name -> the table holding one row per event of it (its first table)."""
+    from streams import procurement, settlement, supervision
+
+    def limits() -> Any:
+        from streams.validation import Limits
+
+        return Limits.from_settings(s.max_future_skew_s, s.min_event_year)
+
+    out: dict[str, str] = {}
+    for module in (settlement, procurement, supervision):
+        for spec in module.build(s, limits).records:
+            out[spec.record] = spec.tables[0].table
+    return out
+
+
+def landed_event_ids(backend: Backend, table: str, ids: Sequence[str]) -> set[str]:
+    if not ids:
+        return set()
+    res = backend.query(f"SELECT DISTINCT event_id FROM {backend.database}.{table} "
+                        f"WHERE event_id IN ({', '.join(literal(i) for i in ids)})")
+    return {str(r[0]) for r in res.rows}
+
+
+def plan_replay(backend: Backend, dls: Sequence[DeadLetter], sealer: Sealer, codec: Any,
+                tables: dict[str, str], *, force: bool) -> tuple[list[tuple[DeadLetter, bytes, bytes | None]],
+                                                                ReplayReport]:
+    """Open each dead letter; keep those whose event has not landed since (unless ``force``)."""
+    from schemas import DecodeError
+
+    report = ReplayReport()
+    todo: list[tuple[DeadLetter, bytes, bytes | None]] = []
+    by_table: dict[str, list[tuple[str, int]]] = {}
+    for dl in dls:
+        try:
+            raw = sealer.open(dl.payload)
+            key = sealer.open(dl.source_key) if dl.source_key else None
+        except PrivacyError:
+            report.unopenable.append(dl.event_id)
+            continue
+        todo.append((dl, raw, key))
+        if force:
+            continue
+        try:
+            dec = codec.decode(raw)
+        except DecodeError:
+            continue  # no event id to look up: only a fixed decoder can land it, at most once per replay
+        table = tables.get(dec.record)
+        eid = dec.datum.get("event_id")
+        if table and isinstance(eid, str):
+            by_table.setdefault(table, []).append((eid, len(todo) - 1))
+    drop: set[int] = set()
+    for table, pairs in by_table.items():
+        landed = landed_event_ids(backend, table, [e for e, _ in pairs])
+        drop |= {i for e, i in pairs if e in landed}
+    keep = []
+    for i, item in enumerate(todo):
+        (report.already_landed if i in drop else report.produced).append(item[0].event_id)
+        if i not in drop:
+            keep.append(item)
+    return keep, report
+
+
+async def produce_raw(s: Settings, items: Sequence[tuple[DeadLetter, bytes, bytes | None]]) -> None:
+    """Send the original bytes to their source topics and wait for every acknowledgement."""
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(**s.kafka_client_kwargs(), acks="all", linger_ms=10,
+                                max_request_size=16 * 1024 * 1024, request_timeout_ms=60_000)
+    await producer.start()
+    try:
+        futures = [await producer.send(dl.source_topic, raw, key=key) for dl, raw, key in items]
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+def parse_since(text: str) -> dt.datetime:
+    """ISO 8601 date or datetime; without an offset it is China time (the platform's clock)."""
+    try:
+        value = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not an ISO 8601 date/time, e.g. 2026-11-20T08:00") from None
+    return value if value.tzinfo else value.replace(tzinfo=CHINA)
+
+
+# --- commands -----------------------------------------------------------------------------------
+def _open(s: Settings) -> Backend:
+    from streams.app import make_backend
+
+    backend = make_backend(s)
+    exists = backend.query(f"SELECT count() FROM system.tables WHERE database = {literal(s.ch_database)} "
+                           "AND name = 'dead_letters'").scalar()
+    if not exists:
+        backend.close()
+        from .cli import fail
+
+        fail(f"no dead_letters table in {s.ch_database} on the {s.ch_backend.value} backend",
+             "run `yibao migrate` first, or pass --database/--data-dir")
+    return backend
+
+
+@dlq_app.command("list")
+def list_cmd(
+    fmt: Annotated[str, typer.Option("--format", "-f", help="table|json")] = "table",
+    backend: BackendOpt = None, data_dir: DataDirOpt = None, database: DatabaseOpt = None,
+) -> None:
+    """Dead letters by reason and source topic, with counts and first/last failure times."""
+    from .cli import _guard, console, settings_from
+
+    def run() -> None:
+        s = settings_from(backend=backend, data_dir=data_dir, database=database)
+        b = _open(s)
+        try:
+            rows = reason_counts(b)
+        finally:
+            b.close()
+        if fmt == "json":
+            for r in rows:
+                print(json.dumps(r, ensure_ascii=False))
+            return
+        from rich.table import Table
+
+        t = Table("reason", "source topic", "count", "first failed", "last failed")
+        for r in rows:
+            t.add_row(r["reason_code"], r["source_topic"], str(r["count"]), r["first_failed_at"], r["last_failed_at"])
+        console.print(t)
+        console.print(f"[dim]{sum(r['count'] for r in rows)} dead letter(s)[/dim]")
+
+    _guard(run)
+
+
+@dlq_app.command("show")
+def show_cmd(
+    event_id: Annotated[str, typer.Argument(help="Dead letter event_id (see `yibao dlq list`/the table)")],
+    reveal: Annotated[bool, typer.Option("--reveal", help="Show personal fields in clear (logged)")] = False,
+    backend: BackendOpt = None, data_dir: DataDirOpt = None, database: DatabaseOpt = None,
+) -> None:
+    """One dead letter: reason, field, detail, source position and the original event as JSON."""
+    from schemas import Codec
+
+    from .cli import _guard, fail, settings_from
+
+    def run() -> None:
+        s = settings_from(backend=backend, data_dir=data_dir, database=database)
+        sealer = make_sealer(s)
+        b = _open(s)
+        try:
+            found = select(b, ids=[event_id])
+        finally:
+            b.close()
+        if not found:
+            fail(f"no dead letter with event_id {event_id}", "list them with `yibao dlq list`")
+        if reveal:
+            log.warning("revealing personal data of a dead letter", event_id=event_id)
+        print(json.dumps(describe(found[0], sealer, Codec(), reveal=reveal), ensure_ascii=False, indent=2,
+                         default=str))
+
+    _guard(run)
+
+
+@dlq_app.command("replay")
+def replay_cmd(
+    reason: Annotated[str | None, typer.Option("--reason", help="Only dead letters with this reason_code")] = None,
+    since: Annotated[str | None, typer.Option("--since", help="Only those failed at/after this time (ISO 8601)")
+                     ] = None,
+    ids: Annotated[list[str] | None, typer.Option("--ids", help="Only these event_ids (repeat or comma-separate)")
+                   ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would be replayed, produce nothing")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replay even events whose id has landed since")] = False,
+    backend: BackendOpt = None, data_dir: DataDirOpt = None, database: DatabaseOpt = None,
+) -> None:
+    """Re-produce the original events (unsealed) to their source topics, after the cause is fixed."""
+    from schemas import Codec
+
+    from .cli import _guard, console, fail, settings_from
+
+    def run() -> None:
+        if not (reason or since or ids):
+            fail("say which dead letters to replay", "use --reason, --since and/or --ids")
+        s = settings_from(backend=backend, data_dir=data_dir, database=database)
+        sealer = make_sealer(s)
+        codec = Codec()
+        id_list = [i.strip() for x in (ids or []) for i in x.split(",") if i.strip()]
+        b = _open(s)
+        try:
+            dls = select(b, ids=id_list, reason=reason, since=parse_since(since) if since else None)
+            todo, report = plan_replay(b, dls, sealer, codec, primary_tables(s), force=force)
+        finally:
+            b.close()
+        if not dry_run and todo:
+            asyncio.run(produce_raw(s, todo))
+        verb = "would replay" if dry_run else "replayed"
+        console.print(f"{verb} {len(report.produced)} dead letter(s); skipped {len(report.already_landed)} "
+                      f"whose event has landed since; {len(report.unopenable)} could not be opened "
+                      "(key missing: see YIBAO_PSEUDO_OLD_KEYS_FILE)")
+        print(json.dumps({"replayed" if not dry_run else "would_replay": report.produced,
+                          "already_landed": report.already_landed, "unopenable": report.unopenable}))
+        if report.unopenable:
+            raise typer.Exit(1)
+
+    _guard(run)
