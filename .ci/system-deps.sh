@@ -8,6 +8,45 @@ set -euo pipefail
 
 packages=(clickhouse-server clickhouse-client)
 
+# s3rver (npm) is the local S3 server a durable Tansu broker stores its data in (Tansu's build here
+# has only memory:// and s3:// storage); the broker-restart tests need it. Pinned for repeatability.
+S3RVER_VERSION=3.7.1
+if ! command -v s3rver >/dev/null 2>&1; then
+  sudo_=()
+  [ "$(id -u)" -eq 0 ] || sudo_=(sudo)
+  if ! command -v npm >/dev/null 2>&1; then
+    "${sudo_[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q npm ||
+      { "${sudo_[@]}" apt-get update -q && "${sudo_[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q npm; }
+  fi
+  "${sudo_[@]}" npm install -g --no-fund --no-audit "s3rver@${S3RVER_VERSION}"
+  echo "system-deps: installed s3rver ${S3RVER_VERSION}"
+fi
+
+# Deployment checks and ClickHouse cluster mode: Debian's docker-compose 1.29 validates
+# deploy/compose with no Docker engine (`docker-compose config`); promtool (package prometheus)
+# checks the alert rules and the dashboards' PromQL; ZooKeeper carries the distributed DDL queue
+# that ON CLUSTER needs (ClickHouse 18.16 predates ClickHouse Keeper). The test fixtures run
+# ZooKeeper themselves; the packages' own services must not stay running.
+ops_packages=()
+command -v docker-compose >/dev/null 2>&1 || ops_packages+=(docker-compose)
+command -v promtool >/dev/null 2>&1 || ops_packages+=(prometheus)
+[ -f /usr/share/java/zookeeper.jar ] || ops_packages+=(zookeeper)
+if [ "${#ops_packages[@]}" -gt 0 ]; then
+  sudo_=()
+  [ "$(id -u)" -eq 0 ] || sudo_=(sudo)
+  ops_install() {
+    "${sudo_[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+      "${ops_packages[@]}" default-jre-headless
+  }
+  ops_install || { "${sudo_[@]}" apt-get update -q && ops_install; }
+  for service in zookeeper prometheus; do
+    if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet "$service" 2>/dev/null; then
+      "${sudo_[@]}" systemctl disable --now "$service" || true
+    fi
+  done
+  echo "system-deps: installed ${ops_packages[*]}"
+fi
+
 installed() {
   { command -v clickhouse-server >/dev/null 2>&1 || [ -x /usr/sbin/clickhouse-server ]; } &&
     command -v clickhouse-client >/dev/null 2>&1

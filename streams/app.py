@@ -12,6 +12,7 @@ import gc
 import os
 import signal
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -28,9 +29,14 @@ from yibao.settings import STREAMS, ClickHouseBackend, Settings
 
 from . import metrics, procurement, settlement, supervision
 from .base import Subsystem
-from .ingest import BatchProcessor, Ingestor
+from .ingest import BatchProcessor, GroupedProcessor, Ingestor
 from .privacy import Pseudonymizer, Sealer, load_key
-from .topics import ensure_topics
+from .rules import RULES_FILE, RuleBook, check_rule, load_knowledge, load_rules_file
+from .rules.engine import SettlementEngine
+from .rules.grouped import GroupedEngine
+from .rules.rulebook import follow_rules_topic
+from .rules.state import Store
+from .topics import RULES_TOPIC, ensure_topics
 from .validation import Limits
 
 log = structlog.get_logger(__name__)
@@ -75,6 +81,7 @@ def make_backend(settings: Settings) -> Backend:
         secure=settings.ch_secure,
         verify=settings.ch_verify,
         ca_certs=str(settings.ch_ca_certs) if settings.ch_ca_certs else None,
+        cluster=settings.ch_cluster,
     )
 
 
@@ -93,6 +100,7 @@ class IngestService(mode.Service):
         self._ingest_backends: list[Backend] = []
         self._dl_producer: AIOKafkaProducer | None = None
         self.started_at = time.time()
+        self.rulebook: RuleBook | None = None
         super().__init__(**kw)
 
     async def on_start(self) -> None:
@@ -109,7 +117,9 @@ class IngestService(mode.Service):
         self._dl_producer = AIOKafkaProducer(**s.kafka_client_kwargs(), linger_ms=20, acks="all")
         await self._dl_producer.start()
         shared: Backend | None = self._given_backend
-        for name in self.streams:
+
+        def backend_for() -> Backend:
+            nonlocal shared
             if shared is not None or s.ch_backend is ClickHouseBackend.EMBEDDED:
                 shared = shared or make_backend(s)
                 backend = shared
@@ -117,11 +127,10 @@ class IngestService(mode.Service):
                 backend = make_backend(s)
             if backend not in self._ingest_backends and backend is not self._given_backend:
                 self._ingest_backends.append(backend)
-            topic = s.topic(name)
-            processor = BatchProcessor(subsystems[name], codec, pseudo, sealer, topic, build_limits(s))
-            group = f"{s.consumer_group}.{name}"
+            return backend
 
-            def consumer_factory(group: str = group) -> AIOKafkaConsumer:
+        def consumer_factory_for(group: str) -> Callable[[], AIOKafkaConsumer]:
+            def factory() -> AIOKafkaConsumer:
                 return AIOKafkaConsumer(
                     **s.kafka_client_kwargs(),
                     group_id=group,
@@ -133,14 +142,36 @@ class IngestService(mode.Service):
                     max_partition_fetch_bytes=4 * 1024 * 1024,
                     fetch_max_bytes=32 * 1024 * 1024,
                 )
+            return factory
 
-            self.ingestors[name] = Ingestor(
-                processor, backend, self._dl_producer, consumer_factory, s.topic("deadletter"),
+        def ingestor(name: str, processor: BatchProcessor | GroupedProcessor, group: str) -> Ingestor:
+            return Ingestor(
+                processor, backend_for(), self._dl_producer, consumer_factory_for(group), s.topic("deadletter"),
                 batch_max_events=s.batch_max_events,
                 batch_max_seconds=s.batch_max_seconds,
                 retry_max_seconds=s.sink_retry_max_seconds,
                 executor=ThreadPoolExecutor(1, thread_name_prefix=f"sink-{name}"),
+                topic_of=s.topic,
+                restore_kwargs=s.kafka_client_kwargs(),
             )
+
+        self.rulebook = build_rulebook(s) if s.rules_enabled else None
+        engine = None
+        if self.rulebook is not None:
+            knowledge = load_knowledge()
+            engine = SettlementEngine(self.rulebook, knowledge, pseudo, Store("person", s.topic("changelog.person")),
+                                      s.allowed_lateness_days)
+        for name in self.streams:
+            processor = BatchProcessor(subsystems[name], codec, pseudo, sealer, s.topic(name), build_limits(s),
+                                       engine=engine if name == "settlement" else None)
+            self.ingestors[name] = ingestor(name, processor, f"{s.consumer_group}.{name}")
+        if self.rulebook is not None and "settlement" in self.streams:
+            for by in ("hospital", "drg"):
+                grouped = GroupedEngine(self.rulebook, Store(by, s.topic(f"changelog.{by}")), by)
+                proc = GroupedProcessor(grouped, s.topic(f"internal.stays-by-{by}"), codec, pseudo)
+                self.ingestors[f"rules-{by}"] = ingestor(f"rules-{by}", proc, f"{s.consumer_group}.rules-{by}")
+            self._ingest_tasks.append(asyncio.create_task(
+                follow_rules_topic(self.rulebook, s.topic(RULES_TOPIC), s.kafka_client_kwargs(), self._stop_ingest)))
         tune_gc()
         for ing in self.ingestors.values():
             self._ingest_tasks.append(asyncio.create_task(self._run(ing)))
@@ -188,6 +219,11 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 20, 20)
 
 
+def build_rulebook(settings: Settings) -> RuleBook:
+    """The seed rule base (file), to which the rules topic then applies updates."""
+    return RuleBook(load_rules_file(settings.rules_file or RULES_FILE, check_rule), check_rule)
+
+
 def build_limits(settings: Settings) -> LimitsClock:
     return LimitsClock(settings)
 
@@ -197,7 +233,7 @@ def create_app(settings: Settings, streams: tuple[str, ...] = STREAMS,
     """A Faust app hosting the ingest service, with /metrics, /healthz and /readyz pages."""
     (settings.data_dir / "faust").mkdir(parents=True, exist_ok=True)
     app = faust.App(
-        "yibao-worker",
+        f"{settings.consumer_group}-worker",  # one Faust group per deployment, not one per broker
         broker=";".join(f"kafka://{b.strip()}" for b in settings.kafka_bootstrap.split(",")),
         broker_credentials=_faust_credentials(settings),
         broker_session_timeout=settings.session_timeout_ms / 1000,

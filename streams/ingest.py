@@ -22,7 +22,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
@@ -34,13 +34,18 @@ from sinks.base import Backend, SinkError, SinkUnavailable
 from . import metrics
 from .base import ColumnPlan, Columns, Datum, Subsystem, TableMapping, compile_plan, merge_columns
 from .privacy import Pseudonymizer, Sealer
+from .rules.engine import EngineEvent, SettlementEngine
+from .rules.grouped import GroupedEngine
+from .rules.state import Store, restore, write_changelog
 from .validation import EventId, Limits, compile_checks
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 DEADLETTER_RECORD = "cn.nhsa.yibao.pipeline.DeadLetter"
+ALERT_RECORD = "cn.nhsa.yibao.pipeline.AnomalyAlert"
 DEAD_LETTER_TABLE = "dead_letters"
+ALERTS_TABLE = "alerts"
 _DL_NAMESPACE = uuid.UUID("6d1f0c36-2d0e-4f0f-9a53-8c1f5b0e7a11")
 
 
@@ -71,6 +76,8 @@ class Outcome:
     skipped_rows: Counter[str] = field(default_factory=Counter)
     events: int = 0
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    alerts: list[Datum] = field(default_factory=list)
+    emits: list[tuple[str, bytes, bytes]] = field(default_factory=list)  # stream, key, value
 
     def rows(self, table: str) -> int:
         cols = self.tables.get(table)
@@ -105,8 +112,12 @@ class BatchProcessor:
         sealer: Sealer,
         topic: str,
         limits: Callable[[], Limits],
+        engine: SettlementEngine | None = None,
     ) -> None:
         self.subsystem = subsystem
+        self.engine = engine
+        self.stores: list[Store] = [engine.person] if engine is not None else []
+        self.tables = [*subsystem.tables(), DEAD_LETTER_TABLE, *([ALERTS_TABLE] if engine else [])]
         self.codec = codec
         self.pseudonymizer = pseudonymizer
         self.sealer = sealer
@@ -121,6 +132,15 @@ class BatchProcessor:
             for s in subsystem.records
         }
         self._dl_plan = compile_plan(TableMapping(DEAD_LETTER_TABLE), codec.record_schema(DEADLETTER_RECORD))
+        self._alert_plan = alert_plan(codec)
+
+    def restored(self, partition: int) -> None:
+        if self.engine is not None:
+            self.engine.restored(partition)
+
+    def forget(self, partitions: Sequence[int]) -> None:
+        if self.engine is not None:
+            self.engine.forget(partitions)
 
     def process(self, msgs: Sequence[Message], already: AlreadyLanded | None = None) -> Outcome:
         out = Outcome(events=len(msgs))
@@ -128,6 +148,7 @@ class BatchProcessor:
         decode = self.codec.decode
         subject = self.subsystem.name
         valid: dict[str, tuple[list[Datum], list[int], list[int]]] = {}
+        ordered: list[EngineEvent] | None = [] if self.engine is not None else None
         failed: list[tuple[Message, str, str, str | None, int | None, str | None]] = []
         t_decode = 0.0
         t_validate = 0.0
@@ -160,6 +181,8 @@ class BatchProcessor:
             bucket[0].append(dec.datum)
             bucket[1].append(m.partition)
             bucket[2].append(m.offset)
+            if ordered is not None:
+                ordered.append(EngineEvent(spec.short_name, dec.datum, m.partition, m.offset))
         t1 = time.perf_counter()
         for record, (data, parts, offs) in valid.items():
             for plan in self._plans[record]:
@@ -171,11 +194,17 @@ class BatchProcessor:
         t2 = time.perf_counter()
         if failed:
             self._dead_letters(failed, already, out)
+        t3 = time.perf_counter()
+        if ordered and self.engine is not None:
+            res = self.engine.process(ordered)
+            add_alerts(out, res.alerts, already, self._alert_plan, self.pseudonymizer)
+            out.emits.extend(res.emits)
         out.stage_seconds = {
             "decode": t_decode,
             "validate": t_validate,
             "rows": t2 - t1,
-            "other": max(0.0, (t1 - t0) - t_decode - t_validate) + (time.perf_counter() - t2),
+            "rules": time.perf_counter() - t3,
+            "other": max(0.0, (t1 - t0) - t_decode - t_validate) + (t3 - t2),
         }
         return out
 
@@ -214,9 +243,85 @@ class BatchProcessor:
             parts.append(m.partition)
             offs.append(m.offset)
             out.dead_keys.append(f"{self.topic}/{m.partition}".encode())
-        out.dead.extend(data)
         if data:
             merge_columns(out.tables, DEAD_LETTER_TABLE, self._dl_plan.build(data, parts, offs, self.pseudonymizer))
+        out.dead.extend(fit_for_topic(d) for d in data)
+
+
+#: Sealed bytes a dead letter may carry on the topic. Kafka refuses messages over ~1 MB by default
+#: (producer max_request_size, broker message.max.bytes); an oversized input event sealed whole
+#: would make its dead letter unsendable, the batch would fail on every restart, and the worker
+#: would be stuck on it for ever. The table keeps every byte, which is what `yibao dlq` reads.
+DEAD_LETTER_TOPIC_MAX_SEALED = 900_000
+
+
+def fit_for_topic(datum: Datum) -> Datum:
+    """The topic copy of a dead letter: sealed payload and key dropped when too large to send."""
+    big = [f for f in ("payload", "source_key")
+           if datum.get(f) is not None and len(datum[f]) > DEAD_LETTER_TOPIC_MAX_SEALED]
+    if not big:
+        return datum
+    return {**datum, **{f: (b"" if f == "payload" else None) for f in big},
+            "reason_detail": f"{datum['reason_detail']} [sealed {' and '.join(big)} too large for the topic: "
+                             f"kept in the dead_letters table only]"}
+
+
+def alert_plan(codec: Codec) -> ColumnPlan:
+    """Alert rows: the evidence map becomes two parallel arrays (keys sorted)."""
+
+    def keys(ds: Sequence[Datum], ctx: object) -> list[object]:
+        return [sorted(d["evidence"]) for d in ds]
+
+    def values(ds: Sequence[Datum], ctx: object) -> list[object]:
+        return [[d["evidence"][k] for k in sorted(d["evidence"])] for d in ds]
+
+    return compile_plan(TableMapping(ALERTS_TABLE, overrides={"evidence_keys": keys, "evidence_values": values}),
+                        codec.record_schema(ALERT_RECORD))
+
+
+def add_alerts(out: Outcome, alerts: Sequence[tuple[Datum, int, int]], already: AlreadyLanded | None,
+               plan: ColumnPlan, pseudonymizer: Pseudonymizer) -> None:
+    """Alerts not already landed go to the alerts topic and the alerts table (by triggering position)."""
+    data: list[Datum] = []
+    parts: list[int] = []
+    offs: list[int] = []
+    for datum, p, o in alerts:
+        if already is not None and already(ALERTS_TABLE, p, o, datum["event_id"]):
+            out.skipped_rows[ALERTS_TABLE] += 1
+            continue
+        data.append(datum)
+        parts.append(p)
+        offs.append(o)
+    if data:
+        out.alerts.extend(data)
+        merge_columns(out.tables, ALERTS_TABLE, plan.build(data, parts, offs, pseudonymizer))
+
+
+class GroupedProcessor:
+    """The hospital-month / DRG-group rules on a re-keyed stay stream (JSON, internal)."""
+
+    def __init__(self, engine: GroupedEngine, topic: str, codec: Codec, pseudonymizer: Pseudonymizer) -> None:
+        self.engine = engine
+        self.topic = topic
+        self.codec = codec
+        self.pseudonymizer = pseudonymizer
+        self.stores = [engine.store]
+        self.tables = [ALERTS_TABLE]
+        self._alert_plan = alert_plan(codec)
+
+    def restored(self, partition: int) -> None:
+        self.engine.restored(partition)
+
+    def forget(self, partitions: Sequence[int]) -> None:
+        self.engine.forget(partitions)
+
+    def process(self, msgs: Sequence[Message], already: AlreadyLanded | None = None) -> Outcome:
+        out = Outcome(events=len(msgs))
+        t0 = time.perf_counter()
+        res = self.engine.process([(m.key, m.value, m.partition, m.offset) for m in msgs])
+        add_alerts(out, res.alerts, already, self._alert_plan, self.pseudonymizer)
+        out.stage_seconds = {"rules": time.perf_counter() - t0}
+        return out
 
 
 def _without_landed(
@@ -285,7 +390,8 @@ def existing_rows(backend: Backend, table: str, partition: int, from_offset: int
         where += " AND source_topic = '" + topic.replace("\\", "\\\\").replace("'", "\\'") + "'"
     ident = identity_column(table)
     res = backend.query(
-        f"SELECT DISTINCT src_offset, {ident} FROM {backend.database}.{table} WHERE {where}"
+        # read_table: in ClickHouse cluster mode, the Distributed table over every shard
+        f"SELECT DISTINCT src_offset, {ident} FROM {backend.read_table(table)} WHERE {where}"
     )
     out: dict[int, set[str]] = {}
     for off, idv in res.rows:
@@ -293,12 +399,40 @@ def existing_rows(backend: Backend, table: str, partition: int, from_offset: int
     return out
 
 
+def without_existing(backend: Backend, table: str, cols: Columns, topic: str) -> Columns:
+    """``cols`` minus the rows ``table`` already holds, by (src_partition, src_offset, identity).
+
+    Used before re-sending an insert whose outcome is unknown (see ``Ingestor._insert_once``).
+    Dead letters of several source topics share one table, so their lookup names the topic.
+    """
+    parts, offs = cols["src_partition"], cols["src_offset"]
+    idents = cols[identity_column(table)]
+    first: dict[int, int] = {}
+    for p, o in zip(parts, offs, strict=True):
+        if o < first.get(p, o + 1):
+            first[p] = o
+    held = {
+        (p, o, ident)
+        for p, start in first.items()
+        for o, ids in existing_rows(backend, table, p, start,
+                                    topic if table == DEAD_LETTER_TABLE else None).items()
+        for ident in ids
+    }
+    if not held:
+        return cols
+    keep = [i for i, key in enumerate(zip(parts, offs, idents, strict=True))
+            if (key[0], key[1], str(key[2])) not in held]
+    log.warning("an insert of unknown outcome had landed; re-sending only the missing rows",
+                table=table, landed=len(parts) - len(keep), missing=len(keep))
+    return {name: [values[i] for i in keep] for name, values in cols.items()}
+
+
 class Ingestor(ConsumerRebalanceListener):  # type: ignore[misc]
     """Consumes one subsystem topic in batches and makes each batch durable before committing."""
 
     def __init__(
         self,
-        processor: BatchProcessor,
+        processor: BatchProcessor | GroupedProcessor,
         backend: Backend,
         producer: AIOKafkaProducer,
         consumer_factory: Callable[[], AIOKafkaConsumer],
@@ -308,8 +442,12 @@ class Ingestor(ConsumerRebalanceListener):  # type: ignore[misc]
         batch_max_seconds: float,
         retry_max_seconds: float,
         executor: ThreadPoolExecutor | None = None,
+        topic_of: Callable[[str], str] = lambda stream: stream,
+        restore_kwargs: dict[str, Any] | None = None,
     ) -> None:
         self.p = processor
+        self.topic_of = topic_of
+        self.restore_kwargs = restore_kwargs or {}
         self.topic = processor.topic
         self.backend = backend
         self.producer = producer
@@ -324,7 +462,7 @@ class Ingestor(ConsumerRebalanceListener):  # type: ignore[misc]
         self._pending: list[Message] = []
         self._pending_since = 0.0
         self._needs_check: set[int] = set()
-        self._tables = [*processor.subsystem.tables(), DEAD_LETTER_TABLE]
+        self._tables = list(processor.tables)
         self.ready = asyncio.Event()
         self.stats: Counter[str] = Counter()
         self.last_flush_at = 0.0
@@ -333,12 +471,17 @@ class Ingestor(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
         if self._pending:
             await self.flush()
+        self.p.forget([tp.partition for tp in revoked if tp.topic == self.topic])
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         parts = [tp.partition for tp in assigned if tp.topic == self.topic]
         self._needs_check = set(parts)
         for p in parts:
             self.landed_index.forget(p)
+        for store in self.p.stores:
+            await restore(store, parts, self.producer, self.restore_kwargs)
+        for p in parts:
+            self.p.restored(p)
         metrics.ASSIGNED_PARTITIONS.labels(self.topic).set(len(parts))
         self.ready.set()
 
@@ -381,10 +524,11 @@ class Ingestor(ConsumerRebalanceListener):  # type: ignore[misc]
         already = self.landed_index if self.landed_index.active() else None
         out = self.p.process(batch, already)
         t0 = time.perf_counter()
-        if out.dead:
-            await self._produce_dead_letters(out)
+        await self._produce(out)
         await self._write(out)
         metrics.SINK_SECONDS.labels(self.topic).observe(time.perf_counter() - t0)
+        if self.p.stores:
+            await write_changelog(self.producer, self.p.stores)
         await self._commit(batch)
         self._account(batch, out)
 
@@ -409,20 +553,46 @@ class Ingestor(ConsumerRebalanceListener):  # type: ignore[misc]
                             topic=self.topic, partition=partition,
                             rows={t: len(s) for t, s in per_table.items() if s})
 
-    async def _produce_dead_letters(self, out: Outcome) -> None:
+    async def _produce(self, out: Outcome) -> None:
+        """Dead letters, alerts and re-keyed records, acknowledged before any row is written."""
         encode = self.p.codec.encode
-        futures = [
-            await self.producer.send(self.dl_topic, encode(DEADLETTER_RECORD, d), key=k)
-            for d, k in zip(out.dead, out.dead_keys, strict=True)
-        ]
-        await asyncio.gather(*futures)
+        send = self.producer.send
+        futures = [await send(self.dl_topic, encode(DEADLETTER_RECORD, d), key=k)
+                   for d, k in zip(out.dead, out.dead_keys, strict=True)]
+        alerts_topic = self.topic_of("alerts")
+        for a in out.alerts:
+            key = (a["fixmedins_code"] or a["psn_token"] or a["alert_id"]).encode()
+            futures.append(await send(alerts_topic, encode(ALERT_RECORD, a), key=key))
+        for stream, key, value in out.emits:
+            futures.append(await send(self.topic_of(stream), value, key=key))
+        if futures:
+            await asyncio.gather(*futures)
 
     async def _write(self, out: Outcome) -> None:
         for table, cols in out.tables.items():
             n = len(next(iter(cols.values())))
-            await self._with_retry(functools.partial(self.backend.insert, table, cols))
+            await self._with_retry(self._insert_once(table, cols))
             metrics.ROWS_WRITTEN.labels(table).inc(n)
         metrics.SINK_UP.set(1)
+
+    def _insert_once(self, table: str, cols: Columns) -> Callable[[], None]:
+        """The blocking insert of one table's rows, safe to repeat after ``SinkUnavailable``.
+
+        An insert that failed as "unavailable" may still have been written: the server can commit
+        the part and lose the connection before answering (a server stopped mid-insert does exactly
+        that). Re-sending the same rows blindly would land them twice, so every attempt after the
+        first asks the table which of these rows it already holds and sends only the others.
+        """
+        attempted = False
+
+        def call() -> None:
+            nonlocal attempted
+            todo = without_existing(self.backend, table, cols, self.topic) if attempted else cols
+            attempted = True
+            if any(todo.values()):  # all columns are equally long: any non-empty means rows left
+                self.backend.insert(table, todo)
+
+        return call
 
     async def _with_retry(self, call: Callable[[], T]) -> T:
         """Run a blocking sink call in the sink thread; while ClickHouse is unreachable, back off,
@@ -486,6 +656,11 @@ class Ingestor(ConsumerRebalanceListener):  # type: ignore[misc]
             metrics.DUPLICATES_SKIPPED.labels(table).inc(n)
         for stage, s in out.stage_seconds.items():
             metrics.STAGE_SECONDS.labels(self.topic, stage).inc(s)
+        for a in out.alerts:
+            if a["status"] == "FIRED":
+                metrics.ALERTS.labels(a["rule_id"], a["severity"]).inc()
+        for store in self.p.stores:
+            metrics.WINDOW_STATE_KEYS.labels(store.name).set(store.keys())
         self.stats["events"] += len(batch)
         self.stats["dead_letters"] += sum(out.reasons.values())
         self.stats["batches"] += 1

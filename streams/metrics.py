@@ -41,3 +41,15 @@ ASSIGNED_PARTITIONS = Gauge(
 STAGE_SECONDS = Counter(
     "yibao_stage_seconds_total", "CPU-side time per pipeline stage", ["topic", "stage"], registry=REGISTRY
 )
+
+# --- rule engine (incremented by streams/rules; declared here so dashboards and alerting rules
+# can rely on the names before the first rule fires) --------------------------------------------
+ALERTS = Counter(
+    "yibao_alerts_total", "Anomaly alerts emitted, by rule and severity", ["rule_id", "severity"], registry=REGISTRY
+)
+WINDOW_STATE_KEYS = Gauge(
+    "yibao_window_state_keys",
+    "Keys held in a windowed rule state store (memory grows with it; watch it against the pod limit)",
+    ["store"],
+    registry=REGISTRY,
+)

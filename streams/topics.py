@@ -6,7 +6,10 @@
 | ``procurement`` | fixmedins_code | contracts, orders, deliveries, inventory movements, payments |
 | ``supervision`` | fixmedins_code (region if none) | inspections, tips, penalties, recoveries, fund income |
 | ``deadletter`` | ``<source topic>/<partition>`` | DeadLetter (sealed original bytes + reason) |
-| ``alerts`` | alert subject | AnomalyAlert |
+| ``alerts`` | institution (or person token) | AnomalyAlert |
+| ``internal.stays-by-hospital`` / ``-by-drg`` | fixmedins_code / drg_code | inpatient stays re-keyed (JSON) |
+| ``changelog.person`` / ``.hospital`` / ``.drg`` | state key | detector state (compacted, JSON) |
+| ``rules`` | rule id | the rule base (compacted, one partition, JSON) |
 """
 
 from __future__ import annotations
@@ -18,11 +21,23 @@ from aiokafka.errors import TopicAlreadyExistsError
 
 from yibao.settings import STREAMS, Settings
 
-PIPELINE_TOPICS = ("deadletter", "alerts")
+PIPELINE_TOPICS = ("deadletter", "alerts", "internal.stays-by-hospital", "internal.stays-by-drg")
+#: compacted: state changelogs (one partition per source partition) and the rule base
+COMPACTED_TOPICS = ("changelog.person", "changelog.hospital", "changelog.drg")
+RULES_TOPIC = "rules"
 
 
 def all_topics(settings: Settings) -> list[str]:
-    return [settings.topic(s) for s in (*STREAMS, *PIPELINE_TOPICS)]
+    return [settings.topic(s) for s in (*STREAMS, *PIPELINE_TOPICS, *COMPACTED_TOPICS, RULES_TOPIC)]
+
+
+def _spec(settings: Settings, name: str) -> NewTopic:
+    compact = {"cleanup.policy": "compact"}
+    if name == settings.topic(RULES_TOPIC):
+        return NewTopic(name, 1, settings.topic_replication, topic_configs=compact)
+    if any(name == settings.topic(c) for c in COMPACTED_TOPICS):
+        return NewTopic(name, settings.topic_partitions, settings.topic_replication, topic_configs=compact)
+    return NewTopic(name, settings.topic_partitions, settings.topic_replication)
 
 
 async def ensure_topics(settings: Settings, timeout_s: float = 30) -> list[str]:
@@ -35,9 +50,7 @@ async def ensure_topics(settings: Settings, timeout_s: float = 30) -> list[str]:
         created = []
         for name in wanted:
             try:
-                await admin.create_topics(
-                    [NewTopic(name, settings.topic_partitions, settings.topic_replication)]
-                )
+                await admin.create_topics([_spec(settings, name)])
                 created.append(name)
             except TopicAlreadyExistsError:
                 pass

@@ -60,20 +60,29 @@ def _settlements(n: int, seed: int, mean_lines: float) -> tuple[list[OutEvent], 
 
 
 def stage_costs(settings: Settings, frames: list[OutEvent], backend: Any) -> dict[str, float]:
-    """µs per settlement for each in-process stage, on one batch."""
-    from streams.app import LimitsClock, build_subsystems, tune_gc
+    """µs per settlement for each in-process stage, on one batch (rules included)."""
+    from streams.app import LimitsClock, build_rulebook, build_subsystems, tune_gc
     from streams.ingest import BatchProcessor, Message
     from streams.privacy import Pseudonymizer, Sealer
+    from streams.rules import load_knowledge
+    from streams.rules.engine import SettlementEngine
+    from streams.rules.state import Store
 
     key = b"k" * 32
-    proc = BatchProcessor(build_subsystems(settings)["settlement"], Codec(), Pseudonymizer(key, "k1"),
-                          Sealer(key, "k1"), settings.topic("settlement"), LimitsClock(settings))
+    pseudo = Pseudonymizer(key, "k1")
+    engine = SettlementEngine(build_rulebook(settings), load_knowledge(), pseudo, Store("person", "bench"))
+    proc = BatchProcessor(build_subsystems(settings)["settlement"], Codec(), pseudo, Sealer(key, "k1"),
+                          settings.topic("settlement"), LimitsClock(settings), engine=engine)
     msgs = [Message(0, i, f.key.encode(), f.value) for i, f in enumerate(frames)]
     tune_gc()
     proc.process(msgs)  # warm-up: memoized code checks and tokens, as in a running worker
+    engine.forget([0])
     out = proc.process(msgs)
     n = len(msgs)
     costs = {f"{k}_us": v / n * 1e6 for k, v in out.stage_seconds.items()}
+    t0 = time.perf_counter()
+    engine.person.drain()
+    costs["state_us"] = (time.perf_counter() - t0) / n * 1e6
     t0 = time.perf_counter()
     for table, cols in out.tables.items():
         backend.insert(table, cols)
@@ -82,9 +91,77 @@ def stage_costs(settings: Settings, frames: list[OutEvent], backend: Any) -> dic
     return costs
 
 
+def _pass(label: str, rules: bool, base: Settings, frames: list[OutEvent], total_lines: int, processes: int,
+          work: Path) -> dict[str, Any]:
+    """Produce ``frames`` to fresh topics, start the workers, time the landing (steady state)."""
+    from sinks.migrate import migrate
+    from streams.app import make_backend
+    from streams.topics import ensure_topics
+
+    s = base.model_copy(update={"topic_prefix": f"bench-{label}.", "ch_database": f"bench_{label}",
+                                "rules_enabled": rules})
+    backend = make_backend(s)
+    migrate(backend)
+    asyncio.run(ensure_topics(s))
+    t0 = time.perf_counter()
+    asyncio.run(produce(s, frames, Codec()))
+    produce_s = time.perf_counter() - t0
+    n = len(frames)
+    env = dict(os.environ, YIBAO_KAFKA_BOOTSTRAP=s.kafka_bootstrap, YIBAO_CH_BACKEND="server",
+               YIBAO_CH_HOST=s.ch_host, YIBAO_CH_PORT=str(s.ch_port), YIBAO_CH_DATABASE=s.ch_database,
+               YIBAO_TOPIC_PREFIX=s.topic_prefix, YIBAO_TOPIC_PARTITIONS=str(s.topic_partitions),
+               YIBAO_RULES_ENABLED=str(rules).lower(), YIBAO_DATA_DIR=str(s.data_dir), YIBAO_WEB_PORT="0",
+               YIBAO_BATCH_MAX_EVENTS=str(s.batch_max_events), YIBAO_PSEUDO_KEY="00" * 32,
+               YIBAO_LOG_LEVEL="WARNING")
+    procs: list[subprocess.Popen[bytes]] = []
+    log_path = work / f"workers-{label}.log"
+    log = log_path.open("ab")
+    t_start = time.perf_counter()
+    try:
+        for _ in range(processes):
+            procs.append(subprocess.Popen([sys.executable, "-m", "yibao.cli", "worker", "--no-migrate"],
+                                          env=env, stdout=log, stderr=subprocess.STDOUT))
+        t_first = t_done = None
+        first_count = 0
+        deadline = time.perf_counter() + max(120.0, n / 200)
+        db = s.ch_database
+        while time.perf_counter() < deadline:
+            if any(p.poll() is not None for p in procs):
+                raise RuntimeError(f"a worker process exited:\n{log_path.read_text(errors='replace')[-3000:]}")
+            c = int(backend.query(f"SELECT count() FROM {db}.settlements").rows[0][0])
+            now = time.perf_counter()
+            if c and t_first is None:
+                t_first, first_count = now, c
+            if c >= n and int(backend.query(f"SELECT count() FROM {db}.fee_details").rows[0][0]) >= total_lines:
+                t_done = now
+                break
+            time.sleep(0.1)
+        if t_first is None or t_done is None:
+            raise RuntimeError("the workers did not land every settlement before the deadline:\n"
+                               f"{log_path.read_text(errors='replace')[-3000:]}")
+        steady = (n - first_count) / max(1e-9, t_done - t_first)
+        lines = int(backend.query(f"SELECT count() FROM {db}.fee_details").rows[0][0])
+        return {
+            "settlements_per_s": round(steady, 1),
+            "rows_per_s": round(steady * (1 + lines / n), 1),
+            "fee_lines_per_settlement": round(lines / n, 2),
+            "wall_including_startup_s": round(t_done - t_start, 2),
+            "produce_per_s": round(n / produce_s, 1),
+        }
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        backend.close()
+
+
 def run_bench(events: int, processes: int, console: Console, seed: int = 7,
               mean_lines: float = 10.0) -> dict[str, Any]:
-    from sinks.migrate import migrate
+    """Ingest-only and all-rules passes over the same settlements, in one run (compare the ratio)."""
     from streams.app import make_backend
 
     from .localinfra import ClickHouseServer, TansuBroker
@@ -94,72 +171,36 @@ def run_bench(events: int, processes: int, console: Console, seed: int = 7,
     ch = ClickHouseServer(workdir=work / "clickhouse")
     broker.start()
     ch.start()
-    procs: list[subprocess.Popen[bytes]] = []
     try:
         s = load_settings(
             kafka_bootstrap=broker.bootstrap, ch_backend="server", ch_host=ch.host, ch_port=ch.tcp_port,
             ch_database="bench", data_dir=work / "data", web_port=0, batch_max_events=10_000,
             batch_max_seconds=1.0, topic_partitions=max(4, processes * 2),
         )
-        backend = make_backend(s)
-        migrate(backend)
         console.print(f"[bold]yibao bench[/bold]: {events:,} settlements, {processes} worker process(es), "
                       f"ClickHouse {ch.version}, Tansu at {broker.bootstrap}")
         t0 = time.perf_counter()
         frames, total_lines = _settlements(events, seed, mean_lines)
         gen_s = time.perf_counter() - t0
-        costs = stage_costs(s, frames[: min(5000, len(frames))], backend)
-        backend.execute(f"DROP DATABASE {s.ch_database}")
+        from sinks.migrate import migrate
+
+        backend = make_backend(s)
         migrate(backend)
-
-        from streams.topics import ensure_topics
-
-        asyncio.run(ensure_topics(s))
-        t0 = time.perf_counter()
-        asyncio.run(produce(s, frames, Codec()))
-        produce_s = time.perf_counter() - t0
-        n = len(frames)
-
-        env = dict(os.environ, YIBAO_KAFKA_BOOTSTRAP=s.kafka_bootstrap, YIBAO_CH_BACKEND="server",
-                   YIBAO_CH_HOST=s.ch_host, YIBAO_CH_PORT=str(s.ch_port), YIBAO_CH_DATABASE=s.ch_database,
-                   YIBAO_DATA_DIR=str(s.data_dir), YIBAO_WEB_PORT="0", YIBAO_BATCH_MAX_EVENTS="10000",
-                   YIBAO_PSEUDO_KEY="00" * 32, YIBAO_LOG_LEVEL="WARNING")
-        t_start = time.perf_counter()
-        log = (work / "workers.log").open("ab")
-        for _ in range(processes):
-            procs.append(subprocess.Popen([sys.executable, "-m", "yibao.cli", "worker", "--no-migrate"],
-                                          env=env, stdout=log, stderr=subprocess.STDOUT))
-        t_first = t_done = None
-        deadline = time.perf_counter() + max(120.0, n / 200)
-        while time.perf_counter() < deadline:
-            if any(p.poll() is not None for p in procs):
-                tail = (work / "workers.log").read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"a worker process exited:\n{tail}")
-            c = int(backend.query(f"SELECT count() FROM {s.ch_database}.settlements").rows[0][0])
-            now = time.perf_counter()
-            if c and t_first is None:
-                t_first = now
-                first_count = c
-            if c >= n and int(backend.query(
-                f"SELECT count() FROM {s.ch_database}.fee_details").rows[0][0]) >= total_lines:
-                t_done = now
-                break
-            time.sleep(0.1)
-        if t_first is None or t_done is None:
-            tail = (work / "workers.log").read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"the workers did not land every settlement before the deadline:\n{tail}")
-        steady = (n - first_count) / max(1e-9, t_done - t_first)
-        lines = int(backend.query(f"SELECT count() FROM {s.ch_database}.fee_details").rows[0][0])
+        costs = stage_costs(s, frames[: min(5000, len(frames))], backend)
         backend.close()
+        ingest = _pass("ingest", False, s, frames, total_lines, processes, work)
+        rules = _pass("rules", True, s, frames, total_lines, processes, work)
         figures: dict[str, Any] = {
-            "settlements": n,
-            "fee_lines": lines,
+            "settlements": len(frames),
+            "fee_lines_per_settlement": ingest["fee_lines_per_settlement"],
             "worker_processes": processes,
-            "settlements_per_s": round(steady, 1),
-            "rows_per_s": round(steady * (1 + lines / n), 1),
-            "wall_including_startup_s": round(t_done - t_start, 2),
+            "settlements_per_s": ingest["settlements_per_s"],
+            "rows_per_s": ingest["rows_per_s"],
+            "settlements_per_s_all_rules": rules["settlements_per_s"],
+            "rules_to_ingest_ratio": round(rules["settlements_per_s"] / max(1e-9, ingest["settlements_per_s"]), 3),
+            "wall_including_startup_s": ingest["wall_including_startup_s"],
             "generate_encode_s": round(gen_s, 2),
-            "produce_per_s": round(n / produce_s, 1),
+            "produce_per_s": ingest["produce_per_s"],
             "stage_us_per_settlement": {k: round(v, 1) for k, v in costs.items()},
             "clickhouse_version": ch.version,
             "cpus": os.cpu_count(),
@@ -167,22 +208,17 @@ def run_bench(events: int, processes: int, console: Console, seed: int = 7,
         _print(console, figures)
         return figures
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
         ch.stop()
         broker.stop()
 
 
 def _print(console: Console, f: dict[str, Any]) -> None:
     t = Table("figure", "value", title="end to end (broker → worker → ClickHouse server)")
-    t.add_row("settlements/s (steady state)", f"[bold]{f['settlements_per_s']:,}[/bold]")
+    t.add_row("settlements/s, ingest only (steady state)", f"[bold]{f['settlements_per_s']:,}[/bold]")
+    t.add_row("settlements/s, all rules on", f"[bold]{f['settlements_per_s_all_rules']:,}[/bold]")
+    t.add_row("all rules ÷ ingest only", f"{f['rules_to_ingest_ratio']:.2f}")
     t.add_row("rows/s (settlements + fee lines)", f"{f['rows_per_s']:,}")
-    t.add_row("fee lines per settlement", f"{f['fee_lines'] / f['settlements']:.1f}")
+    t.add_row("fee lines per settlement", f"{f['fee_lines_per_settlement']:.1f}")
     t.add_row("worker processes / CPUs", f"{f['worker_processes']} / {f['cpus']}")
     t.add_row("wall time incl. start-up", f"{f['wall_including_startup_s']} s")
     t.add_row("producer rate (msg/s)", f"{f['produce_per_s']:,}")

@@ -19,6 +19,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .access import access_app
+from .dlq import dlq_app
+from .rules_cli import alerts_command, rules_app
 from .settings import Settings, SettingsError, load_settings
 
 app = typer.Typer(
@@ -34,6 +37,10 @@ schemas_app = typer.Typer(
 config_app = typer.Typer(help="Show the effective settings (secrets redacted).", no_args_is_help=True)
 app.add_typer(schemas_app, name="schemas")
 app.add_typer(config_app, name="config")
+app.add_typer(rules_app, name="rules")
+app.add_typer(dlq_app, name="dlq")
+app.add_typer(access_app, name="access")
+app.command("alerts")(alerts_command)
 
 console = Console()
 err = Console(stderr=True)
@@ -88,6 +95,7 @@ def _guard(fn: Callable[[], T]) -> T:
     from schemas import RegistryError
     from sinks.base import SinkError, SinkUnavailable
     from streams.privacy import PrivacyError
+    from streams.rules import KnowledgeError, RuleError
 
     try:
         return fn()
@@ -100,7 +108,7 @@ def _guard(fn: Callable[[], T]) -> T:
     except SinkUnavailable as exc:
         err.print(f"[red]error:[/red] ClickHouse is unreachable: {exc}")
         err.print("[dim]hint: check YIBAO_CH_HOST/YIBAO_CH_PORT, or use --backend embedded[/dim]")
-    except (SinkError, RegistryError, PrivacyError) as exc:
+    except (SinkError, RegistryError, PrivacyError, RuleError, KnowledgeError) as exc:
         err.print(f"[red]error:[/red] {exc}")
     except KeyboardInterrupt:
         err.print("interrupted")
@@ -169,24 +177,110 @@ def simulate(
     days: Annotated[int, typer.Option(help="Days of traffic to generate")] = 7,
     out: Annotated[Path | None, typer.Option("--out", help="Write JSON lines here instead of to Kafka")] = None,
     bootstrap: Bootstrap = None,
+    plant: Annotated[str | None, typer.Option(
+        "--plant", help="Plant anomalies for these rules: all, or rule ids separated by commas")] = None,
+    plant_rate: Annotated[float, typer.Option(
+        "--plant-rate", help="Probability that an eligible settlement gets a planted anomaly")] = 0.002,
+    truth: Annotated[Path | None, typer.Option(
+        "--truth", help="Write the planted anomalies (ground truth, JSON lines) here")] = None,
 ) -> None:
     """Generate realistic synthetic traffic for all three subsystems (to Kafka or a JSONL file)."""
 
     def run() -> None:
         from schemas import Codec
 
+        from .anomalies import PlantError, Planting
         from .simulate import SimConfig, TrafficGenerator, write_jsonl
 
+        planting = None
+        if plant is not None:
+            if truth is None:
+                fail("--plant needs --truth FILE", "the ground truth is what `yibao evaluate` compares alerts with")
+            try:
+                planting = Planting(plant, rate=plant_rate)
+            except PlantError as exc:
+                fail(str(exc))
+        elif truth is not None:
+            fail("--truth needs --plant", "e.g. --plant all --plant-rate 0.002")
         codec = Codec()
-        gen = TrafficGenerator(SimConfig(seed=seed, settlements=events, days=days))
+        config = SimConfig(seed=seed, settlements=events, days=days)
+        gen = planting.generator(config) if planting is not None else TrafficGenerator(config)
         if out is not None:
             with _progress("generating") as bar:
                 n = write_jsonl(_tick(gen.events(), bar), out, codec)
             console.print(f"wrote {n} events to {out}")
+        else:
+            s = settings_from(bootstrap=bootstrap)
+            stats = _produce_with_progress(s, gen.events(), codec, "producing")
+            _print_counts("produced", stats.by_record)
+        if planting is not None and truth is not None:
+            n = planting.write_truth(truth)
+            gone = sum(1 for a in planting.truth() if a["reversed"])
+            console.print(f"planted {n} anomalies ({gone} later reversed by the base traffic); ground truth in {truth}")
+
+    _guard(run)
+
+
+# --- evaluate -----------------------------------------------------------------------------------
+@app.command()
+def evaluate(
+    truth: Annotated[Path, typer.Option("--truth", help="Ground truth from `yibao simulate --plant ... --truth`")],
+    alerts_file: Annotated[Path | None, typer.Option(
+        "--alerts", help="Alerts as JSON lines instead of the ClickHouse alerts table")] = None,
+    events_file: Annotated[Path | None, typer.Option(
+        "--events", help="Run the rules in process on these events (JSON lines, e.g. from `simulate --out`)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table")] = False,
+    backend: BackendOpt = None,
+    data_dir: DataDir = None,
+    ch_host: ChHost = None,
+    ch_port: ChPort = None,
+    database: Database = None,
+) -> None:
+    """Precision and recall of the rules per rule: alerts against planted anomalies."""
+
+    def run() -> None:
+        from .anomalies import read_truth
+        from .evaluate import alerts_from_backend, compare, read_alerts, report_table, rule_ids, upcoding_rules
+
+        s = settings_from(backend=backend, data_dir=data_dir, ch_host=ch_host, ch_port=ch_port, database=database)
+        for f in (truth, alerts_file, events_file):
+            if f is not None and not f.exists():
+                fail(f"{f}: no such file")
+        if alerts_file is not None and events_file is not None:
+            fail("--alerts and --events exclude each other")
+        try:
+            planted = read_truth(truth)
+            alerts = read_alerts(alerts_file) if alerts_file is not None else None
+        except ValueError as exc:
+            fail(str(exc))
+        if events_file is not None:
+            from schemas import Codec
+
+            from .evaluate import run_events
+            from .replay import LineError, read_jsonl
+
+            errors: list[LineError] = []
+            alerts = run_events(read_jsonl(events_file, Codec(), errors), s).alerts
+            if errors:
+                fail(f"{events_file}:{errors[0].line}: {errors[0].message}", f"{len(errors)} invalid line(s)")
+        if alerts is None:
+            from streams.app import make_backend
+
+            be = make_backend(s)
+            try:
+                exists = be.query(f"SELECT count() FROM system.databases WHERE name = '{s.ch_database}'").rows[0][0]
+                if not exists:
+                    fail(f"database {s.ch_database} does not exist on the {s.ch_backend.value} backend",
+                         "run the workers (or `yibao demo`) first, or pass --alerts FILE")
+                be.use_database()
+                alerts = alerts_from_backend(be)
+            finally:
+                be.close()
+        result = compare(alerts, planted, rule_ids(s), by_month=upcoding_rules(s))
+        if as_json:
+            print(json.dumps(result, ensure_ascii=False))
             return
-        s = settings_from(bootstrap=bootstrap)
-        stats = _produce_with_progress(s, gen.events(), codec, "producing")
-        _print_counts("produced", stats.by_record)
+        console.print(report_table(result))
 
     _guard(run)
 
@@ -273,6 +367,8 @@ def demo(
     data_dir: DataDir = None,
     seed: Annotated[int, typer.Option(help="Traffic seed")] = 42,
     invalid_rate: Annotated[float, typer.Option(help="Share of events broken on purpose (dead-lettering)")] = 0.01,
+    plant_rate: Annotated[float, typer.Option(
+        help="Rate of planted anomalies for the monitoring rules (ground truth kept; 0: none)")] = 0.004,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary object as the last line")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for every event to be accounted for")] = 600.0,
 ) -> None:
@@ -285,8 +381,11 @@ def demo(
         configure_logging("WARNING")  # the summary is the demo's output; warnings still show
         from .demo import run_demo
 
+        if not 0 <= plant_rate <= 1:
+            fail("--plant-rate must be in [0, 1]")
         summary = run_demo(s, events=events, input_file=input_file, seed=seed, invalid_rate=invalid_rate,
-                           timeout_s=timeout, console=console if not as_json else Console(stderr=True))
+                           timeout_s=timeout, console=console if not as_json else Console(stderr=True),
+                           plant_rate=plant_rate)
         if as_json:
             print(json.dumps(summary, ensure_ascii=False, default=str))
         if not summary["accounted"]:

@@ -41,7 +41,8 @@ def table_counts(backend: Any, tables: list[str]) -> dict[str, int]:
 
 
 def _events(settings: Settings, codec: Codec, events: int, input_file: Path | None, seed: int,
-            invalid_rate: float, expected_reasons: Counter[str], errors: list[Any]) -> Iterator[Any]:
+            invalid_rate: float, expected_reasons: Counter[str], errors: list[Any],
+            planting: Any | None, broken: set[str]) -> Iterator[Any]:
     from .corrupt import corrupt
 
     if input_file is not None:
@@ -52,22 +53,26 @@ def _events(settings: Settings, codec: Codec, events: int, input_file: Path | No
     from .simulate import SimConfig, TrafficGenerator
 
     rng = random.Random(seed + 1)
-    for ev in TrafficGenerator(SimConfig(seed=seed, settlements=events)).events():
+    config = SimConfig(seed=seed, settlements=events)
+    gen = planting.generator(config) if planting is not None else TrafficGenerator(config)
+    for ev in gen.events():
         if invalid_rate and rng.random() < invalid_rate:
             bad = corrupt(codec, ev, rng)
             expected_reasons[bad.expected_reason] += 1
+            broken.add(str(ev.datum["event_id"]))
             yield bad.event
         else:
             yield OutEvent(ev.record, ev.key, ev.datum)
 
 
 def run_demo(settings: Settings, *, events: int, input_file: Path | None, seed: int, invalid_rate: float,
-             timeout_s: float, console: Console, fresh: bool = True) -> dict[str, Any]:
-    return asyncio.run(_demo(settings, events, input_file, seed, invalid_rate, timeout_s, console, fresh))
+             timeout_s: float, console: Console, fresh: bool = True, plant_rate: float = 0.0) -> dict[str, Any]:
+    return asyncio.run(_demo(settings, events, input_file, seed, invalid_rate, timeout_s, console, fresh,
+                             plant_rate))
 
 
 async def _demo(settings: Settings, events: int, input_file: Path | None, seed: int, invalid_rate: float,
-                timeout_s: float, console: Console, fresh: bool) -> dict[str, Any]:
+                timeout_s: float, console: Console, fresh: bool, plant_rate: float) -> dict[str, Any]:
     from sinks.migrate import migrate
     from streams.app import create_app, make_backend
 
@@ -95,6 +100,12 @@ async def _demo(settings: Settings, events: int, input_file: Path | None, seed: 
         codec = Codec()
         expected_reasons: Counter[str] = Counter()
         line_errors: list[Any] = []
+        planting = None
+        broken: set[str] = set()
+        if plant_rate and input_file is None and s.rules_enabled:
+            from .anomalies import Planting
+
+            planting = Planting("all", rate=plant_rate)
         t0 = time.monotonic()
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -102,7 +113,8 @@ async def _demo(settings: Settings, events: int, input_file: Path | None, seed: 
                       TimeElapsedColumn(), console=console) as progress:
             task = progress.add_task("producing", total=None)
             stats = await produce(
-                s, _events(s, codec, events, input_file, seed, invalid_rate, expected_reasons, line_errors),
+                s, _events(s, codec, events, input_file, seed, invalid_rate, expected_reasons, line_errors,
+                           planting, broken),
                 codec, progress=lambda n: progress.advance(task, n),
             )
             progress.update(task, total=stats.sent, completed=stats.sent)
@@ -121,9 +133,12 @@ async def _demo(settings: Settings, events: int, input_file: Path | None, seed: 
                     break
                 await asyncio.sleep(0.25)
         elapsed = time.monotonic() - t0
+        if s.rules_enabled:
+            await _settle_alerts(backend, s.ch_database)
         landed = sum(delta[t] for t in expected)
         dl = delta["dead_letters"]
         accounted = landed + dl == stats.sent and all(delta[t] <= expected[t] for t in expected)
+        alerts_by_rule = alert_counts(backend, s.ch_database)
         reasons = {r: int(n) for r, n in backend.query(
             f"SELECT reason_code, count() FROM {s.ch_database}.dead_letters GROUP BY reason_code ORDER BY 2 DESC"
         ).rows}
@@ -133,6 +148,8 @@ async def _demo(settings: Settings, events: int, input_file: Path | None, seed: 
             "rows": {t: delta[t] for t in tables},
             "dead_letters": dl,
             "dead_letters_by_reason": reasons,
+            "alerts_by_rule": alerts_by_rule,
+            "evaluation": _evaluation(backend, planting, broken) if planting is not None else None,
             "invalid_lines": len(line_errors),
             "accounted": accounted,
             "elapsed_s": round(elapsed, 2),
@@ -148,6 +165,40 @@ async def _demo(settings: Settings, events: int, input_file: Path | None, seed: 
             await app.stop()
         backend.close()
         broker.stop()
+
+
+async def _settle_alerts(backend: Any, db: str, quiet_s: float = 3.0, limit_s: float = 60.0) -> None:
+    """Wait until the alert count stops moving: hospital/DRG rules run on a re-keyed stream."""
+    last, since, start = -1, time.monotonic(), time.monotonic()
+    while time.monotonic() - since < quiet_s and time.monotonic() - start < limit_s:
+        n = int(backend.query(f"SELECT count() FROM {db}.alerts").rows[0][0])
+        if n != last:
+            last, since = n, time.monotonic()
+        await asyncio.sleep(0.5)
+
+
+def _evaluation(backend: Any, planting: Any, broken: set[str]) -> dict[str, Any]:
+    """Precision and recall per rule against what the demo planted.
+
+    An anomaly one of whose events the demo also broke on purpose (so it was dead-lettered, not
+    seen by the rules) is left out: no detector could have found it.
+    """
+    from .evaluate import alerts_from_backend, compare, rule_ids, upcoding_rules
+
+    truth = [t for t in planting.truth() if not broken.intersection(t.get("event_ids", ()))]
+    result: dict[str, Any] = compare(alerts_from_backend(backend), truth, rule_ids(), by_month=upcoding_rules())
+    result["left_out_broken"] = len(planting.truth()) - len(truth)
+    return result
+
+
+def alert_counts(backend: Any, db: str) -> dict[str, int]:
+    """Standing alerts per rule (latest status of each alert id is FIRED)."""
+    rows = backend.query(
+        f"SELECT rule_id, count() FROM (SELECT alert_id, argMax(rule_id, detected_at) AS rule_id, "
+        f"argMax(status, detected_at) AS status FROM {db}.alerts GROUP BY alert_id) "
+        f"WHERE status = 'FIRED' GROUP BY rule_id ORDER BY rule_id"
+    ).rows
+    return {str(r): int(n) for r, n in rows}
 
 
 def _highlights(backend: Any, db: str) -> dict[str, Any]:
@@ -196,6 +247,17 @@ def _print_summary(console: Console, s: dict[str, Any], expected_reasons: Counte
         for r, n in s["dead_letters_by_reason"].items():
             d.add_row(r, f"{n:,}")
         console.print(d)
+    if s.get("evaluation"):
+        from .evaluate import report_table
+
+        console.print(report_table(s["evaluation"]))
+    elif s["alerts_by_rule"]:
+        a = Table("rule", "alerts", title="Intelligent monitoring: standing alerts by rule")
+        for r, n in s["alerts_by_rule"].items():
+            a.add_row(r, f"{n:,}")
+        console.print(a)
+    else:
+        console.print("intelligent monitoring: no rule fired on this traffic")
     h = s["highlights"]
     f = Table("insutype", "settlements", "medical fees", "pooled fund (hifp_pay)", "all funds",
               title="Fund payments, net of reversals")

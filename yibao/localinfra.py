@@ -34,12 +34,16 @@ __all__ = [
     "KafkaEndpoint",
     "LocalServer",
     "MissingBinaryError",
+    "S3Server",
     "TansuBroker",
+    "ZooKeeperServer",
     "clickhouse_server_binary",
     "docker_available",
     "free_port",
     "http_query",
+    "s3rver_binary",
     "tansu_binary",
+    "zookeeper_classpath",
 ]
 
 LOCALHOST = "127.0.0.1"
@@ -458,6 +462,7 @@ _CONFIG_XML = """<?xml version="1.0"?>
     <default_profile>default</default_profile>
     <default_database>default</default_database>
     <mark_cache_size>268435456</mark_cache_size>
+{extra_config}
 </yandex>
 """
 
@@ -503,6 +508,9 @@ class ClickHouseServer(LocalServer):
     coexist. Data lives in ``workdir/data`` and survives ``stop``/``kill``/``restart``.
     ``extra_users_xml`` and ``extra_profiles_xml`` are raw XML inserted into ``<users>`` and
     ``<profiles>``: 18.16 has no SQL access control, so users and row filters only exist there.
+    ``extra_config_xml`` is raw XML inserted into the server's ``<yandex>`` root, for what only the
+    config file can declare: ``remote_servers`` (a cluster of local servers as shards),
+    ``zookeeper`` and ``distributed_ddl`` (which ``ON CLUSTER`` DDL needs).
     """
 
     name = "clickhouse"
@@ -516,6 +524,7 @@ class ClickHouseServer(LocalServer):
         extra_users_xml: str | None = None,
         extra_profiles_xml: str | None = None,
         env: dict[str, str] | None = None,
+        extra_config_xml: str | None = None,
     ) -> None:
         super().__init__(workdir=workdir, env=env)
         self.binary = clickhouse_server_binary()
@@ -525,6 +534,7 @@ class ClickHouseServer(LocalServer):
             self.http_port = free_port()
         self.extra_users_xml = extra_users_xml
         self.extra_profiles_xml = extra_profiles_xml
+        self.extra_config_xml = extra_config_xml
 
     @property
     def host(self) -> str:
@@ -589,6 +599,7 @@ class ClickHouseServer(LocalServer):
                 tcp_port=self.tcp_port,
                 http_port=self.http_port,
                 users_xml=escape(str(self.users_path.resolve())),
+                extra_config=self.extra_config_xml or "",
                 **values,
             ),
             encoding="utf-8",
@@ -609,3 +620,164 @@ class ClickHouseServer(LocalServer):
 
     def _extra_logs(self) -> tuple[Path, ...]:
         return (self.workdir / "log" / "clickhouse-server.err.log",)
+
+
+_ZOO_CFG = """tickTime=500
+initLimit=10
+syncLimit=5
+dataDir={data_dir}
+clientPort={port}
+clientPortAddress={host}
+maxClientCnxns=0
+admin.enableServer=false
+4lw.commands.whitelist=srvr
+"""
+
+
+def zookeeper_classpath() -> str:
+    """Class path of Debian's ``zookeeper`` package (3.8 on bookworm).
+
+    ClickHouse's ``ON CLUSTER`` DDL needs a coordination service, and ClickHouse 18.16 predates
+    ClickHouse Keeper, so a cluster of local 18.16 servers needs a real ZooKeeper. The Debian jar's
+    manifest names its dependencies, so the jar alone is the class path.
+    """
+    jar = Path("/usr/share/java/zookeeper.jar")
+    java = shutil.which("java")
+    if not jar.is_file() or java is None:
+        raise MissingBinaryError(
+            "ZooKeeper is not installed; on Debian bookworm run: "
+            "apt-get install -y --no-install-recommends zookeeper (or .ci/system-deps.sh)"
+        )
+    # Without an SLF4J binding ZooKeeper logs nothing at all; the simple one writes to stderr,
+    # which ends up in the server's log file.
+    simple = Path("/usr/share/java/slf4j-simple.jar")
+    return f"{jar}:{simple}" if simple.is_file() else str(jar)
+
+
+class ZooKeeperServer(LocalServer):
+    """A standalone ZooKeeper on 127.0.0.1 (Debian's package, run as a plain JVM process).
+
+    For what ClickHouse servers need it for here: the distributed DDL queue of ``ON CLUSTER``
+    statements. Data lives in ``workdir/data``; the JVM heap is capped small because the queue
+    holds a handful of nodes.
+    """
+
+    name = "zookeeper"
+
+    def __init__(self, *, workdir: Path, port: int | None = None, env: dict[str, str] | None = None) -> None:
+        super().__init__(workdir=workdir, env=env)
+        self.classpath = zookeeper_classpath()
+        self.port = port if port is not None else free_port()
+
+    @property
+    def config_path(self) -> Path:
+        return self.workdir / "zoo.cfg"
+
+    def config_xml(self) -> str:
+        """The ``<zookeeper>`` section that points a ClickHouse server at this ZooKeeper."""
+        return f"<zookeeper><node><host>{LOCALHOST}</host><port>{self.port}</port></node></zookeeper>"
+
+    def _prepare(self) -> None:
+        data = self.workdir / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(
+            _ZOO_CFG.format(data_dir=data.resolve(), port=self.port, host=LOCALHOST), encoding="utf-8"
+        )
+
+    def _ports(self) -> tuple[int, ...]:
+        return (self.port,)
+
+    def _command(self) -> list[str]:
+        return [
+            shutil.which("java") or "java",
+            "-Xms32m",
+            "-Xmx128m",
+            "-XX:+UseSerialGC",
+            "-cp",
+            self.classpath,
+            "org.apache.zookeeper.server.ZooKeeperServerMain",
+            str(self.config_path.resolve()),
+        ]
+
+    def _probe(self) -> bool:
+        # Not "ruok": it answers "imok" while the database is still loading, when sessions are
+        # still refused. "srvr" reports the version only once the server serves requests.
+        try:
+            with socket.create_connection((LOCALHOST, self.port), timeout=0.5) as sock:
+                sock.sendall(b"srvr")
+                return sock.recv(64).startswith(b"Zookeeper version")
+        except OSError:
+            return False
+
+
+def s3rver_binary() -> Path:
+    """Locate npm's ``s3rver`` (a small S3-compatible server storing objects in a directory).
+
+    Tansu keeps its data across restarts only on ``s3://`` storage (its build here has no
+    postgres/sqlite engines), so a durable local broker needs an S3 endpoint on this machine.
+    """
+    found = shutil.which("s3rver")
+    if found:
+        return Path(found)
+    raise MissingBinaryError(
+        "s3rver is not installed; run: npm install -g s3rver@3.7.1 (or .ci/system-deps.sh)"
+    )
+
+
+class S3Server(LocalServer):
+    """npm's s3rver on 127.0.0.1 with one bucket, its objects on disk under ``workdir/data``.
+
+    The data directory survives ``stop``/``kill``/``restart``, so a Tansu broker on
+    ``storage_url`` (with :meth:`aws_env` in its environment) keeps topics, records and committed
+    group offsets across broker restarts. s3rver accepts its fixed development credentials.
+    """
+
+    name = "s3rver"
+    ACCESS_KEY = "S3RVER"
+    SECRET_KEY = "S3RVER"
+
+    def __init__(
+        self, *, workdir: Path, port: int | None = None, bucket: str = "tansu", env: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(workdir=workdir, env=env)
+        self.binary = s3rver_binary()
+        self.port = port if port is not None else free_port()
+        self.bucket = bucket
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{LOCALHOST}:{self.port}"
+
+    @property
+    def storage_url(self) -> str:
+        """Tansu's ``--storage-engine`` value for this server's bucket."""
+        return f"s3://{self.bucket}/"
+
+    def aws_env(self) -> dict[str, str]:
+        """Environment a Tansu broker needs to use this server as its storage."""
+        return {
+            "AWS_ACCESS_KEY_ID": self.ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": self.SECRET_KEY,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT": self.endpoint,
+            "AWS_ALLOW_HTTP": "true",
+        }
+
+    def _ports(self) -> tuple[int, ...]:
+        return (self.port,)
+
+    def _command(self) -> list[str]:
+        data = self.workdir / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        return [
+            str(self.binary), "--directory", str(data.resolve()), "--address", LOCALHOST,
+            "--port", str(self.port), "--configure-bucket", self.bucket, "--silent",
+        ]
+
+    def _probe(self) -> bool:
+        # The bucket is configured before s3rver listens; any S3 answer means it is usable.
+        try:
+            with urllib.request.urlopen(f"{self.endpoint}/{self.bucket}?max-keys=1", timeout=1) as response:
+                return bool(response.status == 200)
+        except (OSError, ValueError):
+            return False

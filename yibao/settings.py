@@ -89,12 +89,20 @@ class Settings(BaseSettings):
     pseudo_key: SecretStr | None = None
     pseudo_key_file: Path | None = None
     pseudo_key_id: str = Field("k1", pattern=r"^[A-Za-z0-9_-]{1,16}$")
+    pseudo_old_keys_file: Path | None = Field(
+        None, description="Retired keys, one `key_id=hex` per line: old sealed dead letters stay openable"
+    )
 
     # --- Validation --------------------------------------------------------------------------
     max_future_skew_s: int = Field(300, ge=0, description="Event times further ahead than this are rejected")
     min_event_year: int = Field(2018, ge=1990, le=2100, description="Event times before this year are rejected")
     known_insutypes: tuple[str, ...] = ("310", "320", "330", "340", "390", "391", "392", "510")
     known_med_types: tuple[str, ...] = ("11", "12", "13", "14", "15", "16", "21", "22", "41", "51", "52")
+
+    # --- Rules (intelligent monitoring) --------------------------------------------------------
+    rules_enabled: bool = Field(True, description="Run the monitoring rules on the settlement stream")
+    rules_file: Path | None = Field(None, description="Seed rule base (default: the shipped rules.toml)")
+    allowed_lateness_days: int = Field(35, ge=0, le=400, description="Events later than this skip windowed rules")
 
     # --- Worker ------------------------------------------------------------------------------
     web_port: int = Field(6066, ge=0, le=65535, description="Metrics/health port of the first worker process")
