@@ -197,6 +197,8 @@ class IngestService(mode.Service):
             if pending:
                 log.error("shutdown deadline passed; uncommitted events will be redelivered",
                           pending=len(pending))
+        for ing in self.ingestors.values():
+            ing.executor.shutdown(wait=False, cancel_futures=True)
         if self._dl_producer is not None:
             await self._dl_producer.stop()
         for b in self._ingest_backends:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
+import threading
 from collections.abc import Iterator
 from typing import NoReturn
 
@@ -91,3 +93,37 @@ def clickhouse_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clic
         require_infra(f"no Docker engine and no local clickhouse-server: {exc}")
     with server:
         yield server.endpoint
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_threads() -> Iterator[None]:
+    """Fail the test that leaves a non-daemon thread running.
+
+    Such a thread (a Faust consumer whose app was never stopped, say) keeps the interpreter
+    alive after the last test, and a CI run would then hang until its deadline instead of failing.
+    """
+    before = set(threading.enumerate())
+    yield
+    leaked = [t for t in threading.enumerate() if t not in before and not t.daemon]
+    for t in leaked:
+        t.join(timeout=5)
+    alive = [t.name for t in leaked if t.is_alive()]
+    if alive:
+        pytest.fail(f"the test left non-daemon threads running: {alive}", pytrace=False)
+
+
+_exit_status = 0
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    global _exit_status
+    _exit_status = int(exitstatus)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Last resort against a hang at interpreter exit: report leftover threads and exit."""
+    stuck = [t.name for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    if stuck:
+        sys.stderr.write(f"\nnon-daemon threads still running after the session: {stuck}; exiting anyway\n")
+        sys.stderr.flush()
+        os._exit(_exit_status or 1)

@@ -145,9 +145,9 @@ def _counts(backend: Backend) -> dict[str, int]:
 async def _ingest(s: Settings, until: int, timeout: float = 120) -> None:
     """Run one in-process worker until its ingestors have consumed ``until`` events in all."""
     app, service = create_app(s)
-    await app.start()
     inputs = {s.topic(name) for name in STREAMS}
     try:
+        await app.start()
         deadline = time.monotonic() + timeout
         while sum(i.stats["events"] for i in service.ingestors.values() if i.topic in inputs) < until:
             if time.monotonic() > deadline:

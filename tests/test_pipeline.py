@@ -93,8 +93,8 @@ def _counts(backend: Backend, tables: list[str]) -> dict[str, int]:
 async def _run_until(s: Settings, backend: Backend, expected_total: int, tables: list[str],
                      timeout: float = 120) -> dict[str, int]:
     app, _ = create_app(s, backend=backend if s.ch_backend.value == "embedded" else None)
-    await app.start()
     try:
+        await app.start()
         deadline = time.monotonic() + timeout
         while True:
             c = _counts(backend, tables)

@@ -76,8 +76,19 @@ def configure_logging(level: str) -> None:
 
     structlog.configure(
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level)),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(_CurrentStderr()),  # type: ignore[arg-type]
     )
+
+
+class _CurrentStderr:
+    """Whatever ``sys.stderr`` is at write time, so a replaced stream (a test's capture, a
+    daemon's redirect) never leaves loggers writing to a closed file."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
 
 
 def settings_from(**flags: Any) -> Settings:
