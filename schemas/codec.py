@@ -30,6 +30,7 @@ from .registry import Registry, Schema, SchemaVersion
 
 MAGIC = 0
 HEADER = struct.Struct(">bI")
+INT32_MAX = 2**31 - 1  # DeadLetter.schema_id is an Avro int
 DEFAULT_MAX_BYTES = 1_000_000
 CHINA_TZ = ZoneInfo("Asia/Shanghai")
 EPOCH_DATE = dt.date(1970, 1, 1)
@@ -223,7 +224,9 @@ class Codec:
         if magic != MAGIC:
             raise DecodeError("BAD_MAGIC", f"magic byte {magic & 0xFF} is not 0 (Confluent wire format)")
         if schema_id not in self._by_id:
-            raise DecodeError("UNKNOWN_SCHEMA_ID", f"schema id {schema_id} is not registered", schema_id)
+            # an id beyond Avro's int (the header is 4 raw bytes) is reported in the detail only
+            known = schema_id if schema_id <= INT32_MAX else None
+            raise DecodeError("UNKNOWN_SCHEMA_ID", f"schema id {schema_id} is not registered", known)
         return int(schema_id)
 
     def decode(self, data: bytes, *, subject: str | None = None, logical: bool = False) -> Decoded:

@@ -206,3 +206,15 @@ def test_oversized_and_wrong_subject(framed: bytes) -> None:
     with pytest.raises(DecodeError) as ei:
         Codec().decode(framed, subject="procurement")
     assert ei.value.reason_code == "WRONG_SUBJECT"
+
+
+def test_an_unknown_schema_id_beyond_int32_still_makes_an_encodable_dead_letter(codec: Codec,
+                                                                                framed: bytes) -> None:
+    """The header's 4 bytes can name ids no Avro int holds; the dead letter must still encode."""
+    with pytest.raises(DecodeError) as ei:
+        codec.decode(framed[:1] + (0xFFFFFFFE).to_bytes(4, "big") + framed[5:])
+    assert ei.value.reason_code == "UNKNOWN_SCHEMA_ID" and "4294967294" in ei.value.detail
+    assert ei.value.schema_id is None
+    with pytest.raises(DecodeError) as small:
+        codec.decode(framed[:1] + (4242).to_bytes(4, "big") + framed[5:])
+    assert small.value.schema_id == 4242
