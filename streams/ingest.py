@@ -36,6 +36,7 @@ from .base import ColumnPlan, Columns, Datum, Subsystem, TableMapping, compile_p
 from .privacy import Pseudonymizer, Sealer
 from .rules.engine import EngineEvent, SettlementEngine
 from .rules.grouped import GroupedEngine
+from .rules.procurement import ProcurementEngine
 from .rules.state import Store, restore, write_changelog
 from .validation import EventId, Limits, compile_checks
 
@@ -112,11 +113,11 @@ class BatchProcessor:
         sealer: Sealer,
         topic: str,
         limits: Callable[[], Limits],
-        engine: SettlementEngine | None = None,
+        engine: SettlementEngine | ProcurementEngine | None = None,
     ) -> None:
         self.subsystem = subsystem
         self.engine = engine
-        self.stores: list[Store] = [engine.person] if engine is not None else []
+        self.stores: list[Store] = list(engine.stores) if engine is not None else []
         self.tables = [*subsystem.tables(), DEAD_LETTER_TABLE, *([ALERTS_TABLE] if engine else [])]
         self.codec = codec
         self.pseudonymizer = pseudonymizer
@@ -464,6 +465,10 @@ class Ingestor(ConsumerRebalanceListener):  # type: ignore[misc]
         self._needs_check: set[int] = set()
         self._tables = list(processor.tables)
         self.ready = asyncio.Event()
+        #: clear while an assignment restores state: aiokafka's fetcher may already hand out records
+        #: of the new partitions, and applying them before the restore would be overwritten by it
+        self._restored = asyncio.Event()
+        self._restored.set()
         self.stats: Counter[str] = Counter()
         self.last_flush_at = 0.0
 
@@ -478,10 +483,14 @@ class Ingestor(ConsumerRebalanceListener):  # type: ignore[misc]
         self._needs_check = set(parts)
         for p in parts:
             self.landed_index.forget(p)
-        for store in self.p.stores:
-            await restore(store, parts, self.producer, self.restore_kwargs)
-        for p in parts:
-            self.p.restored(p)
+        self._restored.clear()
+        try:
+            for store in self.p.stores:
+                await restore(store, parts, self.producer, self.restore_kwargs)
+            for p in parts:
+                self.p.restored(p)
+        finally:
+            self._restored.set()
         metrics.ASSIGNED_PARTITIONS.labels(self.topic).set(len(parts))
         self.ready.set()
 
@@ -517,6 +526,7 @@ class Ingestor(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def flush(self) -> None:
         """Make the pending batch durable (dead letters, rows), then commit its offsets."""
+        await self._restored.wait()
         batch, self._pending = self._pending, []
         if not batch:
             return
