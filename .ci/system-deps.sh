@@ -47,6 +47,19 @@ if [ "${#ops_packages[@]}" -gt 0 ]; then
   echo "system-deps: installed ${ops_packages[*]}"
 fi
 
+# Headless Chromium: tests/test_report.py opens `yibao report`'s HTML in a real browser (DevTools
+# protocol; console errors, drawn charts, a non-blank screenshot). Debian's build, never a
+# downloaded one. --no-install-recommends keeps out the desktop extras a headless run does not use.
+if ! command -v chromium >/dev/null 2>&1; then
+  sudo_=()
+  [ "$(id -u)" -eq 0 ] || sudo_=(sudo)
+  browser_install() {
+    "${sudo_[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium
+  }
+  browser_install || { "${sudo_[@]}" apt-get update -q && browser_install; }
+  echo "system-deps: installed $(chromium --version 2>/dev/null || echo chromium)"
+fi
+
 installed() {
   { command -v clickhouse-server >/dev/null 2>&1 || [ -x /usr/sbin/clickhouse-server ]; } &&
     command -v clickhouse-client >/dev/null 2>&1

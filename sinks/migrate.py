@@ -3,9 +3,13 @@
 Migration files
 ---------------
 Statements end with ``;`` at the end of a line. Placeholders: ``{db}``, ``{on_cluster}`` ('' or
-`` ON CLUSTER name``) and ``{lc}`` (``LowCardinality(String)``, or ``String`` on 18.16). A
-comment line ``-- min_version: 22.8`` right before a statement skips that statement on older
-engines: the shared DDL stays within what 18.16 accepts and modern-only features are opt-in.
+`` ON CLUSTER name``), ``{lc}`` (``LowCardinality(String)``, or ``String`` on 18.16), ``{all}``
+(``_all`` in cluster mode, else ''; ``{db}.T{all}`` names what reads every shard's ``T``, like
+:meth:`sinks.base.Backend.read_table`) and ``{cluster}`` (the cluster name, for a
+``Distributed`` engine). A comment line ``-- min_version: 22.8`` right before a statement skips
+that statement on older engines: the shared DDL stays within what 18.16 accepts and modern-only
+features are opt-in. A comment line ``-- cluster_only`` right before a statement skips it unless
+``migrate`` runs in cluster mode (the ``Distributed`` tables over tables a migration creates).
 A skipped statement is not retried after an upgrade (the file counts as applied); write a new
 migration for that. Every file is recorded in ``schema_migrations`` with the sha256 of its text,
 and an applied file that has since changed is refused: edit nothing that ran, add a new file.
@@ -25,6 +29,10 @@ numbers. Columns with a ``DEFAULT`` are not in ``T_in`` and the view computes th
 (18.16 insists that a view supplies every column of its target). The generated SQL's sha256 is
 stored in ``schema_staging``; whenever it changes (a migration altered ``T``, or this
 generator changed) the pair is rebuilt. Migrations therefore only ever describe real tables.
+The pairs are brought up to date before each pending migration too, so that a migration may hang
+its own materialized views on ``T_in`` (18.16 does not cascade a view on ``T`` from ``T_in_mv``);
+dropping and re-creating ``T_in`` later leaves such views attached (both engines resolve a
+view's source by name).
 
 Cluster mode
 ------------
@@ -70,7 +78,8 @@ STAGING_GENERATOR = "2"
 _FILE_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 _STATEMENT_END = re.compile(r";[ \t]*$", re.M)
 _MIN_VERSION = re.compile(r"^\s*--\s*min_version:\s*([\d.]+)\s*$", re.M)
-_PLACEHOLDER = re.compile(r"\{(db|on_cluster|lc)\}")
+_CLUSTER_ONLY = re.compile(r"^\s*--\s*cluster_only\s*$", re.M)
+_PLACEHOLDER = re.compile(r"\{(db|on_cluster|lc|all|cluster)\}")
 
 
 class MigrationError(SinkError):
@@ -81,6 +90,7 @@ class MigrationError(SinkError):
 class Statement:
     sql: str
     min_version: tuple[int, ...] | None = None
+    cluster_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -122,7 +132,7 @@ def load_migrations(ddl_dir: Path = DDL_DIR) -> list[Migration]:
 
 
 def split_statements(text: str) -> list[Statement]:
-    """Split a migration file into statements (``;`` at end of line), reading ``min_version``."""
+    """Split a migration file into statements (``;`` at end of line), reading the gates."""
     statements = []
     for chunk in _STATEMENT_END.split(text):
         body = "\n".join(line for line in chunk.splitlines() if not line.strip().startswith("--")).strip()
@@ -130,12 +140,18 @@ def split_statements(text: str) -> list[Statement]:
             continue
         gate = _MIN_VERSION.search(chunk)
         min_version = tuple(int(p) for p in gate.group(1).split(".")) if gate else None
-        statements.append(Statement(body, min_version))
+        statements.append(Statement(body, min_version, _CLUSTER_ONLY.search(chunk) is not None))
     return statements
 
 
-def render(sql: str, db: str, on_cluster: str, lc: str) -> str:
-    values = {"db": db, "on_cluster": on_cluster, "lc": lc}
+def render(sql: str, db: str, on_cluster: str, lc: str, cluster: str = "") -> str:
+    values = {
+        "db": db,
+        "on_cluster": on_cluster,
+        "lc": lc,
+        "all": DISTRIBUTED_SUFFIX if cluster else "",
+        "cluster": cluster,
+    }
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], sql)
 
 
@@ -191,6 +207,8 @@ class _Run:
         self.verify(migrations, applied)
         for migration in migrations:
             if migration.version not in applied:
+                # a migration may build on T_in (views feeding aggregates): it must exist and be current
+                self.staging(TABLES)
                 self.apply(migration)
         rebuilt = self.staging(TABLES)
         if not self.actions:
@@ -256,12 +274,16 @@ class _Run:
 
     def apply(self, migration: Migration) -> None:
         skipped: list[tuple[int, ...]] = []
+        single = 0
         statements = migration.statements()
         for number, statement in enumerate(statements, 1):
             if statement.min_version is not None and self.version < statement.min_version:
                 skipped.append(statement.min_version)
                 continue
-            sql = render(statement.sql, self.db, self.on_cluster, self.lc)
+            if statement.cluster_only and not self.cluster:
+                single += 1
+                continue
+            sql = render(statement.sql, self.db, self.on_cluster, self.lc, self.cluster or "")
             try:
                 self.backend.execute(sql)
             except SinkError as exc:
@@ -273,11 +295,13 @@ class _Run:
             f"INSERT INTO {self.db}.{MIGRATIONS_TABLE} (version, name, checksum, applied_at) "
             f"SELECT {migration.version}, {literal(migration.name)}, {literal(migration.checksum)}, now()"
         )
-        detail = f"{len(statements) - len(skipped)} statements"
+        detail = f"{len(statements) - len(skipped) - single} statements"
         if skipped:
             needed = ".".join(str(p) for p in min(skipped))
             engine = ".".join(str(p) for p in self.version)
             detail += f", {len(skipped)} skipped: they need ClickHouse >= {needed}, this is {engine}"
+        if single:
+            detail += f", {single} skipped: cluster mode only"
         self.note(f"applied {migration.file} ({detail})")
 
     def staging(self, names: Iterable[str]) -> int:

@@ -345,6 +345,10 @@ def _render_legacy(roles: Roles, catalog: Catalog) -> Rendered:
             out.sql.append(f"CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.{t}_in_mv_{mart} TO {mart}.{t} AS "
                            f"SELECT {', '.join(exprs)} FROM {db}.{t}_in WHERE {where}")
         if not role.regional:
+            # aggregates fed by views (0003 agg_*): the bi_* views read them, so the mart needs its own
+            for t in visible(role, roles, catalog):
+                if t not in TABLES:
+                    out.sql.append(f"-- copy-aggregate {db}.{t} -> {mart}.{t}")
             for v in visible_views(role, catalog):
                 out.sql.append(f"-- copy-view {db}.{v} -> {mart}.{v}")
     writer_dbs = [db, *marts]
@@ -369,6 +373,10 @@ def apply(backend: Backend, rendered: Rendered, database: str) -> list[str]:
     existing = {(str(r[0]), str(r[1])) for r in backend.query("SELECT database, name FROM system.tables").rows}
     created: set[str] = set()
     for stmt in rendered.sql:
+        if stmt.startswith("-- copy-aggregate "):
+            src, dst = stmt[len("-- copy-aggregate "):].split(" -> ")
+            done.extend(_copy_aggregate(backend, database, src, dst, existing))
+            continue
         if stmt.startswith("-- copy-view "):
             src, dst = stmt[len("-- copy-view "):].split(" -> ")
             if tuple(dst.split(".")) in existing:
@@ -392,6 +400,30 @@ def apply(backend: Backend, rendered: Rendered, database: str) -> list[str]:
             created.add(f"{m.group(1)}.{m.group(2)}")
         backend.execute(stmt)
         done.append(stmt.split(" AS SELECT")[0][:160])
+    return done
+
+
+def _copy_aggregate(backend: Backend, database: str, src: str, dst: str, existing: set[tuple[str, str]]) -> list[str]:
+    """A mart copy of an aggregate table (18.16), backfilled once, and a copy of every view feeding it,
+    re-targeted at the copy (they read the staging tables, as the mart's other views do)."""
+    done = []
+    mart = dst.split(".")[0]
+    if tuple(dst.split(".")) not in existing:
+        ddl = str(backend.query(f"SHOW CREATE TABLE {src}").scalar())
+        backend.execute(re.sub(r"^CREATE TABLE \S+", f"CREATE TABLE IF NOT EXISTS {dst}", ddl))
+        backend.execute(f"INSERT INTO {dst} SELECT * FROM {src}")
+        done.append(f"copied aggregate {src} -> {dst} (backfilled)")
+    feeders = backend.query(
+        f"SELECT name, create_table_query FROM system.tables WHERE database = {literal(database)} "
+        f"AND engine = 'MaterializedView' AND position(create_table_query, {literal(f' TO {src} ')}) > 0").rows
+    for name, query in feeders:
+        copy = f"{database}.{name}_{mart}"
+        if (database, f"{name}_{mart}") in existing:
+            continue
+        ddl = str(query).replace(f"CREATE MATERIALIZED VIEW {database}.{name} ",
+                                 f"CREATE MATERIALIZED VIEW IF NOT EXISTS {copy} ", 1)
+        backend.execute(ddl.replace(f" TO {src} ", f" TO {dst} ", 1))
+        done.append(f"view {copy} feeds {dst}")
     return done
 
 

@@ -54,7 +54,8 @@ def test_migrate_creates_every_table_and_is_idempotent(backend: Backend) -> None
         assert found[name] == spec.engine.split("(")[0]
         assert found[f"{name}_in"] == "Null"
         assert found[f"{name}_in_mv"] == "MaterializedView"
-    assert set(found) == {
+    # what later migrations add (0003: agg_* tables and views, bi_* views) is tested with them
+    assert {n for n in found if not n.startswith(("agg_", "bi_"))} == {
         *TABLES,
         *(f"{t}_in" for t in TABLES),
         *(f"{t}_in_mv" for t in TABLES),
@@ -65,7 +66,9 @@ def test_migrate_creates_every_table_and_is_idempotent(backend: Backend) -> None
     again = migrate(backend)
 
     assert len(again) == 1 and again[0].startswith("nothing to do"), again
-    assert backend.query(f"SELECT count() FROM {backend.database}.schema_migrations").scalar() == 2
+    assert backend.query(f"SELECT count() FROM {backend.database}.schema_migrations").scalar() == len(
+        load_migrations()
+    )
     assert backend.query(f"SELECT count() FROM {backend.database}.schema_staging").scalar() == len(TABLES)
 
 
@@ -123,17 +126,18 @@ def test_a_missing_applied_migration_is_refused(backend: Backend, tmp_path: Path
 
 def test_a_failing_statement_names_its_file(backend: Backend, tmp_path: Path) -> None:
     ddl = copy_ddl(tmp_path)
-    (ddl / "0003_broken.sql").write_text("CREATE TABLE {db}.broken (x NoSuchType) ENGINE = Memory;\n")
+    (ddl / "0099_broken.sql").write_text("CREATE TABLE {db}.broken (x NoSuchType) ENGINE = Memory;\n")
 
-    with pytest.raises(MigrationError, match=r"0003_broken\.sql: statement 1 of 1 failed"):
+    with pytest.raises(MigrationError, match=r"0099_broken\.sql: statement 1 of 1 failed"):
         migrate(backend, ddl_dir=ddl)
-    assert backend.query(f"SELECT max(version) FROM {backend.database}.schema_migrations").scalar() == 2
+    latest = load_migrations()[-1].version
+    assert backend.query(f"SELECT max(version) FROM {backend.database}.schema_migrations").scalar() == latest
 
 
 def test_staging_is_rebuilt_when_a_migration_adds_a_column(backend: Backend, tmp_path: Path) -> None:
     ddl = copy_ddl(tmp_path)
     migrate(backend, ddl_dir=ddl)
-    (ddl / "0003_reference_price.sql").write_text(
+    (ddl / "0099_reference_price.sql").write_text(
         "-- a later migration only describes the real table\n"
         "ALTER TABLE {db}.fee_details{on_cluster} ADD COLUMN ref_pric Decimal(16, 6) AFTER pric;\n",
         encoding="utf-8",
@@ -142,7 +146,7 @@ def test_staging_is_rebuilt_when_a_migration_adds_a_column(backend: Backend, tmp
     actions = migrate(backend, ddl_dir=ddl)
 
     assert actions == [
-        "applied 0003_reference_price.sql (1 statements)",
+        "applied 0099_reference_price.sql (1 statements)",
         "rebuilt staging fee_details_in -> fee_details (20 raw columns)",
     ]
     staging = dict((c[0], c[1]) for c in describe(backend, "fee_details_in"))

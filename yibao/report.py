@@ -1,0 +1,836 @@
+"""`yibao report`: one self-contained HTML dashboard over the BI views.
+
+Why a file and not a web app: the machines that run the pipeline (and the people reading the
+figures) often have no internet and no Grafana, so the report is a single HTML file that opens
+from disk anywhere: no script, font, stylesheet or image is fetched (a Content-Security-Policy
+``default-src 'none'`` makes the browser refuse any that slipped in, so the browser test would
+see it as a console error). Charts are inline SVG drawn here in Python; tooltips are SVG
+``<title>`` elements, so the page needs no JavaScript at all.
+
+Layers, so each can be tested on its own:
+
+- :func:`resolve_views` checks that the views of migration ``0003_bi_aggregates.sql`` exist with
+  the columns this module reads (:data:`VIEWS`, the contract) and names where to read them;
+- :func:`load` runs a few small aggregate queries (valid on ClickHouse 18.16 and chDB) and turns
+  the rows into plain dataclasses (:class:`ReportData`);
+- :func:`render` turns a :class:`ReportData` into the HTML text; it never touches a backend, so
+  unit tests feed it fake rows.
+
+Every chart has a title, axes with units, a legend where colours carry meaning, and an explicit
+"no data" state (``data-state="empty"``) instead of an empty frame. Each data mark (bar, line,
+point) carries ``class="mark"``: the browser test counts them in the DOM.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from decimal import Decimal
+from typing import Any, Protocol
+
+from sinks.base import QueryResult, literal
+
+#: The BI views and the columns the report reads from each (the contract with 0003_bi_aggregates.sql).
+VIEWS: dict[str, tuple[str, ...]] = {
+    "bi_fund_health": ("insu_admdvs", "insutype", "month", "income", "spending", "current_balance",
+                       "cumulative_balance", "months_capacity", "policy_ratio"),
+    "bi_alerts_by_rule": ("day", "rule_id", "admdvs", "alerts"),
+    "bi_cross_province_flows": ("day", "insu_admdvs", "mdtrt_admdvs", "settlements", "medfee_sumamt",
+                                "fund_pay_sumamt", "filings"),
+    "bi_procurement_completion": ("fixmedins_code", "med_list_codg", "cntr_id", "agreed_volume", "purchased",
+                                  "completion_pct", "elapsed_pct", "lag_points"),
+    "bi_supplier_payments": ("fixmedins_code", "month", "deliveries", "delivered_amt", "paid_deliveries", "on_time",
+                             "on_time_rate", "weighted_avg_pay_days", "overdue_unpaid"),
+    "bi_supervision_outcomes": ("admdvs", "month", "kind", "type", "cnt", "amount"),
+}
+
+#: Months of payout capacity below which a pooling region is warned about (domain.md: 3 months).
+CAPACITY_WARNING_MONTHS = 3.0
+#: Completion lagging the elapsed share of the contract cycle by more than this many points is a warning.
+LAG_WARNING_POINTS = 10.0
+#: Capacity axis cap: a fund with years of reserve would squash every bar near the warning line.
+CAPACITY_AXIS_CAP = 36.0
+
+INSUTYPE_NAMES = {"310": "employee", "390": "resident"}
+
+# Tableau 10: distinguishable, print- and colour-blind-friendlier than rainbow palettes.
+PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7",
+           "#9c755f", "#bab0ac")
+OTHER_COLOR = "#9aa0a6"
+WARN_COLOR = "#d62728"
+OK_COLOR = "#2ca02c"
+LATE_COLOR = "#f2a93b"
+PENDING_COLOR = "#c9ced6"
+
+WIDTH = 960
+
+
+class ReportError(Exception):
+    """The report cannot be made from this database; ``hint`` says what to do."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+class _Queryable(Protocol):
+    """What :func:`load` needs of a backend (a :class:`sinks.base.Backend`, or a fake in tests)."""
+
+    @property
+    def database(self) -> str: ...
+
+    def query(self, sql: str) -> QueryResult: ...
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FundCapacity:
+    """Latest month of one pooling region's fund for one insurance type."""
+
+    region: str
+    insutype: str
+    month: date
+    months_capacity: float | None
+    cumulative_balance: float
+    spending: float
+
+
+@dataclass(frozen=True)
+class AlertCount:
+    day: date
+    rule_id: str
+    alerts: int
+
+
+@dataclass(frozen=True)
+class Flow:
+    """Cross-province traffic from the insured region to the region of treatment."""
+
+    insu_admdvs: str
+    mdtrt_admdvs: str
+    settlements: int
+    medfee: float
+    fund_pay: float
+    filings: int
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One volume-based procurement contract: how much of the agreed volume is bought."""
+
+    fixmedins_code: str
+    med_list_codg: str
+    cntr_id: str
+    completion_pct: float
+    elapsed_pct: float
+    lag_points: float
+
+
+@dataclass(frozen=True)
+class Payments:
+    """A hospital's accepted deliveries and how it paid its suppliers for them (30-day rule)."""
+
+    fixmedins_code: str
+    deliveries: int
+    paid: int
+    on_time: int
+    overdue_unpaid: int
+
+    @property
+    def paid_late(self) -> int:
+        return max(0, self.paid - self.on_time)
+
+    @property
+    def pending(self) -> int:
+        """Unpaid deliveries that are not overdue yet."""
+        return max(0, self.deliveries - self.paid - self.overdue_unpaid)
+
+
+@dataclass(frozen=True)
+class Recovery:
+    admdvs: str
+    month: date
+    amount: float
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """Supervision totals of one kind (inspection, tip, penalty, recovery)."""
+
+    kind: str
+    count: int
+    amount: float
+
+
+@dataclass
+class ReportData:
+    """Everything :func:`render` draws; built by :func:`load` or by a test."""
+
+    database: str
+    backend: str
+    generated_at: datetime
+    fund: list[FundCapacity] = field(default_factory=list)
+    alerts: list[AlertCount] = field(default_factory=list)
+    alert_days: int = 90
+    flows: list[Flow] = field(default_factory=list)
+    flow_pairs: int = 0
+    completion: list[Completion] = field(default_factory=list)
+    contracts: int = 0
+    payments: list[Payments] = field(default_factory=list)
+    hospitals: int = 0
+    recoveries: list[Recovery] = field(default_factory=list)
+    outcomes: list[Outcome] = field(default_factory=list)
+    rule_names: dict[str, str] = field(default_factory=dict)
+
+
+# --- query layer --------------------------------------------------------------------------------
+
+def resolve_views(backend: _Queryable) -> dict[str, str]:
+    """Qualified name to read each BI view from; :class:`ReportError` naming what is missing.
+
+    Checked up front, columns included, so that a database migrated by an older release fails
+    with "run `yibao migrate`" rather than with ClickHouse's "Unknown identifier" half-way through.
+    The views have the same name in cluster mode: each node's view reads the Distributed ``*_all``
+    tables, so it already sees every shard (0003_bi_aggregates.sql).
+    """
+    db = backend.database
+    wanted = ", ".join(literal(n) for n in VIEWS)
+    res = backend.query(
+        f"SELECT table, name FROM system.columns WHERE database = {literal(db)} AND table IN ({wanted})"
+    )
+    columns: dict[str, set[str]] = defaultdict(set)
+    for table, column in res.rows:
+        columns[str(table)].add(str(column))
+    sources: dict[str, str] = {}
+    missing: list[str] = []
+    incomplete: list[str] = []
+    for view, needed in VIEWS.items():
+        if view not in columns:
+            missing.append(view)
+            continue
+        lacking = [c for c in needed if c not in columns[view]]
+        if lacking:
+            incomplete.append(f"{view} (no {', '.join(lacking)})")
+            continue
+        sources[view] = f"{db}.{view}"
+    hint = "run `yibao migrate` (it creates the BI views of sinks/ddl/0003_bi_aggregates.sql), then try again"
+    if missing:
+        raise ReportError(f"database {db} has no BI view {', '.join(missing)}", hint)
+    if incomplete:
+        raise ReportError(f"BI views of database {db} are out of date: {'; '.join(incomplete)}", hint)
+    return sources
+
+
+def load(backend: _Queryable, *, backend_name: str = "", alert_days: int = 90, top: int = 15,
+         rule_names: Mapping[str, str] | None = None, progress: Callable[[str], None] | None = None,
+         now: datetime | None = None) -> ReportData:
+    """Query the BI views and return what the report draws.
+
+    Queries aggregate in ClickHouse and cap their row counts (``top`` flows and hospitals, 2,000
+    contracts, ``alert_days`` days of alerts), so the page stays small however big the tables are.
+    """
+    if alert_days < 1:
+        raise ValueError("alert_days must be >= 1")
+    say = progress or (lambda _m: None)
+    src = resolve_views(backend)
+    data = ReportData(database=backend.database, backend=backend_name, alert_days=alert_days,
+                      generated_at=now or datetime.now().astimezone(), rule_names=dict(rule_names or {}))
+
+    def q(view: str, sql: str) -> QueryResult:
+        say(f"reading {view}")
+        return backend.query(sql.format(src=src[view]))
+
+    res = q("bi_fund_health", "SELECT insu_admdvs, insutype, month, months_capacity, cumulative_balance, spending "
+                              "FROM {src} ORDER BY insu_admdvs, insutype, month")
+    data.fund = latest_capacity(res.rows)
+
+    res = q("bi_alerts_by_rule",
+            f"SELECT day, rule_id, sum(alerts) AS n FROM {{src}} "
+            f"WHERE day >= (SELECT max(day) FROM {{src}}) - {int(alert_days) - 1} "
+            "GROUP BY day, rule_id ORDER BY day, rule_id")
+    data.alerts = [AlertCount(as_date(r[0]), str(r[1]), as_int(r[2])) for r in res.rows]
+
+    res = q("bi_cross_province_flows",
+            "SELECT insu_admdvs, mdtrt_admdvs, sum(settlements) AS n_setl, sum(medfee_sumamt) AS medfee, "
+            "sum(fund_pay_sumamt) AS fund_pay, sum(filings) AS n_filings FROM {src} "
+            "GROUP BY insu_admdvs, mdtrt_admdvs "
+            f"ORDER BY n_setl DESC, n_filings DESC, insu_admdvs, mdtrt_admdvs LIMIT {int(top)}")
+    data.flows = [Flow(str(r[0]), str(r[1]), as_int(r[2]), as_float(r[3]), as_float(r[4]), as_int(r[5]))
+                  for r in res.rows]
+    data.flow_pairs = as_int(backend.query(
+        f"SELECT count() FROM (SELECT insu_admdvs, mdtrt_admdvs FROM {src['bi_cross_province_flows']} "
+        "GROUP BY insu_admdvs, mdtrt_admdvs)").scalar())
+
+    res = q("bi_procurement_completion",
+            "SELECT fixmedins_code, med_list_codg, cntr_id, completion_pct, elapsed_pct, lag_points "
+            "FROM {src} ORDER BY lag_points DESC, cntr_id LIMIT 2000")
+    data.completion = [Completion(str(r[0]), str(r[1]), str(r[2]), as_float(r[3]), as_float(r[4]), as_float(r[5]))
+                       for r in res.rows if r[3] is not None and r[4] is not None]
+    data.contracts = as_int(backend.query(f"SELECT count() FROM {src['bi_procurement_completion']}").scalar())
+
+    res = q("bi_supplier_payments",
+            "SELECT fixmedins_code, sum(deliveries) AS n_dlv, sum(paid_deliveries) AS n_paid, "
+            "sum(on_time) AS n_on_time, sum(overdue_unpaid) AS n_overdue FROM {src} GROUP BY fixmedins_code "
+            f"ORDER BY n_overdue DESC, n_paid - n_on_time DESC, fixmedins_code LIMIT {int(top)}")
+    data.payments = [Payments(str(r[0]), as_int(r[1]), as_int(r[2]), as_int(r[3]), as_int(r[4])) for r in res.rows]
+    data.hospitals = as_int(backend.query(
+        f"SELECT uniqExact(fixmedins_code) FROM {src['bi_supplier_payments']}").scalar())
+
+    res = q("bi_supervision_outcomes",
+            "SELECT admdvs, month, sum(amount) AS amt FROM {src} WHERE kind = 'recovery' "
+            "GROUP BY admdvs, month ORDER BY month, admdvs")
+    data.recoveries = [Recovery(str(r[0]), as_date(r[1]), as_float(r[2])) for r in res.rows]
+    res = backend.query(f"SELECT kind, sum(cnt) AS n, sum(amount) AS amt FROM {src['bi_supervision_outcomes']} "
+                        "GROUP BY kind ORDER BY kind")
+    data.outcomes = [Outcome(str(r[0]), as_int(r[1]), as_float(r[2])) for r in res.rows]
+    return data
+
+
+def latest_capacity(rows: Iterable[Sequence[Any]]) -> list[FundCapacity]:
+    """Last month per (region, insutype) from ``(region, insutype, month, capacity, balance, spending)``.
+
+    Done here, not with ``argMax`` in SQL: on a Nullable column ClickHouse's argMax skips NULLs
+    and would show an older month's capacity as if it were current.
+    """
+    latest: dict[tuple[str, str], FundCapacity] = {}
+    for r in rows:
+        cap = None if r[3] is None else float(r[3])
+        if cap is not None and not math.isfinite(cap):
+            cap = None
+        item = FundCapacity(str(r[0]), str(r[1]), as_date(r[2]), cap, as_float(r[4]), as_float(r[5]))
+        key = (item.region, item.insutype)
+        if key not in latest or item.month >= latest[key].month:
+            latest[key] = item
+    return list(latest.values())
+
+
+def as_float(v: Any) -> float:
+    """Decimal, int or float from ClickHouse as a float for drawing (NULL and NaN as 0)."""
+    if v is None:
+        return 0.0
+    f = float(v)
+    return f if math.isfinite(f) else 0.0
+
+
+def as_int(v: Any) -> int:
+    return 0 if v is None else int(v)
+
+
+def as_date(v: Any) -> date:
+    """A month or day as a date, whether the view gives a Date, a DateTime, YYYYMM or text."""
+    if isinstance(v, datetime):
+        return v.date()
+    if isinstance(v, date):
+        return v
+    if isinstance(v, int | Decimal):
+        n = int(v)
+        if n > 99_999:  # YYYYMM or YYYYMMDD
+            return date(n // 100, n % 100, 1) if n < 1_000_000 else date(n // 10_000, n // 100 % 100, n % 100)
+        return date(1970, 1, 1) + timedelta(days=n)
+    text = str(v)
+    return date.fromisoformat(text[:10] if len(text) >= 10 else f"{text[:7]}-01")
+
+
+# --- rendering helpers --------------------------------------------------------------------------
+
+def esc(v: object) -> str:
+    """Text for HTML and inline SVG: every value from the database passes through here."""
+    return html.escape(str(v), quote=True)
+
+
+def fmt_num(v: float, digits: int = 1) -> str:
+    """Compact number: 1,234 / 12.3k / 4.5M / 1.2B (amounts span fen to billions)."""
+    a = abs(v)
+    for limit, unit, suffix in ((1e9, 1e9, "B"), (1e6, 1e6, "M"), (1e4, 1e3, "k")):
+        if a >= limit:
+            return f"{v / unit:,.{digits}f}{suffix}"
+    if float(v).is_integer() or a >= 100:
+        return f"{v:,.0f}"
+    return f"{v:,.{digits}f}"
+
+
+def fmt_cny(v: float) -> str:
+    return f"¥{fmt_num(v)}"
+
+
+def nice_ticks(hi: float, n: int = 5, lo: float = 0.0) -> list[float]:
+    """Round tick values covering [lo, hi] (steps of 1, 2, 2.5 or 5 × 10^k)."""
+    if not math.isfinite(hi) or hi <= lo:
+        hi = lo + 1.0
+    raw = (hi - lo) / n
+    mag = 10 ** math.floor(math.log10(raw))
+    step = mag
+    for m in (1.0, 2.0, 2.5, 5.0, 10.0):
+        step = m * mag
+        if (hi - lo) / step <= n:
+            break
+    start = math.floor(lo / step) * step
+    count = math.ceil((hi - start) / step - 1e-9)
+    return [round(start + i * step, 10) for i in range(count + 1)]
+
+
+def color_map(names: Sequence[str]) -> dict[str, str]:
+    return {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(names)}
+
+
+def _text(x: float, y: float, content: str, *, anchor: str = "start", cls: str = "", extra: str = "") -> str:
+    c = f' class="{cls}"' if cls else ""
+    return f'<text x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}"{c}{extra}>{esc(content)}</text>'
+
+
+def clip(text: str, n: int = 28) -> str:
+    """Shorten a label drawn in a fixed margin (the full text stays in the mark's tooltip)."""
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _svg(height: int, body: Iterable[str], label: str) -> str:
+    return (f'<svg viewBox="0 0 {WIDTH} {height}" width="100%" role="img" aria-label="{esc(label)}" '
+            f'preserveAspectRatio="xMidYMin meet">' + "".join(body) + "</svg>")
+
+
+def _legend(items: Iterable[tuple[str, str, str]]) -> str:
+    """HTML legend of (label, colour, shape: box|line|dash|outline|dot)."""
+    out = []
+    for label, color, shape in items:
+        out.append(f'<li><span class="sw sw-{shape}" style="--c:{esc(color)}"></span>{esc(label)}</li>')
+    return '<ul class="legend">' + "".join(out) + "</ul>"
+
+
+@dataclass
+class Chart:
+    """One figure of the report: id, title, subtitle, the SVG (or None when there is no data)."""
+
+    key: str
+    title: str
+    subtitle: str
+    svg: str | None
+    legend: str = ""
+    empty_reason: str = "no data"
+
+    def html(self) -> str:
+        state = "ok" if self.svg is not None else "empty"
+        body = self.svg if self.svg is not None else _empty_svg(self.empty_reason)
+        return (f'<figure class="chart" id="chart-{esc(self.key)}" data-chart="{esc(self.key)}" '
+                f'data-state="{state}"><figcaption><h2>{esc(self.title)}</h2>'
+                f'<p class="sub">{esc(self.subtitle)}</p></figcaption>{body}{self.legend}</figure>')
+
+
+def _empty_svg(reason: str) -> str:
+    return _svg(120, [
+        '<rect x="1" y="1" width="958" height="118" rx="6" class="empty-frame"/>',
+        _text(WIDTH / 2, 56, "No data", anchor="middle", cls="empty-title"),
+        _text(WIDTH / 2, 82, reason, anchor="middle", cls="empty-reason"),
+    ], f"no data: {reason}")
+
+
+def _x_axis(ticks: Sequence[float], x: Callable[[float], float], y0: float, y1: float,
+            label: str, fmt: Callable[[float], str] = fmt_num) -> list[str]:
+    """Vertical grid lines with values below, and the axis title."""
+    out = []
+    for t in ticks:
+        out.append(f'<line x1="{x(t):.1f}" y1="{y0:.1f}" x2="{x(t):.1f}" y2="{y1:.1f}" class="grid"/>')
+        out.append(_text(x(t), y1 + 16, fmt(t), anchor="middle", cls="tick"))
+    mid = (x(ticks[0]) + x(ticks[-1])) / 2
+    out.append(_text(mid, y1 + 36, label, anchor="middle", cls="axis-title"))
+    return out
+
+
+def _y_axis(ticks: Sequence[float], y: Callable[[float], float], x0: float, x1: float,
+            label: str, fmt: Callable[[float], str] = fmt_num) -> list[str]:
+    """Horizontal grid lines with values on the left, and the (rotated) axis title."""
+    out = []
+    for t in ticks:
+        out.append(f'<line x1="{x0:.1f}" y1="{y(t):.1f}" x2="{x1:.1f}" y2="{y(t):.1f}" class="grid"/>')
+        out.append(_text(x0 - 8, y(t) + 4, fmt(t), anchor="end", cls="tick"))
+    mid = (y(ticks[0]) + y(ticks[-1])) / 2
+    out.append(f'<text x="16" y="{mid:.1f}" text-anchor="middle" class="axis-title" '
+               f'transform="rotate(-90 16 {mid:.1f})">{esc(label)}</text>')
+    return out
+
+
+# --- the charts ---------------------------------------------------------------------------------
+
+def fund_chart(items: Sequence[FundCapacity], threshold: float = CAPACITY_WARNING_MONTHS, limit: int = 30) -> Chart:
+    """(a) Months of payout capacity per pooling region and insurance type against the warning line."""
+    title = "Fund months of payout capacity by pooling region"
+    ranked = sorted(items, key=lambda f: (f.months_capacity is None, f.months_capacity or 0.0, f.region, f.insutype))
+    shown = ranked[:limit]
+    as_of = max((f.month for f in items), default=None)
+    below = sum(1 for f in items if f.months_capacity is not None and f.months_capacity < threshold)
+    sub = (f"Latest month per region and insurance type{f' (up to {as_of:%Y-%m})' if as_of else ''}: "
+           f"cumulative balance ÷ average monthly spending this year, against the {threshold:g}-month warning line.")
+    if items:
+        sub += (f" {below} of {len(items)} below it; lowest first"
+                f"{f', {len(shown)} of {len(items)} shown' if len(shown) < len(items) else ''}.")
+    if not shown:
+        return Chart("fund", title, sub, None,
+                     empty_reason="bi_fund_health has no rows: no fund income or spending yet")
+    types = sorted({f.insutype for f in shown})
+    colors = color_map(types)
+    values = [f.months_capacity for f in shown if f.months_capacity is not None]
+    # A fund in deficit (negative cumulative balance) has negative capacity: the axis extends left.
+    axis_max = min(max([*values, threshold * 2]), CAPACITY_AXIS_CAP)
+    axis_min = max(min([*values, 0.0]), -CAPACITY_AXIS_CAP)
+    ticks = nice_ticks(axis_max, lo=axis_min)
+    left, right, top, bar_h, gap = 190, 80, 26, 18, 6
+    plot_w = WIDTH - left - right
+    height = top + len(shown) * (bar_h + gap) + 52
+
+    def x(v: float) -> float:
+        return left + plot_w * (max(ticks[0], min(v, ticks[-1])) - ticks[0]) / (ticks[-1] - ticks[0])
+
+    bottom = top + len(shown) * (bar_h + gap)
+    body = _x_axis(ticks, x, top - 4, bottom, "months of payout capacity")
+    for i, f in enumerate(shown):
+        y = top + i * (bar_h + gap)
+        label = f"{f.region} · {insutype_label(f.insutype)}"
+        body.append(_text(left - 8, y + bar_h - 4, clip(label, 25), anchor="end", cls="label"))
+        if f.months_capacity is None:
+            body.append(_text(x(0) + 6, y + bar_h - 4, "n/a: no spending this year", cls="note"))
+            continue
+        v = f.months_capacity
+        warn = v < threshold
+        stroke = f' stroke="{WARN_COLOR}" stroke-width="2"' if warn else ""
+        tip = (f"{label}, {f.month:%Y-%m}: {v:.2f} months of payout capacity; cumulative balance "
+               f"{fmt_cny(f.cumulative_balance)}, spending this month {fmt_cny(f.spending)}")
+        x0, x1 = sorted((x(0), x(v)))
+        body.append(f'<rect class="mark bar" x="{x0:.1f}" y="{y}" width="{max(1.0, x1 - x0):.1f}" '
+                    f'height="{bar_h}" fill="{colors[f.insutype]}"{stroke}><title>{esc(tip)}</title></rect>')
+        clipped = " ›" if v > ticks[-1] else " ‹" if v < ticks[0] else ""
+        value = f"{v:.1f}{clipped}" + (" ⚠ deficit" if v < 0 else " ⚠" if warn else "")
+        if v >= 0:
+            body.append(_text(x(v) + 5, y + bar_h - 4, value, cls="value warn" if warn else "value"))
+        elif x1 - x0 > 7.5 * len(value):  # inside a long deficit bar, by the zero line
+            body.append(_text(x1 - 5, y + bar_h - 4, value, anchor="end", cls="value-in"))
+        else:
+            body.append(_text(x0 - 5, y + bar_h - 4, value, anchor="end", cls="value warn"))
+    tx = x(threshold)
+    body.append(f'<line x1="{tx:.1f}" y1="{top - 18}" x2="{tx:.1f}" y2="{bottom:.1f}" class="threshold"/>')
+    body.append(_text(tx + 4, top - 10, f"{threshold:g}-month warning line", cls="threshold-label"))
+    legend = _legend([*((insutype_label(t), colors[t], "box") for t in types),
+                      (f"below {threshold:g} months (warning)", WARN_COLOR, "outline"),
+                      (f"{threshold:g}-month warning line", WARN_COLOR, "dash")])
+    return Chart("fund", title, sub, _svg(int(height), body, title), legend)
+
+
+def insutype_label(code: str) -> str:
+    name = INSUTYPE_NAMES.get(code)
+    return f"{name} ({code})" if name else f"insutype {code}"
+
+
+def alerts_chart(rows: Sequence[AlertCount], days: int, rule_names: Mapping[str, str] | None = None,
+                 max_series: int = 8) -> Chart:
+    """(b) Alerts per day and rule: the busiest rules as lines, the rest folded into "other rules"."""
+    title = "Monitoring alerts by rule over time"
+    names = rule_names or {}
+    total = sum(r.alerts for r in rows)
+    sub = f"Alerts per day and rule over the last {days} days of data; {fmt_num(total)} alerts in the period."
+    if not rows or total == 0:
+        return Chart("alerts", title, sub, None, empty_reason="no alerts in bi_alerts_by_rule for this period")
+    by_rule: dict[str, int] = defaultdict(int)
+    for r in rows:
+        by_rule[r.rule_id] += r.alerts
+    ranked = sorted(by_rule, key=lambda k: (-by_rule[k], k))
+    keep = ranked if len(ranked) <= max_series else ranked[:max_series - 1]
+    other = "other rules"
+    first, last = min(r.day for r in rows), max(r.day for r in rows)
+    n_days = (last - first).days + 1
+    series: dict[str, list[int]] = {k: [0] * n_days for k in keep}
+    if len(keep) < len(ranked):
+        series[other] = [0] * n_days
+    for r in rows:
+        k = r.rule_id if r.rule_id in keep else other
+        series[k][(r.day - first).days] += r.alerts
+    colors = color_map(keep)
+    colors[other] = OTHER_COLOR
+    left, right, top, plot_h = 70, 24, 16, 300
+    plot_w = WIDTH - left - right
+    ticks = nice_ticks(max(max(v) for v in series.values()))
+
+    def x(i: float) -> float:
+        return left + (plot_w * i / (n_days - 1) if n_days > 1 else plot_w / 2)
+
+    def y(v: float) -> float:
+        return top + plot_h - plot_h * v / ticks[-1]
+
+    body = _y_axis(ticks, y, left, left + plot_w, "alerts per day")
+    step = max(1, math.ceil(n_days / 8))
+    for i in range(0, n_days, step):
+        d = first + timedelta(days=i)
+        body.append(f'<line x1="{x(i):.1f}" y1="{top + plot_h}" x2="{x(i):.1f}" y2="{top + plot_h + 5}" class="axis"/>')
+        body.append(_text(x(i), top + plot_h + 20, f"{d:%m-%d}", anchor="middle", cls="tick"))
+    body.append(_text(left + plot_w / 2, top + plot_h + 42, f"day ({first:%Y-%m-%d} to {last:%Y-%m-%d})",
+                      anchor="middle", cls="axis-title"))
+    for k, values in series.items():
+        label = k if k == other else f"{k}: {names[k]}" if k in names else k
+        tip = f"{label}: {sum(values):,} alerts"
+        if n_days == 1:
+            body.append(f'<circle class="mark dot" cx="{x(0):.1f}" cy="{y(values[0]):.1f}" r="5" '
+                        f'fill="{colors[k]}"><title>{esc(tip)}</title></circle>')
+            continue
+        pts = " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in enumerate(values))
+        body.append(f'<polyline class="mark line" points="{pts}" fill="none" stroke="{colors[k]}" '
+                    f'stroke-width="2"><title>{esc(tip)}</title></polyline>')
+    legend = _legend((f"{k} ({sum(v):,})", colors[k], "line") for k, v in series.items())
+    return Chart("alerts", title, sub, _svg(top + plot_h + 56, body, title), legend)
+
+
+def flows_chart(flows: Sequence[Flow], pairs: int) -> Chart:
+    """(c) The largest cross-province flows, insured region → region of treatment."""
+    title = "Cross-province flows: insured region → treatment region"
+    total = sum(f.settlements for f in flows)
+    sub = "Cross-province settlements and filings per pair of regions (insured → treated)."
+    if flows:
+        sub += (f" Largest {len(flows)} of {pairs} pairs, {fmt_num(total)} settlements; "
+                "hover a bar for the amounts.")
+    if not flows:
+        return Chart("flows", title, sub, None, empty_reason="no cross-province settlements or filings yet")
+    left, right, top, bar_h, gap = 200, 160, 12, 11, 8
+    plot_w = WIDTH - left - right
+    ticks = nice_ticks(max(max(f.settlements, f.filings) for f in flows))
+    bottom = top + len(flows) * (2 * bar_h + gap)
+
+    def x(v: float) -> float:
+        return left + plot_w * v / ticks[-1]
+
+    body = _x_axis(ticks, x, top - 4, bottom, "settlements / filings (count)")
+    for i, f in enumerate(flows):
+        y = top + i * (2 * bar_h + gap)
+        label = f"{f.insu_admdvs} → {f.mdtrt_admdvs}"
+        body.append(_text(left - 8, y + bar_h + 4, clip(label, 30), anchor="end", cls="label"))
+        tip = (f"insured in {f.insu_admdvs}, treated in {f.mdtrt_admdvs}: {f.settlements:,} settlements, "
+               f"medical fees {fmt_cny(f.medfee)}, fund paid {fmt_cny(f.fund_pay)}; {f.filings:,} filings")
+        for j, (v, color) in enumerate(((f.settlements, PALETTE[0]), (f.filings, PALETTE[1]))):
+            if v > 0:
+                body.append(f'<rect class="mark bar" x="{left}" y="{y + j * bar_h}" '
+                            f'width="{max(1.0, x(v) - left):.1f}" height="{bar_h - 1}" fill="{color}">'
+                            f'<title>{esc(tip)}</title></rect>')
+        body.append(_text(x(max(f.settlements, f.filings)) + 5, y + bar_h + 4,
+                          f"fund {fmt_cny(f.fund_pay)}", cls="value"))
+    legend = _legend([("settlements", PALETTE[0], "box"), ("cross-province filings", PALETTE[1], "box")])
+    return Chart("flows", title, sub, _svg(int(bottom + 48), body, title), legend)
+
+
+def completion_chart(items: Sequence[Completion], contracts: int, lag: float = LAG_WARNING_POINTS) -> Chart:
+    """(d) Volume-based procurement: completion of the agreed volume against elapsed contract time."""
+    title = "Procurement completion vs elapsed share of the contract cycle"
+    lagging = sum(1 for c in items if c.lag_points > lag)
+    sub = (f"One point per volume-based procurement contract: share of the agreed volume bought against the "
+           f"share of the contract cycle elapsed; warning when it lags by more than {lag:g} points.")
+    if items:
+        sub += f" {lagging} of {len(items)} shown lag{'s' if lagging == 1 else ''} ({contracts} contracts in all)."
+    if not items:
+        return Chart("procurement", title, sub, None,
+                     empty_reason="no procurement contracts in bi_procurement_completion")
+    left, right, top, plot_h = 70, 24, 16, 320
+    plot_w = WIDTH - left - right
+    x_ticks = nice_ticks(100.0)
+    y_ticks = nice_ticks(min(max(100.0, *(c.completion_pct for c in items)), 200.0))
+
+    def x(v: float) -> float:
+        return left + plot_w * max(0.0, min(v, x_ticks[-1])) / x_ticks[-1]
+
+    def y(v: float) -> float:
+        return top + plot_h - plot_h * max(0.0, min(v, y_ticks[-1])) / y_ticks[-1]
+
+    body = _y_axis(y_ticks, y, left, left + plot_w, "completion of agreed volume (%)", fmt=lambda v: f"{v:g}%")
+    body += _x_axis(x_ticks, x, top, top + plot_h, "elapsed share of the contract cycle (%)", fmt=lambda v: f"{v:g}%")
+    body.append(f'<line x1="{x(0):.1f}" y1="{y(0):.1f}" x2="{x(100):.1f}" y2="{y(100):.1f}" class="ref-line"/>')
+    body.append(f'<line x1="{x(lag):.1f}" y1="{y(0):.1f}" x2="{x(100):.1f}" y2="{y(100 - lag):.1f}" '
+                'class="threshold"/>')
+    for c in items:
+        warn = c.lag_points > lag
+        tip = (f"contract {c.cntr_id}, {c.fixmedins_code}, {c.med_list_codg}: {c.completion_pct:.1f}% bought, "
+               f"{c.elapsed_pct:.1f}% of the cycle elapsed ({c.lag_points:+.1f} points lag)")
+        body.append(f'<circle class="mark dot" cx="{x(c.elapsed_pct):.1f}" cy="{y(c.completion_pct):.1f}" r="4" '
+                    f'fill="{WARN_COLOR if warn else OK_COLOR}" fill-opacity="0.75"><title>{esc(tip)}</title></circle>')
+    legend = _legend([("on schedule or ahead", OK_COLOR, "dot"), (f"lagging > {lag:g} points", WARN_COLOR, "dot"),
+                      ("completion = elapsed", "#555", "line"), (f"{lag:g}-point lag line", WARN_COLOR, "dash")])
+    return Chart("procurement", title, sub, _svg(top + plot_h + 52, body, title), legend)
+
+
+def payments_chart(items: Sequence[Payments], hospitals: int) -> Chart:
+    """(d) Supplier payments per hospital: on time, late, overdue and unpaid, not yet due."""
+    title = "Supplier payments and overdue deliveries by hospital"
+    overdue = sum(p.overdue_unpaid for p in items)
+    sub = "Accepted deliveries by payment status: hospitals must pay their suppliers within 30 days."
+    if items:
+        sub += (f" {len(items)} of {hospitals} hospitals shown, most overdue first; "
+                f"{fmt_num(overdue)} overdue unpaid deliveries among them.")
+    if not items or not any(p.deliveries for p in items):
+        return Chart("payments", title, sub, None, empty_reason="no accepted deliveries in bi_supplier_payments")
+    parts: list[tuple[str, str, Callable[[Payments], int]]] = [
+        ("paid on time", OK_COLOR, lambda p: p.on_time), ("paid late", LATE_COLOR, lambda p: p.paid_late),
+        ("overdue, unpaid", WARN_COLOR, lambda p: p.overdue_unpaid),
+        ("unpaid, not yet due", PENDING_COLOR, lambda p: p.pending)]
+    left, right, top, bar_h, gap = 150, 150, 12, 16, 7
+    plot_w = WIDTH - left - right
+    ticks = nice_ticks(max(max(p.deliveries, p.paid + p.overdue_unpaid) for p in items))
+    bottom = top + len(items) * (bar_h + gap)
+
+    def x(v: float) -> float:
+        return left + plot_w * v / ticks[-1]
+
+    body = _x_axis(ticks, x, top - 4, bottom, "accepted deliveries (count)")
+    for i, p in enumerate(items):
+        y = top + i * (bar_h + gap)
+        body.append(_text(left - 8, y + bar_h - 3, clip(p.fixmedins_code, 20), anchor="end", cls="label"))
+        acc = 0
+        for name, color, get in parts:
+            v = get(p)
+            if v <= 0:
+                continue
+            tip = f"{p.fixmedins_code}: {v:,} of {p.deliveries:,} deliveries {name}"
+            body.append(f'<rect class="mark bar" x="{x(acc):.1f}" y="{y}" width="{max(1.0, x(acc + v) - x(acc)):.1f}" '
+                        f'height="{bar_h}" fill="{color}"><title>{esc(tip)}</title></rect>')
+            acc += v
+        rate = f"{100 * p.on_time / p.paid:.0f}% on time" if p.paid else "nothing paid"
+        body.append(_text(x(acc) + 5, y + bar_h - 3, f"{p.overdue_unpaid:,} overdue · {rate}",
+                          cls="value warn" if p.overdue_unpaid else "value"))
+    legend = _legend((name, color, "box") for name, color, _ in parts)
+    return Chart("payments", title, sub, _svg(int(bottom + 48), body, title), legend)
+
+
+def recoveries_chart(items: Sequence[Recovery], max_regions: int = 6) -> Chart:
+    """(e) Recovered funds per month, stacked by region (the largest regions, the rest as "other")."""
+    title = "Recovered funds by region and month"
+    total = sum(r.amount for r in items)
+    sub = "Funds recovered from institutions after inspections and penalties, per month and region."
+    if items:
+        sub += f" {fmt_cny(total)} in total."
+    if not items or total <= 0:
+        return Chart("recoveries", title, sub, None, empty_reason="no recovered funds in bi_supervision_outcomes")
+    by_region: dict[str, float] = defaultdict(float)
+    for r in items:
+        by_region[r.admdvs] += r.amount
+    ranked = sorted(by_region, key=lambda k: (-by_region[k], k))
+    keep = ranked if len(ranked) <= max_regions else ranked[:max_regions - 1]
+    other = "other regions"
+    months = sorted({date(r.month.year, r.month.month, 1) for r in items})
+    stacks: dict[date, dict[str, float]] = {m: defaultdict(float) for m in months}
+    for r in items:
+        stacks[date(r.month.year, r.month.month, 1)][r.admdvs if r.admdvs in keep else other] += r.amount
+    order = [*keep, *([other] if len(keep) < len(ranked) else [])]
+    colors = color_map(keep)
+    colors[other] = OTHER_COLOR
+    left, right, top, plot_h = 80, 24, 16, 280
+    plot_w = WIDTH - left - right
+    ticks = nice_ticks(max(sum(max(0.0, v) for v in s.values()) for s in stacks.values()))
+    slot = plot_w / len(months)
+    bar_w = min(60.0, slot * 0.7)
+
+    def y(v: float) -> float:
+        return top + plot_h - plot_h * v / ticks[-1]
+
+    body = _y_axis(ticks, y, left, left + plot_w, "recovered (CNY)", fmt=fmt_cny)
+    label_every = max(1, math.ceil(len(months) / 12))
+    for i, m in enumerate(months):
+        cx = left + slot * (i + 0.5)
+        acc = 0.0
+        for k in order:
+            v = stacks[m].get(k, 0.0)
+            if v <= 0:
+                continue
+            tip = f"{k}, {m:%Y-%m}: {fmt_cny(v)} recovered"
+            body.append(f'<rect class="mark bar" x="{cx - bar_w / 2:.1f}" y="{y(acc + v):.1f}" '
+                        f'width="{bar_w:.1f}" height="{max(1.0, y(acc) - y(acc + v)):.1f}" fill="{colors[k]}">'
+                        f'<title>{esc(tip)}</title></rect>')
+            acc += v
+        if i % label_every == 0:
+            body.append(_text(cx, top + plot_h + 18, f"{m:%Y-%m}", anchor="middle", cls="tick"))
+    body.append(_text(left + plot_w / 2, top + plot_h + 40, "month", anchor="middle", cls="axis-title"))
+    sums = {k: by_region[k] for k in keep}
+    sums[other] = total - sum(sums.values())
+    legend = _legend((f"{k} ({fmt_cny(sums[k])})", colors[k], "box") for k in order)
+    return Chart("recoveries", title, sub, _svg(top + plot_h + 54, body, title), legend)
+
+
+def charts(data: ReportData, threshold: float = CAPACITY_WARNING_MONTHS) -> list[Chart]:
+    """The report's figures, in reading order."""
+    return [
+        fund_chart(data.fund, threshold),
+        alerts_chart(data.alerts, data.alert_days, data.rule_names),
+        flows_chart(data.flows, data.flow_pairs),
+        completion_chart(data.completion, data.contracts),
+        payments_chart(data.payments, data.hospitals),
+        recoveries_chart(data.recoveries),
+    ]
+
+
+def _kpis(data: ReportData, threshold: float) -> str:
+    """The headline numbers above the charts."""
+    below = sum(1 for f in data.fund if f.months_capacity is not None and f.months_capacity < threshold)
+    outcome = {o.kind: o for o in data.outcomes}
+    items = [
+        (f"funds below {threshold:g} months", f"{below} of {len(data.fund)}", below > 0),
+        (f"alerts, last {data.alert_days} days", fmt_num(sum(a.alerts for a in data.alerts)), False),
+        ("contracts lagging > 10 points", f"{sum(1 for c in data.completion if c.lag_points > LAG_WARNING_POINTS)}"
+                                          f" of {data.contracts}", False),
+    ]
+    for kind, label in (("inspection", "inspections"), ("tip", "tips from the public"), ("penalty", "penalties")):
+        o = outcome.get(kind)
+        items.append((label, fmt_num(o.count) if o else "–", False))
+    o = outcome.get("recovery")
+    items.append(("funds recovered", fmt_cny(o.amount) if o else "–", False))
+    cells = "".join(f'<div class="kpi{" warn" if warn else ""}"><b>{esc(v)}</b><span>{esc(k)}</span></div>'
+                    for k, v, warn in items)
+    return f'<section class="kpis">{cells}</section>'
+
+
+CSS = """
+:root{color-scheme:light;font-family:system-ui,-apple-system,"Segoe UI",Roboto,"Noto Sans","Noto Sans CJK SC",
+sans-serif;color:#1f2328;background:#f4f6f8}
+body{margin:0 auto;max-width:1040px;padding:24px}
+header h1{font-size:24px;margin:0 0 4px}
+.meta{color:#57606a;margin:0 0 16px;font-size:13px}
+.kpis{display:grid;grid-template-columns:repeat(auto-fit,minmax(118px,1fr));gap:10px;margin-bottom:18px}
+.kpi{background:#fff;border:1px solid #d0d7de;border-radius:8px;padding:10px 12px}
+.kpi b{display:block;font-size:20px}.kpi span{color:#57606a;font-size:12px}
+.kpi.warn{border-color:#d62728}.kpi.warn b{color:#d62728}
+.chart{background:#fff;border:1px solid #d0d7de;border-radius:8px;margin:0 0 18px;padding:14px 16px}
+.chart h2{font-size:17px;margin:0 0 2px}.sub{color:#57606a;font-size:13px;margin:0 0 10px}
+svg{display:block;font-size:12px}
+svg text{fill:#1f2328}
+.grid{stroke:#e5e8eb;stroke-width:1}.axis{stroke:#8c959f}
+.tick{fill:#57606a;font-size:11px}.axis-title{fill:#57606a;font-size:12px}
+.label{font-size:12px}.value{fill:#424a53;font-size:11px}.value.warn,.warn{fill:#d62728}
+.value-in{fill:#fff;font-size:11px;font-weight:600}
+.note{fill:#8c959f;font-style:italic;font-size:11px}
+.threshold{stroke:#d62728;stroke-width:2;stroke-dasharray:6 4}.threshold-label{fill:#d62728;font-size:11px}
+.ref-line{stroke:#555;stroke-width:1.5}
+.empty-frame{fill:#fafbfc;stroke:#d0d7de;stroke-dasharray:4 4}
+.empty-title{font-size:16px;font-weight:600;fill:#57606a}.empty-reason{fill:#8c959f}
+.legend{list-style:none;display:flex;flex-wrap:wrap;gap:6px 16px;margin:8px 0 0;padding:0;font-size:12px}
+.legend li{display:flex;align-items:center;gap:6px}
+.sw{display:inline-block;width:14px;height:10px}
+.sw-box{background:var(--c)}.sw-outline{border:2px solid var(--c);width:10px;height:6px}
+.sw-line{height:0;border-top:3px solid var(--c)}.sw-dash{height:0;border-top:3px dashed var(--c)}
+.sw-dot{width:10px;height:10px;border-radius:50%;background:var(--c)}
+footer{color:#8c959f;font-size:12px;margin-top:8px}
+"""
+
+#: Nothing may be fetched: the page must render the same on a machine without a network.
+CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; form-action 'none'"
+
+
+def render(data: ReportData, threshold: float = CAPACITY_WARNING_MONTHS) -> str:
+    """The whole report as one HTML document (UTF-8), with no external references."""
+    figures = charts(data, threshold)
+    source = f"{data.backend} database {data.database}" if data.backend else f"database {data.database}"
+    return (
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>yibao BI report: {esc(data.database)}</title><style>{CSS}</style></head><body>"
+        f"<header><h1>yibao medical-insurance BI report</h1>"
+        f'<p class="meta">From the BI views of {esc(source)}, generated '
+        f"{esc(data.generated_at.strftime('%Y-%m-%d %H:%M %Z').strip())}.</p></header>"
+        f"{_kpis(data, threshold)}<main>{''.join(f.html() for f in figures)}</main>"
+        "<footer>Self-contained report written by <code>yibao report</code>: no scripts, fonts or network "
+        "resources. Hover a mark for its figures.</footer></body></html>\n"
+    )
