@@ -34,6 +34,7 @@ from .privacy import Pseudonymizer, Sealer, load_key
 from .rules import RULES_FILE, RuleBook, check_rule, load_knowledge, load_rules_file
 from .rules.engine import SettlementEngine
 from .rules.grouped import GroupedEngine
+from .rules.procurement import ProcurementEngine
 from .rules.rulebook import follow_rules_topic
 from .rules.state import Store
 from .topics import RULES_TOPIC, ensure_topics
@@ -156,14 +157,17 @@ class IngestService(mode.Service):
             )
 
         self.rulebook = build_rulebook(s) if s.rules_enabled else None
-        engine = None
+        engines: dict[str, SettlementEngine | ProcurementEngine] = {}
         if self.rulebook is not None:
             knowledge = load_knowledge()
-            engine = SettlementEngine(self.rulebook, knowledge, pseudo, Store("person", s.topic("changelog.person")),
-                                      s.allowed_lateness_days)
+            engines["settlement"] = SettlementEngine(
+                self.rulebook, knowledge, pseudo, Store("person", s.topic("changelog.person")),
+                s.allowed_lateness_days)
+            engines["procurement"] = ProcurementEngine(
+                self.rulebook, Store("procurement", s.topic("changelog.procurement")))
         for name in self.streams:
             processor = BatchProcessor(subsystems[name], codec, pseudo, sealer, s.topic(name), build_limits(s),
-                                       engine=engine if name == "settlement" else None)
+                                       engine=engines.get(name))
             self.ingestors[name] = ingestor(name, processor, f"{s.consumer_group}.{name}")
         if self.rulebook is not None and "settlement" in self.streams:
             for by in ("hospital", "drg"):
@@ -175,6 +179,8 @@ class IngestService(mode.Service):
         tune_gc()
         for ing in self.ingestors.values():
             self._ingest_tasks.append(asyncio.create_task(self._run(ing)))
+        if self.rulebook is not None and s.monitor_interval_s > 0:
+            self._ingest_tasks.append(asyncio.create_task(self._monitor_loop(backend_for())))
         log.info("worker started", streams=list(self.streams), backend=s.ch_backend.value)
 
     async def _run(self, ing: Ingestor) -> None:
@@ -187,6 +193,43 @@ class IngestService(mode.Service):
             self.ingest_crashed = True
             self._stop_ingest.set()
             os.kill(os.getpid(), signal.SIGTERM)
+
+    async def _monitor_loop(self, backend: Backend) -> None:
+        """Run the ClickHouse monitors (streams/monitors.py) every ``monitor_interval_s``.
+
+        Every worker process runs them: the alert ids are deterministic and each run emits only
+        changes against the alerts table, so concurrent runs at worst write the same event twice,
+        which the ReplacingMergeTree collapses. A failed run is logged and retried next interval.
+        """
+        from . import monitors
+
+        assert self.rulebook is not None and self._dl_producer is not None
+        loop = asyncio.get_running_loop()
+        executor = ThreadPoolExecutor(1, thread_name_prefix="monitors")
+        codec = Codec()
+        topic = self.settings.topic("alerts")
+        try:
+            while not self._stop_ingest.is_set():
+                try:
+                    await asyncio.wait_for(self._stop_ingest.wait(), self.settings.monitor_interval_s)
+                    return
+                except TimeoutError:
+                    pass
+                try:
+                    rules = self.rulebook.current
+                    run = await loop.run_in_executor(executor, monitors.evaluate, backend, rules)
+                    futures = [await self._dl_producer.send(topic, codec.encode(monitors.ALERT_RECORD, d),
+                                                            key=monitors.alert_key(d)) for d in run.emitted]
+                    await asyncio.gather(*futures)
+                    await loop.run_in_executor(executor, monitors.write_alerts, backend, run.emitted)
+                    for d in run.emitted:
+                        if d["status"] == "FIRED":
+                            metrics.ALERTS.labels(d["rule_id"], d["severity"]).inc()
+                    log.info("monitors ran", as_of=run.as_of, emitted=run.counts())
+                except Exception:  # a monitor failure must not stop ingestion
+                    log.exception("monitor run failed; retrying at the next interval")
+        finally:
+            executor.shutdown(wait=False, cancel_futures=True)
 
     async def on_stop(self) -> None:
         self._stop_ingest.set()

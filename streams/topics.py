@@ -9,6 +9,7 @@
 | ``alerts`` | institution (or person token) | AnomalyAlert |
 | ``internal.stays-by-hospital`` / ``-by-drg`` | fixmedins_code / drg_code | inpatient stays re-keyed (JSON) |
 | ``changelog.person`` / ``.hospital`` / ``.drg`` | state key | detector state (compacted, JSON) |
+| ``changelog.procurement`` | fixmedins_code; ``<code>#tr#<day>`` | procurement detector state, sold trace codes |
 | ``rules`` | rule id | the rule base (compacted, one partition, JSON) |
 """
 
@@ -23,7 +24,7 @@ from yibao.settings import STREAMS, Settings
 
 PIPELINE_TOPICS = ("deadletter", "alerts", "internal.stays-by-hospital", "internal.stays-by-drg")
 #: compacted: state changelogs (one partition per source partition) and the rule base
-COMPACTED_TOPICS = ("changelog.person", "changelog.hospital", "changelog.drg")
+COMPACTED_TOPICS = ("changelog.person", "changelog.hospital", "changelog.drg", "changelog.procurement")
 RULES_TOPIC = "rules"
 
 

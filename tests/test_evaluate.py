@@ -31,6 +31,7 @@ from streams.rules import RULES_FILE, load_rules_file
 from streams.validation import EventId, compile_checks
 from yibao.anomalies import PLANTERS, REVERSAL_MONEY, PlantError, Planting, copy_settlement, rebalance
 from yibao.evaluate import (
+    UNCOVERED_RULES,
     InProcessRun,
     compare,
     latest_alerts,
@@ -40,30 +41,61 @@ from yibao.evaluate import (
     write_alerts,
 )
 from yibao.settings import load_settings
-from yibao.simulate import SETTLEMENT, SimConfig, TrafficGenerator
+from yibao.simulate import REVERSAL, SETTLEMENT, SimConfig, TrafficGenerator
 
 CHINA = ZoneInfo("Asia/Shanghai")
 RULE_IDS = [r.id for r in load_rules_file(RULES_FILE)]
 SHAPE: dict[str, Any] = {"settlements": 22_500, "days": 94, "hospitals": 12, "regions": 6, "seed": 42,
-                         "start": datetime(2026, 6, 29, tzinfo=CHINA)}
+                         "start": datetime(2026, 6, 29, tzinfo=CHINA),
+                         # late payments are YB-PROC-PAY-OVERDUE violations: clean means none
+                         "late_payment_rate": 0.0}
 RATE = 0.01
 RATES = {
     "YB-LINE-LEVEL": 0.005, "YB-LINE-SETTING": 0.005, "YB-LINE-PRICE": 0.004, "YB-VISIT-DUP": 0.05,
     "YB-PSN-RETEST": 0.1, "YB-PSN-OVERRX": 0.03, "YB-PSN-SHOP-1D": 0.005, "YB-STAY-SPLIT": 0.05,
     "YB-STAY-BEDHANG": 0.05, "YB-STAY-LOWADM": 0.005, "YB-HOSP-UPCODE": 1.0, "YB-HOSP-HIGHCOST": 0.03,
     "YB-PSN-GHOST": 0.005,
+    # procurement rules: per SALE_OUT movement, contract and payment
+    "YB-PSI-OVERSELL": 0.0005, "YB-PSI-TRACE-DUP": 0.0005, "YB-PROC-VOLUME-LAG": 0.4, "YB-PROC-PAY-OVERDUE": 0.01,
+    # ClickHouse monitors: share of pool × insutype subjects (capacity: 6 of 12), of the free
+    # subject × month cells (negative: 6 of 12), per institution × drug × closed month (settled)
+    "YB-FUND-CAPACITY": 0.5, "YB-FUND-NEGATIVE": 0.5, "YB-PSI-SETTLED-OVER-SOLD": 0.006,
 }
 
 
 @pytest.fixture(scope="module")
-def clean_run() -> InProcessRun:
-    return run_in_process(SimConfig(**SHAPE), None)
+def monitor_db(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A chDB database per run for the monitors (the suite's shared chDB data dir: one per process)."""
+    pytest.importorskip("chdb")
+    from sinks import open_backend
+    from yibao.evaluate import prepare_monitor_database
+
+    made: list[Any] = []
+
+    def make() -> Any:
+        be = open_backend("embedded", path=tmp_path_factory.getbasetemp() / "chdb-shared",
+                          database=f"yb_evalrun_{uuid.uuid4().hex[:10]}")
+        prepare_monitor_database(be)
+        made.append(be)
+        return be
+
+    yield make
+    for be in made:
+        try:
+            be.execute(f"DROP DATABASE IF EXISTS {be.database} SYNC")
+        finally:
+            be.close()
 
 
 @pytest.fixture(scope="module")
-def planted() -> tuple[InProcessRun, Planting]:
+def clean_run(monitor_db: Any) -> InProcessRun:
+    return run_in_process(SimConfig(**SHAPE), None, backend=monitor_db())
+
+
+@pytest.fixture(scope="module")
+def planted(monitor_db: Any) -> tuple[InProcessRun, Planting]:
     planting = Planting("all", rate=RATE, rates=RATES)
-    return run_in_process(SimConfig(**SHAPE), planting), planting
+    return run_in_process(SimConfig(**SHAPE), planting, backend=monitor_db()), planting
 
 
 def fired(run: InProcessRun) -> list[dict[str, Any]]:
@@ -99,6 +131,8 @@ def test_precision_and_recall_per_rule(planted: tuple[InProcessRun, Planting]) -
     weak = {}
     for rid in RULE_IDS:
         r = result["rules"][rid]
+        if rid in UNCOVERED_RULES:  # named and explained there; still planted (see above)
+            continue
         if r["tp"] < 5 or r["precision"] is None or r["precision"] < 0.95 or r["recall"] < 0.95:
             weak[rid] = r
     assert weak == {}, json.dumps(weak, indent=1)
@@ -192,14 +226,18 @@ def test_planting_is_deterministic_and_leaves_the_base_traffic_alone() -> None:
     events, truth = runs[0]
     clean_ids = [str(e.datum["event_id"]) for e in clean]
     extra = {i for t in truth for i in t["event_ids"]} - set(clean_ids)
-    kept = [e for e in events if str(e.datum["event_id"]) not in extra]
-    assert [str(e.datum["event_id"]) for e in kept] == clean_ids  # same events, same order
+    # overdue payments are delayed (emitted later) or never made
+    moved = {i for t in truth if t["rule_id"] == "YB-PROC-PAY-OVERDUE" for i in t["event_ids"]}
+    assert extra  # (a 20-day span is too short for an overdue payment: moved is empty here)
+    kept = [e for e in events if str(e.datum["event_id"]) not in extra | moved]
+    clean = [e for e in clean if str(e.datum["event_id"]) not in moved]
+    assert [str(e.datum["event_id"]) for e in kept] == [str(e.datum["event_id"]) for e in clean]  # same order
     involved = {i for t in truth for i in t["event_ids"]}
     planted_setl = {s for t in truth for s in t["setl_ids"]}
     changed = [(a, b) for a, b in zip(kept, clean, strict=True) if a.datum != b.datum]
     assert changed
     for a, b in changed:  # only planted settlements differ, and full reversals of modified ones
-        if a.record == SETTLEMENT:
+        if a.record == SETTLEMENT or a.record != REVERSAL:
             assert str(a.datum["event_id"]) in involved
         else:
             assert a.datum["init_setl_id"] in planted_setl and a.datum["full_reversal"]

@@ -107,7 +107,8 @@ def codec() -> Codec:
 
 # 45 days so that delayed consequences (payments, penalties, recoveries, late reversals) land in the
 # span; supervision rates raised so each record kind has a real sample.
-LONG = SimConfig(settlements=6_000, days=45, seed=7, inspection_rate=0.02, tip_rate=0.01, reversal_rate=0.03)
+LONG = SimConfig(settlements=6_000, days=45, seed=7, inspection_rate=0.02, tip_rate=0.01, reversal_rate=0.03,
+                 late_payment_rate=0.15)
 WEEK = SimConfig(settlements=10_000)
 
 
@@ -647,9 +648,20 @@ def test_supervision_chain(stream: list[SimEvent]) -> None:
 def test_fund_income_plausible(week: list[SimEvent], long_gen: TrafficGenerator) -> None:
     spent = sum(d["fund_pay_sumamt"] for d in of(week, SETTLEMENT)) - \
         sum(d["fund_pay_sumamt"] for d in of(week, REVERSAL))
-    income = of(week, INCOME)
+    every = of(week, INCOME)
+    # the opening balance (carried over, booked at the start) is no contribution of the span
+    opening = [d for d in every if d["income_id"][8:10] == "OB"]
+    income = [d for d in every if d not in opening]
     ratio = sum(d["income_amt"] for d in income) / spent
     assert 1.05 <= ratio <= 1.45, ratio
+    pools_types = {(d["insu_admdvs"], d["insutype"]) for d in opening}
+    assert len(opening) == len(pools_types) and {d["income_type"] for d in opening} == {"OTHER"}
+    assert {d["book_time"] for d in opening} == {WEEK.start_ms}
+    for d in opening:  # 9-12 months of the pool × insutype's spending (±50%: small pools are noisy)
+        pool_spent = sum(x["fund_pay_sumamt"] for x in of(week, SETTLEMENT)
+                         if x["insu_admdvs"][:4] + "99" == d["insu_admdvs"] and x["insutype"] == d["insutype"])
+        months = d["income_amt"] / (pool_spent / WEEK.days * 30.4) if pool_spent else float("inf")
+        assert months >= 6, (d, months)
     assert all((local_day(d["book_time"]) + 3) % 7 < 5 for d in income), "booked on working days"
     pools = {r.pool for r in TrafficGenerator(WEEK).regions}
     assert {d["insu_admdvs"] for d in income} == pools

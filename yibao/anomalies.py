@@ -285,11 +285,13 @@ class Anomaly:
     note: str
     month: int | None = None
     reversed: bool = False
+    #: business ids an alert names in its ``ref`` evidence (procurement: mov_id, dlv_id, cntr_id)
+    refs: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"rule_id": self.rule_id, "setl_ids": list(self.setl_ids), "fixmedins_code": self.fixmedins_code,
                 "month": self.month, "event_ids": list(self.event_ids), "note": self.note,
-                "reversed": self.reversed}
+                "reversed": self.reversed, "refs": list(self.refs)}
 
 
 @dataclass
@@ -317,6 +319,10 @@ class Planter:
         self.pl = pl
         self.rule = rule
         self.cat = pl.cat
+
+    def record_hooks(self) -> dict[str, EventHook]:
+        """Hooks on other records (procurement planters); settlement planters use ``plan``."""
+        return {}
 
     def eligible(self, d: Mapping[str, Any]) -> bool:
         raise NotImplementedError
@@ -804,6 +810,14 @@ for _cls in (SexPlanter, AgePlanter, LevelPlanter, SettingPlanter, PricePlanter,
              GhostPlanter):
     PLANTERS[_cls.rule_id] = _cls
 
+from .anomalies_procurement import PROCUREMENT_PLANTERS  # noqa: E402  (they subclass Planter)
+
+PLANTERS.update(PROCUREMENT_PLANTERS)
+
+from .anomalies_fund import FUND_PLANTERS  # noqa: E402  (ClickHouse monitor rules; they subclass Planter)
+
+PLANTERS.update(FUND_PLANTERS)
+
 
 class Planting:
     """The anomaly hooks of one generator run and their ground truth.
@@ -841,7 +855,11 @@ class Planting:
 
     # --- hooks ------------------------------------------------------------------------------
     def hooks(self) -> dict[str, list[EventHook]]:
-        return {SETTLEMENT: [self.on_settlement], REVERSAL: [self.on_reversal]}
+        out: dict[str, list[EventHook]] = {SETTLEMENT: [self.on_settlement], REVERSAL: [self.on_reversal]}
+        for pl in self.planters:
+            for record, hook in pl.record_hooks().items():
+                out.setdefault(record, []).append(hook)
+        return out
 
     def generator(self, config: Any) -> TrafficGenerator:
         """A traffic generator with these hooks."""
@@ -1132,7 +1150,7 @@ class Planting:
 
     # --- results --------------------------------------------------------------------------------
     def truth(self) -> list[dict[str, Any]]:
-        return [a.to_dict() for a in self.anomalies if a.setl_ids]
+        return [a.to_dict() for a in self.anomalies if a.setl_ids or a.refs]
 
     def write_truth(self, path: Path) -> int:
         rows = self.truth()

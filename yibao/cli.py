@@ -21,6 +21,7 @@ from rich.table import Table
 
 from .access import access_app
 from .dlq import dlq_app
+from .monitors_cli import monitors_app
 from .rules_cli import alerts_command, rules_app
 from .settings import Settings, SettingsError, load_settings
 
@@ -40,6 +41,7 @@ app.add_typer(config_app, name="config")
 app.add_typer(rules_app, name="rules")
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(access_app, name="access")
+app.add_typer(monitors_app, name="monitors")
 app.command("alerts")(alerts_command)
 
 console = Console()
@@ -368,6 +370,72 @@ def query(
         console.print(f"[dim]{len(res.rows)} row(s)[/dim]")
 
     _guard(run)
+
+
+# --- report -------------------------------------------------------------------------------------
+@app.command()
+def report(
+    out: Annotated[Path, typer.Option("--out", "-o", help="HTML file to write")] = Path("report.html"),
+    days: Annotated[int, typer.Option("--days", help="Days of alerts to chart (up to the latest day)")] = 90,
+    backend: BackendOpt = None,
+    data_dir: DataDir = None,
+    ch_host: ChHost = None,
+    ch_port: ChPort = None,
+    database: Database = None,
+) -> None:
+    """Write a self-contained HTML dashboard of the BI views (opens offline: no scripts, fonts or CDNs)."""
+
+    def run() -> None:
+        if days < 1:
+            fail(f"--days {days}: must be at least 1")
+        if out.exists() and out.is_dir():
+            fail(f"--out {out} is a directory", "name the HTML file to write, e.g. --out report.html")
+        if not out.parent.is_dir():
+            fail(f"--out {out}: directory {out.parent} does not exist")
+        s = settings_from(backend=backend, data_dir=data_dir, ch_host=ch_host, ch_port=ch_port, database=database)
+        from streams.app import make_backend
+
+        from .report import ReportError, load, render
+
+        names = _rule_names(s)
+        be = make_backend(s)
+        try:
+            exists = be.query(f"SELECT count() FROM system.databases WHERE name = '{s.ch_database}'").rows[0][0]
+            if not exists:
+                fail(f"database {s.ch_database} does not exist on the {s.ch_backend.value} backend",
+                     "run `yibao migrate` (or `yibao demo`) first, or pass --database/--data-dir")
+            try:
+                data = load(be, backend_name=s.ch_backend.value, alert_days=days, rule_names=names,
+                            progress=lambda m: console.print(f"  {m}"))
+            except ReportError as exc:
+                fail(str(exc), exc.hint)
+        finally:
+            be.close()
+        text = render(data)
+        tmp = out.with_name(f".{out.name}.tmp")
+        try:
+            tmp.write_text(text, encoding="utf-8")
+            tmp.replace(out)  # a reader never sees half a report
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            fail(f"cannot write {out}: {exc.strerror or exc}")
+        console.print(f"[green]wrote[/green] {out} ({len(text.encode('utf-8')) / 1024:.0f} KiB) from the "
+                      f"{s.ch_backend.value} database {s.ch_database}")
+
+    _guard(run)
+
+
+def _rule_names(s: Settings) -> dict[str, str]:
+    """Rule id → English name from the configured rule base, for the alerts chart's legend.
+
+    Best effort: a rule base that does not load costs the report its rule names, not its charts.
+    """
+    from streams.rules import RULES_FILE, RuleError, check_rule, load_rules_file
+
+    try:
+        return {r.id: r.name_en for r in load_rules_file(s.rules_file or RULES_FILE, check_rule)}
+    except (RuleError, OSError, ValueError):
+        return {}
 
 
 # --- demo ---------------------------------------------------------------------------------------

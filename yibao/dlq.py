@@ -96,7 +96,7 @@ def reason_counts(backend: Backend) -> list[dict[str, Any]]:
     """Dead letters per reason and source topic, most frequent first."""
     res = backend.query(
         f"SELECT reason_code, source_topic, uniqExact(event_id) AS n, min(failed_at), max(failed_at) "
-        f"FROM {backend.database}.dead_letters GROUP BY reason_code, source_topic ORDER BY n DESC, reason_code"
+        f"FROM {backend.read_table('dead_letters')} GROUP BY reason_code, source_topic ORDER BY n DESC, reason_code"
     )
     return [{"reason_code": str(r[0]), "source_topic": str(r[1]), "count": int(r[2]),
              "first_failed_at": str(r[3]), "last_failed_at": str(r[4])} for r in res.rows]
@@ -114,7 +114,7 @@ def select(backend: Backend, *, ids: Iterable[str] = (), reason: str | None = No
     if since is not None:
         where.append(f"failed_at >= toDateTime({int(since.timestamp())})")
     res = backend.query(
-        f"SELECT {', '.join(_COLUMNS)} FROM {backend.database}.dead_letters WHERE {' AND '.join(where)} "
+        f"SELECT {', '.join(_COLUMNS)} FROM {backend.read_table('dead_letters')} WHERE {' AND '.join(where)} "
         "ORDER BY source_topic, source_partition, source_offset"
     )
     seen: set[str] = set()
@@ -207,7 +207,7 @@ def primary_tables(s: Settings) -> dict[str, str]:
 def landed_event_ids(backend: Backend, table: str, ids: Sequence[str]) -> set[str]:
     if not ids:
         return set()
-    res = backend.query(f"SELECT DISTINCT event_id FROM {backend.database}.{table} "
+    res = backend.query(f"SELECT DISTINCT event_id FROM {backend.read_table(table)} "
                         f"WHERE event_id IN ({', '.join(literal(i) for i in ids)})")
     return {str(r[0]) for r in res.rows}
 

@@ -587,6 +587,10 @@ class SimConfig:
     cross_province_rate: float = 0.05
     filing_rate: float = 0.03
     order_cover_days: float = 14.0
+    #: share of accepted deliveries paid more than 30 days later (回款超期: 4/5 within 31-60 days,
+    #: the rest later). What YB-PROC-PAY-OVERDUE flags, so the default is 0: clean traffic breaks
+    #: no rule, and overdue payments come from planting, where they are part of the ground truth
+    late_payment_rate: float = 0.0
     inspection_rate: float = 0.002
     tip_rate: float = 0.001
     fund_income_per_region_day: int = 4
@@ -632,7 +636,7 @@ class SimConfig:
         if self.persons < 10:
             bad(f"persons must be >= 10, got {self.persons}")
         for name, hi in (("reversal_rate", 0.5), ("cross_province_rate", 0.5), ("filing_rate", 0.5),
-                         ("inspection_rate", 0.5), ("tip_rate", 0.5)):
+                         ("inspection_rate", 0.5), ("tip_rate", 0.5), ("late_payment_rate", 0.6)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= hi \
                     or math.isnan(v):
@@ -822,6 +826,14 @@ _LEVEL_PRICE_PM = {1: 800, 2: 900, 3: 1000, 9: 1000}
 # FundIncome components per insutype: (income_type, share of the day's contributions)
 _INCOME_MIX = {"310": (("EMPLOYER", 0.69), ("INDIVIDUAL", 0.31)),
                "390": (("FISCAL_SUBSIDY", 0.66), ("INDIVIDUAL", 0.34))}
+# Expected fund spending (fen) of each insutype per settlement of a pool's insured (all insutypes
+# together), measured on generated
+# traffic (≈100-130 yuan; small pools vary more, their realised share of persons is noisy). Used
+# only to size the opening balance, so an estimate off by 1.5× still leaves > 6 months of capacity.
+_FUND_PER_SETTLEMENT = {"310": 11_000, "390": 13_000}
+#: Opening balance (carried-over fund balance, 累计结存) in months of expected spending: drawn in
+#: [lo, hi] per pool × insutype. 6-9 months is normal, above 15 too much (domain reference).
+OPENING_BALANCE_MONTHS = (9.0, 12.0)
 
 
 class TrafficGenerator:
@@ -1013,7 +1025,39 @@ class TrafficGenerator:
                 self._emit(INVENTORY, x.code, self._movement(
                     x, it_idx, "STOCKTAKE", level, self._purchase_pric(x, it), [], None, self._start))
             self._stock.append(books)
+        self._book_opening_balances()
         self._schedule_world_events()
+
+    def _book_opening_balances(self) -> None:
+        """Carried-over fund balance per pool × insutype, booked at the start (income_type OTHER).
+
+        Why: a pooling fund does not start from zero; without it the cumulative balance is only
+        the ~25% surplus of the span's own contributions, and months of payout capacity comes out
+        below the 3-month warning line for every pool. Sized at 9-12 months of expected spending
+        (pool share of the insured × settlements a day × :data:`_FUND_PER_SETTLEMENT`). Drawn from
+        its own RNG, with its own event and income ids (``FI<pool>OB<insutype>``), so the rest of
+        the traffic is bit for bit what it was without it.
+        """
+        cfg = self.config
+        rng = random.Random(f"{cfg.seed}/opening-balance")
+        share = [0.0] * len(self.pools)
+        prev = 0.0
+        for r, cum in enumerate(self._region_cum):
+            share[self._pool_of_region[r]] += (cum - prev) / self._region_cum[-1]
+            prev = cum
+        per_day = cfg.settlements / cfg.days
+        lo, hi = OPENING_BALANCE_MONTHS
+        for pool, code in enumerate(self.pools):
+            for insutype, fen in _FUND_PER_SETTLEMENT.items():
+                months = lo + (hi - lo) * rng.random()
+                amt = int(per_day * share[pool] * fen * 30.4 * months)
+                if amt <= 0:
+                    continue
+                self._emit(INCOME, code, {
+                    "event_id": _uuid4(rng.getrandbits(128)), "income_id": f"FI{code}OB{insutype}",
+                    "insu_admdvs": code, "insutype": insutype, "income_type": "OTHER",
+                    "income_amt": amt, "book_time": self._start,
+                })
 
     def _schedule_world_events(self) -> None:
         cfg = self.config
@@ -1998,8 +2042,9 @@ class TrafficGenerator:
         st.on_order -= cnt
         self._emit(INVENTORY, inst.code, self._movement(inst, it_idx, "PURCHASE_IN", cnt, pric, [], None, t))
         u = rand()
-        days = (1 + int(rand() * 7) if u < 0.4 else 8 + int(rand() * 22) if u < 0.85
-                else 31 + int(rand() * 30) if u < 0.97 else 61 + int(rand() * 60))
+        late = self.config.late_payment_rate  # the same draws whatever the rate: only payment times move
+        days = (1 + int(rand() * 7) if u < 0.4 else 8 + int(rand() * 22) if u < 1 - late
+                else 31 + int(rand() * 30) if u < 1 - late / 5 else 61 + int(rand() * 60))
         self._schedule(self._business(t + days * _DAY), _K_PAYMENT, (inst_idx, dlv_id, splr, amt))
         if rand() < 0.01:
             back = max(_CNT, cnt // 10 // _CNT * _CNT)

@@ -464,6 +464,15 @@ KINDS: dict[str, Kind] = {
     # evaluated by the hospital/DRG engine on the re-keyed stay stream (streams/rules/grouped.py)
     "drg_upcoding": Kind("drg_upcoding", {"z_threshold_pm": int, "min_cases": int, "baseline_months": int}),
     "high_cost": Kind("high_cost", {"median_multiple_pm": int, "min_cases": int}),
+    # evaluated by the procurement engine on the procurement stream (streams/rules/procurement.py)
+    "psi_oversell": Kind("psi_oversell", {"tolerance_pm": int}),
+    "trace_duplicate": Kind("trace_duplicate", {"retention_days": int}),
+    "volume_lag": Kind("volume_lag", {"lag_points": int, "min_shortfall_yuan": int}),
+    "payment_overdue": Kind("payment_overdue", {"days": int}),
+    # evaluated periodically from ClickHouse, per closed month, by the monitors (streams/monitors.py)
+    "fund_capacity": Kind("fund_capacity", {"min_months_pm": int, "pool_prefix_len": int, "pool_suffix": str}),
+    "fund_negative": Kind("fund_negative", {"tolerance_pm": int, "pool_prefix_len": int, "pool_suffix": str}),
+    "settled_over_sold": Kind("settled_over_sold", {"tolerance_pm": int, "min_excess_units": int}),
 }
 
 

@@ -65,6 +65,7 @@ class SettlementEngine:
         self.k = knowledge
         self.pseudo = pseudonymizer
         self.person = person
+        self.stores = [person]
         self.lateness_ms = allowed_lateness_days * DAY_MS
         self.watermark: dict[int, int] = {}
         self._dup_codes = frozenset(c for p in knowledge.duplicate_pairs for c in (p.primary, p.secondary))

@@ -41,7 +41,9 @@ class Stage(StrEnum):
     AFTER = "after"  # 事后审核
 
 
-SCENARIOS = frozenset({"outpatient", "inpatient", "pharmacy", "cross-province"})
+#: "procurement": rules of the procurement stream (no med_type maps to it, so the settlement engine
+#: never evaluates them)
+SCENARIOS = frozenset({"outpatient", "inpatient", "pharmacy", "cross-province", "procurement"})
 
 #: med_type → scenario (a cross-province settlement is additionally "cross-province").
 MED_TYPE_SCENARIO = {"11": "outpatient", "12": "outpatient", "13": "outpatient", "14": "outpatient",

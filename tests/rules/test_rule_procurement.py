@@ -1,0 +1,249 @@
+"""Procurement-stream rules: each fires past its threshold and not at it, applies a redelivered
+event once, and carries on the same after a restore from its changelog records."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import orjson
+
+from streams.rules.procurement import ProcEvent, ProcurementEngine
+from streams.rules.state import Store
+
+from .builders import date, hospital, ms, rule_update, seed_book
+
+H = hospital(1)
+DRUG = "XC10AAA042A001010200211"
+CNT = 10_000
+_ids = itertools.count(1)
+
+
+def mov(kind: str, cnt: float, t: int, traces: list[str] | None = None, drug: str = DRUG) -> tuple[str, dict[str, Any]]:
+    n = next(_ids)
+    return "InventoryMovement", {"mov_id": f"MV{n:012d}", "fixmedins_code": H, "med_list_codg": drug,
+                                 "admdvs": "450124", "mov_type": kind, "cnt": int(cnt * CNT), "pric": 2_000_000,
+                                 "drug_trac_codg": traces or [], "setl_id": None, "mov_time": t}
+
+
+def contract(volume: int, begin_day: int, end_day: int, cntr: str = "CT1", win_pric: int = 10_000_000
+             ) -> tuple[str, dict[str, Any]]:
+    return "ProcurementContract", {"cntr_id": cntr, "fixmedins_code": H, "med_list_codg": DRUG, "splr_code": "S",
+                                   "admdvs": "450000", "agreed_volume": volume * CNT, "win_pric": win_pric,
+                                   "base_pric": 2 * win_pric, "cycle_begn_date": date(begin_day),
+                                   "cycle_end_date": date(end_day), "sign_time": ms(begin_day)}
+
+
+def order(cnt: int, t: int, cntr: str | None = "CT1") -> tuple[str, dict[str, Any]]:
+    return "ProcurementOrder", {"ord_id": f"PO{next(_ids)}", "fixmedins_code": H, "splr_code": "S",
+                                "med_list_codg": DRUG, "cntr_id": cntr, "admdvs": "450124", "purc_cnt": cnt * CNT,
+                                "purc_pric": 10_000_000, "purc_amt": cnt * 1000, "ord_time": t}
+
+
+def delivery(dlv: str, t: int, amt: int = 100_000) -> tuple[str, dict[str, Any]]:
+    return "DeliveryAcceptance", {"dlv_id": dlv, "ord_id": "PO", "fixmedins_code": H, "splr_code": "S",
+                                  "med_list_codg": DRUG, "admdvs": "450124", "dlv_cnt": CNT, "dlv_amt": amt,
+                                  "acpt_time": t}
+
+
+def payment(dlv: str, t: int) -> tuple[str, dict[str, Any]]:
+    return "SupplierPayment", {"pay_id": f"PY{next(_ids)}", "dlv_id": dlv, "fixmedins_code": H, "splr_code": "S",
+                               "admdvs": "450124", "pay_amt": 100_000, "pay_time": t}
+
+
+class ProcRig:
+    """A procurement engine on partition 0 with its own offsets."""
+
+    def __init__(self, store: Store | None = None, **params: Any) -> None:
+        self.book = seed_book()
+        for rid, p in params.items():
+            rule_update(self.book, rid.replace("_", "-"), **p)
+        self.store = store or Store("procurement", "t")
+        self.engine = ProcurementEngine(self.book, self.store)
+        self.offset = 0
+
+    def send(self, *events: tuple[str, dict[str, Any]], offset: int | None = None) -> list[dict[str, Any]]:
+        evs = []
+        for record, datum in events:
+            o = self.offset if offset is None else offset
+            evs.append(ProcEvent(record, datum, 0, o))
+            if offset is None:
+                self.offset += 1
+            else:
+                offset += 1
+        return [a for a, _, _ in self.engine.process(evs).alerts]
+
+    def restarted(self) -> ProcRig:
+        """A new engine restored from this one's state after a JSON round trip (what the changelog
+        holds once compacted), its derived indexes rebuilt by ``restored``."""
+        fresh = Store("procurement", "t")
+        for k, v in self.store.part(0).items():
+            fresh.part(0)[k] = orjson.loads(orjson.dumps(v))
+        rig = ProcRig(fresh)
+        rig.book = self.book
+        rig.engine.book = self.book
+        rig.engine.restored(0)
+        rig.offset = self.offset
+        return rig
+
+
+def rules(alerts: list[dict[str, Any]]) -> list[str]:
+    return [a["rule_id"] for a in alerts]
+
+
+# --- YB-PSI-OVERSELL --------------------------------------------------------------------------------
+
+def test_oversell_fires_once_beyond_the_tolerance_and_not_at_it() -> None:
+    rig = ProcRig()  # tolerance 20‰ of count + purchases: (100 + 50) × 2% = 3 units
+    assert rig.send(mov("STOCKTAKE", 100, ms(0)), mov("PURCHASE_IN", 50, ms(0, 11)),
+                    mov("SALE_OUT", 150, ms(0, 12)), mov("SALE_OUT", 3, ms(0, 13))) == []  # exactly -3
+    [a] = rig.send(mov("SALE_OUT", 0.5, ms(0, 14)))
+    assert a["rule_id"] == "YB-PSI-OVERSELL" and a["subsystem"] == "procurement" and a["fixmedins_code"] == H
+    assert a["evidence"]["oversold_cnt"] == "3.5" and a["amount_at_risk"] == 7 * 100  # 3.5 × 2.00 yuan
+    assert a["admdvs"] == "450124"
+    assert rig.send(mov("SALE_OUT", 5, ms(0, 15))) == []  # the same episode
+    rig.send(mov("STOCKTAKE", 0, ms(1)))  # a recount closes it
+    assert rules(rig.send(mov("SALE_OUT", 1, ms(1, 10)))) == ["YB-PSI-OVERSELL"]
+
+
+def test_oversell_counts_returns_both_ways_and_needs_a_counted_opening_stock() -> None:
+    rig = ProcRig(YB_PSI_OVERSELL={"tolerance_pm": 0})
+    assert rig.send(mov("SALE_OUT", 500, ms(0))) == []  # no stock-take yet: nothing to compare with
+    assert rig.send(mov("STOCKTAKE", 10, ms(0, 11)), mov("PURCHASE_IN", 10, ms(0, 12)),
+                    mov("PURCHASE_RETURN", 5, ms(0, 13)), mov("SALE_OUT", 10, ms(0, 14)),
+                    mov("SALE_RETURN", 2, ms(0, 15)), mov("SALE_OUT", 7, ms(0, 16))) == []  # 10+10-5-10+2-7 = 0
+    assert rules(rig.send(mov("SALE_OUT", 1, ms(0, 17)))) == ["YB-PSI-OVERSELL"]
+
+
+def test_oversell_redelivery_and_restore_apply_each_movement_once() -> None:
+    rig = ProcRig(YB_PSI_OVERSELL={"tolerance_pm": 0})
+    first = [mov("STOCKTAKE", 10, ms(0)), mov("SALE_OUT", 6, ms(0, 11))]
+    rig.send(*first)
+    assert rig.send(*first, offset=0) == []  # redelivered: skipped, the balance is still 4
+    rig = rig.restarted()
+    assert rig.send(*first, offset=0) == []
+    assert rig.send(mov("SALE_OUT", 4, ms(0, 12))) == []  # 0 left: not beyond
+    assert rules(rig.send(mov("SALE_OUT", 1, ms(0, 13)))) == ["YB-PSI-OVERSELL"]
+
+
+# --- YB-PSI-TRACE-DUP --------------------------------------------------------------------------------
+
+def test_trace_code_sold_twice_fires_and_a_returned_code_may_be_sold_again() -> None:
+    rig = ProcRig()
+    assert rig.send(mov("SALE_OUT", 2, ms(0), ["A1", "A2"]), mov("SALE_OUT", 1, ms(0, 11), ["B1"])) == []
+    second = mov("SALE_OUT", 1, ms(1), ["A2"])
+    [a] = rig.send(second)
+    assert a["rule_id"] == "YB-PSI-TRACE-DUP" and a["evidence"]["ref"] == second[1]["mov_id"]
+    assert a["evidence"]["codes"] == "A2" and a["amount_at_risk"] == 200
+    rig.send(mov("SALE_RETURN", 1, ms(1, 12), ["B1"]))
+    assert rig.send(mov("SALE_OUT", 1, ms(1, 13), ["B1"])) == []  # returned, resold: legitimate
+    assert rules(rig.send(mov("SALE_OUT", 2, ms(1, 14), ["C1", "C1"]))) == ["YB-PSI-TRACE-DUP"]
+
+
+def test_trace_memory_is_bounded_by_the_retention_window() -> None:
+    rig = ProcRig(YB_PSI_TRACE_DUP={"retention_days": 30})
+    rig.send(mov("SALE_OUT", 1, ms(0), ["A1"]), mov("SALE_OUT", 1, ms(1), ["A2"]))
+    rig.send(mov("STOCKTAKE", 5, ms(31, 12)))  # event time moves on: day 0's bucket is dropped
+    assert rig.send(mov("SALE_OUT", 1, ms(31, 13), ["A1"])) == []  # forgotten (sold 31 days ago)
+    assert rules(rig.send(mov("SALE_OUT", 1, ms(31, 14), ["A2"]))) == ["YB-PSI-TRACE-DUP"]  # 30 days: kept
+    assert rig.store.get(0, f"{H}#tr#{(ms(0) + 8 * 3_600_000) // 86_400_000}") is None
+
+
+def test_trace_redelivery_is_no_duplicate_and_the_memory_survives_a_restore() -> None:
+    rig = ProcRig()
+    sale = mov("SALE_OUT", 1, ms(0), ["A1"])
+    rig.send(sale)
+    assert rig.send(sale, offset=0) == []
+    rig = rig.restarted()
+    assert rig.send(sale, offset=0) == []  # the same sale again, after a restore
+    assert rules(rig.send(mov("SALE_OUT", 1, ms(2), ["A1"]))) == ["YB-PSI-TRACE-DUP"]
+
+
+def test_trace_bucket_written_without_its_institution_is_still_idempotent() -> None:
+    """A crash can leave the day bucket in the changelog but not the institution's offset: the
+    redelivered sale finds its own code, remembered with its own offset, and is no duplicate."""
+    rig = ProcRig()
+    rig.send(mov("SALE_OUT", 1, ms(0), ["A1"]))
+    partial = Store("procurement", "t")
+    for p, k, v in rig.store.drain():
+        if v is not None and b"#tr#" in k:
+            partial.part(p)[k.decode()] = orjson.loads(v)
+    rig2 = ProcRig(partial)
+    rig2.engine.restored(0)
+    _, datum = mov("SALE_OUT", 1, ms(0), ["A1"])
+    assert rig2.send(("InventoryMovement", datum), offset=0) == []
+
+
+# --- YB-PROC-VOLUME-LAG -------------------------------------------------------------------------------
+
+def test_volume_lag_fires_past_the_points_once_per_contract_and_month() -> None:
+    rig = ProcRig(YB_PROC_VOLUME_LAG={"lag_points": 10, "min_shortfall_yuan": 0})
+    rig.send(contract(1000, 0, 99))  # 100-day cycle, 1000 units
+    # day 20 at 10:00 China: elapsed 20.4%; 104 bought: completion 10.4%, lag 10.0 points: not beyond
+    assert rig.send(order(104, ms(20))) == []
+    [a] = rig.send(order(1, ms(30)))  # elapsed 30.4%, completion 10.5%
+    assert a["rule_id"] == "YB-PROC-VOLUME-LAG" and a["evidence"]["ref"] == "CT1"
+    assert a["evidence"]["lag_points"] == "19.9" and a["amount_at_risk"] == (304 - 105) * 1000
+    assert rig.send(delivery("D1", ms(31))) == []  # once per contract and month
+    assert rig.send(payment("D1", ms(32))) == []
+    assert rules(rig.send(order(1, ms(70)))) == ["YB-PROC-VOLUME-LAG"]  # a later month
+
+
+def test_volume_lag_counts_orders_naming_no_contract_and_respects_the_minimum_value() -> None:
+    rig = ProcRig(YB_PROC_VOLUME_LAG={"lag_points": 10, "min_shortfall_yuan": 2000})
+    rig.send(contract(1000, 0, 99), order(200, ms(1), cntr=None))
+    assert rig.send(order(1, ms(30))) == []  # 30.4% - 20.1%: 10.3 points, but 103 units × 10 yuan < 2000
+    rig = ProcRig(YB_PROC_VOLUME_LAG={"lag_points": 10, "min_shortfall_yuan": 2000})
+    rig.send(contract(1000, 0, 99), order(20, ms(1), cntr=None))
+    assert rules(rig.send(order(1, ms(30)))) == ["YB-PROC-VOLUME-LAG"]  # 283 units behind: 2830 yuan
+
+
+def test_volume_lag_redelivery_and_restore() -> None:
+    rig = ProcRig(YB_PROC_VOLUME_LAG={"lag_points": 10, "min_shortfall_yuan": 0})
+    evs = [contract(1000, 0, 99), order(100, ms(5))]
+    rig.send(*evs)
+    rig.send(*evs, offset=0)  # skipped: still 100 bought, not 200
+    rig = rig.restarted()
+    rig.send(*evs, offset=0)
+    [a] = rig.send(order(1, ms(25)))  # 25.4% elapsed vs 10.1%
+    assert a["evidence"]["completion"] == "10.1%"
+
+
+# --- YB-PROC-PAY-OVERDUE -------------------------------------------------------------------------------
+
+def test_payment_after_the_limit_fires_and_at_the_limit_does_not() -> None:
+    rig = ProcRig()
+    rig.send(delivery("D1", ms(0)), delivery("D2", ms(0)))
+    assert rig.send(payment("D1", ms(30))) == []  # exactly 30 days
+    [a] = rig.send(payment("D2", ms(30) + 1))
+    assert a["rule_id"] == "YB-PROC-PAY-OVERDUE" and a["evidence"]["ref"] == "D2" and a["evidence"]["paid"] == "yes"
+    assert a["amount_at_risk"] == 100_000
+
+
+def test_unpaid_delivery_fires_once_when_event_time_passes_the_deadline() -> None:
+    rig = ProcRig()
+    rig.send(delivery("D1", ms(0)))
+    assert rig.send(mov("STOCKTAKE", 1, ms(30))) == []  # at the deadline, not past it
+    [a] = rig.send(mov("STOCKTAKE", 1, ms(30) + 1))
+    assert a["evidence"]["ref"] == "D1" and a["evidence"]["paid"].startswith("no")
+    assert rig.send(mov("STOCKTAKE", 1, ms(40)), payment("D1", ms(41))) == []  # fired once, not again when paid
+
+
+def test_payment_timer_survives_a_restore_and_a_redelivery() -> None:
+    rig = ProcRig()
+    rig.send(delivery("D1", ms(0)), delivery("D2", ms(1)), payment("D2", ms(2)))
+    rig = rig.restarted()
+    first = rig.send(mov("STOCKTAKE", 1, ms(35)))
+    assert [a["evidence"]["ref"] for a in first] == ["D1"]  # D2 was paid: no timer for it
+    rig = rig.restarted()
+    assert rig.send(mov("STOCKTAKE", 1, ms(35)), offset=rig.offset - 1) == []  # redelivered: skipped
+    assert rig.send(mov("STOCKTAKE", 1, ms(60))) == []
+
+
+def test_alert_ids_are_deterministic() -> None:
+    def run() -> list[str]:
+        rig = ProcRig()
+        rig.send(delivery("D9", ms(0)))
+        return [a["alert_id"] for a in rig.send(payment("D9", ms(40)))]
+
+    assert run() == run() and len(run()) == 1

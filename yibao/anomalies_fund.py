@@ -1,0 +1,241 @@
+"""Planted fund-operation and settled-over-sold anomalies: ground truth for the ClickHouse monitors.
+
+The monitors (:mod:`streams.monitors`) judge closed months from ClickHouse, and their alert ids
+are deterministic (``uuid5(rule | subject | month|YYYYMM)``), so each planter records the exact
+alert ids it expects in the anomaly's ``refs``; ``yibao evaluate`` matches an alert by its
+``alert_id``. Like the other planters they draw only from ``ctx.rng`` (or an RNG derived from the
+seed), change copies, and leave the generator's own books alone: only the hooked records differ.
+
+Closed months: the months of the span before the month of its end (the monitors' ``as_of`` is the
+month of the latest settlement, which is in the span's last day).
+
+* **YB-FUND-CAPACITY**: a pool × insutype whose carried-over balance is booked at 0.4% of its
+  amount (about a day of spending instead of 9-12 months: 结存被挪用/未入账). Its contributions stay
+  at ~1.25 × spending, so no month goes negative, but the cumulative balance is a quarter of the
+  spending so far and months of payout capacity falls below 3 from the first closed month on. How
+  soon exactly depends on realised spending (a 2-day first month inflates its own capacity), so
+  the truth lists the alert ids of every closed month of that pool × insutype: any of them
+  matches, none of them is a false positive.
+* **YB-FUND-NEGATIVE**: a pool × insutype × closed month (not the first one, which holds the
+  opening balance) whose contributions booked in that month are cut to 40% (征缴不足): income ≈ 0.5 ×
+  spending. The capacity stays far above 3 (one month's shortfall against 9-12 months carried
+  over). Fund planters use disjoint pool × insutype subjects, so each rule is planted alone.
+* **YB-PSI-SETTLED-OVER-SOLD**: every SALE_OUT of a drug at an institution in a closed month is
+  dropped (the sales were billed to the fund but never recorded in the purchase-sale-inventory
+  books). Counted once at least two units were dropped, so the excess clears the rule's
+  ``min_excess_units``; dropping sales only raises the book stock, so no stream rule fires.
+
+Rates: for the fund rules the share of pool × insutype subjects (capacity) or of subject × month
+cells (negative) planted, at least one when the rate is positive; for settled-over-sold the
+probability per institution × drug × closed month, drawn at its first sale.
+"""
+
+from __future__ import annotations
+
+import random
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+from streams.rules.alerts import alert_id
+from streams.rules.grouped import month_of
+
+from .anomalies import Anomaly, Planter
+from .simulate import INCOME, INVENTORY, EventHook, HookContext, SimEvent
+
+CNT = 10_000
+INSUTYPES = ("310", "390")
+OPENING_KEEP = 0.004  # share of the carried-over balance a capacity-planted subject books
+NEGATIVE_KEEP = 0.4  # share of a month's contributions a negative-planted cell books
+MIN_DROPPED_UNITS = 2 * CNT  # settled-over-sold: dropped quantity (scale 4) before it counts
+
+
+def closed_months(start_ms: int, end_ms: int) -> list[int]:
+    """YYYYMM months of the span before the month of its last instant, in order."""
+    last = month_of(end_ms - 1)
+    out: list[int] = []
+    m = month_of(start_ms)
+    while m < last:
+        out.append(m)
+        m = m + 1 if m % 100 < 12 else m + 89
+    return out
+
+
+def is_opening(d: dict[str, Any]) -> bool:
+    """The generator's carried-over balance booking (income id ``FI<pool>OB<insutype>``)."""
+    return str(d["income_id"])[8:10] == "OB"
+
+
+class _Shared:
+    """Fund subjects of one generator run, shuffled once, so the fund planters take disjoint ones."""
+
+    def __init__(self, ctx: HookContext) -> None:
+        gen = ctx.generator
+        rng = random.Random(f"{gen.config.seed}/anomalies/fund")
+        self.subjects = [(pool, ins) for pool in gen.pools for ins in INSUTYPES]
+        rng.shuffle(self.subjects)
+        self.months = closed_months(gen.config.start_ms, gen.config.end_ms)
+
+
+_SHARED: weakref.WeakKeyDictionary[HookContext, _Shared] = weakref.WeakKeyDictionary()
+
+
+def _shared(ctx: HookContext) -> _Shared:
+    """The run's fund subjects (one per generator run: a run has its own hook context)."""
+    sh = _SHARED.get(ctx)
+    if sh is None:
+        sh = _SHARED[ctx] = _Shared(ctx)
+    return sh
+
+
+def _capacity_count(pl: Any, sh: _Shared) -> int:
+    """Subjects the capacity planter takes (the first ones of the shuffle), 0 if it is not planting."""
+    if not any(isinstance(p, CapacityPlanter) for p in pl.planters) or not sh.months:
+        return 0
+    rate = float(pl.rate_of(CapacityPlanter.rule_id))
+    return max(1, round(rate * len(sh.subjects))) if rate > 0 else 0
+
+
+class _HookPlanter(Planter):
+    """Base: never plants on settlements; per-run state reset when a generator run starts."""
+
+    record = ""
+
+    def __init__(self, pl: Any, rule: Any) -> None:
+        super().__init__(pl, rule)
+        self._ctx: HookContext | None = None
+
+    def eligible(self, d: Any) -> bool:
+        return False
+
+    def plan(self, d: dict[str, Any], ctx: HookContext) -> None:
+        return None
+
+    def record_hooks(self) -> dict[str, EventHook]:
+        return {self.record: self.hook}
+
+    def hook(self, event: SimEvent, ctx: HookContext) -> Sequence[SimEvent]:
+        if ctx is not self._ctx:
+            # the opening balances come before the first settlement, which would otherwise start
+            # the planting's run (and forget anomalies recorded before it)
+            self.pl._sync(ctx)
+            self._ctx = ctx
+            self.reset(ctx)
+        return self.on_event(event, ctx)
+
+    def reset(self, ctx: HookContext) -> None:
+        """Forget the previous run."""
+
+    def on_event(self, event: SimEvent, ctx: HookContext) -> Sequence[SimEvent]:
+        raise NotImplementedError
+
+    def _rate(self) -> float:
+        return float(self.pl.rate_of(self.rule_id))
+
+    def _anomaly(self, ctx: HookContext, events: Sequence[SimEvent], inst: str, refs: list[str],
+                 note: str, month: int | None = None) -> Anomaly:
+        a = Anomaly(len(self.pl.anomalies) + 1, self.rule_id, [], [str(e.datum["event_id"]) for e in events],
+                    inst, note, refs=refs)
+        self.pl.anomalies.append(a)
+        for e in events:
+            ctx.plant(a.rule_id, e, f"#{a.id} {note}")
+        return a
+
+
+class CapacityPlanter(_HookPlanter):
+    rule_id = "YB-FUND-CAPACITY"
+    record = INCOME
+
+    def reset(self, ctx: HookContext) -> None:
+        sh = _shared(ctx)
+        self.months = sh.months
+        self.targets = set(sh.subjects[:_capacity_count(self.pl, sh)])
+
+    def on_event(self, event: SimEvent, ctx: HookContext) -> Sequence[SimEvent]:
+        d = event.datum
+        subject = (str(d["insu_admdvs"]), str(d["insutype"]))
+        if subject not in self.targets or not is_opening(d):
+            return [event]
+        new = dict(d)
+        new["income_amt"] = max(1, int(int(d["income_amt"]) * OPENING_KEEP))
+        ev = SimEvent(event.record, event.key, new)
+        refs = [alert_id(self.rule_id, f"{subject[0]}|{subject[1]}", f"month|{m}") for m in self.months]
+        self._anomaly(ctx, [ev], "", refs, f"{subject[0]}/{subject[1]} carried-over balance "
+                      f"{int(d['income_amt']) / 100:.2f} booked as {new['income_amt'] / 100:.2f}")
+        return [ev]
+
+
+class NegativePlanter(_HookPlanter):
+    rule_id = "YB-FUND-NEGATIVE"
+    record = INCOME
+
+    def reset(self, ctx: HookContext) -> None:
+        sh = _shared(ctx)
+        months = sh.months[1:]  # the first month holds the opening balance
+        rate = self._rate()
+        free = sh.subjects[_capacity_count(self.pl, sh):]  # the capacity planter's are not free
+        cells = [(s, m) for s in free for m in months]
+        n = max(1, round(rate * len(cells))) if rate > 0 and cells else 0
+        rng = random.Random(f"{ctx.generator.config.seed}/anomalies/fund-negative")
+        self.cells: dict[tuple[str, str, int], Anomaly | None] = dict.fromkeys(
+            ((s[0], s[1], m) for s, m in rng.sample(cells, n)), None)
+
+    def on_event(self, event: SimEvent, ctx: HookContext) -> Sequence[SimEvent]:
+        d = event.datum
+        key = (str(d["insu_admdvs"]), str(d["insutype"]), month_of(int(d["book_time"])))
+        if key not in self.cells or is_opening(d):
+            return [event]
+        new = dict(d)
+        new["income_amt"] = max(1, int(int(d["income_amt"]) * NEGATIVE_KEEP))
+        ev = SimEvent(event.record, event.key, new)
+        a = self.cells[key]
+        if a is None:
+            ref = alert_id(self.rule_id, f"{key[0]}|{key[1]}", f"month|{key[2]}")
+            self.cells[key] = self._anomaly(ctx, [ev], "", [ref], f"{key[0]}/{key[1]} contributions of "
+                                            f"{key[2]} booked at {NEGATIVE_KEEP:.0%}", month=None)
+        else:
+            a.event_ids.append(str(new["event_id"]))
+            ctx.plant(a.rule_id, ev, f"#{a.id} {a.note}")
+        return [ev]
+
+
+class SettledOverSoldPlanter(_HookPlanter):
+    rule_id = "YB-PSI-SETTLED-OVER-SOLD"
+    record = INVENTORY
+
+    def reset(self, ctx: HookContext) -> None:
+        self.months = set(_shared(ctx).months)
+        #: (institution, drug, month) → [dropped quantity, dropped event ids, anomaly once counted];
+        #: None: drawn and not chosen
+        self.cells: dict[tuple[str, str, int], list[Any] | None] = {}
+
+    def on_event(self, event: SimEvent, ctx: HookContext) -> Sequence[SimEvent]:
+        d = event.datum
+        if d["mov_type"] != "SALE_OUT" or not d.get("setl_id"):
+            return [event]
+        month = month_of(int(d["mov_time"]))
+        if month not in self.months:
+            return [event]
+        key = (str(d["fixmedins_code"]), str(d["med_list_codg"]), month)
+        if key not in self.cells:
+            self.cells[key] = [0, [], None] if ctx.rng.random() < self._rate() else None
+        cell = self.cells[key]
+        if cell is None:
+            return [event]
+        cell[0] += int(d["cnt"])
+        cell[1].append(str(d["event_id"]))
+        if cell[2] is None and cell[0] >= MIN_DROPPED_UNITS:
+            ref = alert_id(self.rule_id, f"{key[0]}|{key[1]}", f"month|{month}")
+            a = Anomaly(len(self.pl.anomalies) + 1, self.rule_id, [], cell[1], key[0],
+                        f"SALE_OUT of {key[1]} in {month} not recorded", refs=[ref])
+            self.pl.anomalies.append(a)
+            cell[2] = a
+        elif cell[2] is not None:
+            cell[2].event_ids = cell[1]
+        return []  # the sale is not recorded
+
+
+FUND_PLANTERS: dict[str, type[Planter]] = {
+    p.rule_id: p for p in (CapacityPlanter, NegativePlanter, SettledOverSoldPlanter)}
+
+__all__ = ["FUND_PLANTERS", "CapacityPlanter", "NegativePlanter", "SettledOverSoldPlanter", "closed_months"]
