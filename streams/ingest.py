@@ -29,7 +29,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.structs import OffsetAndMetadata
 
 from schemas import Codec, DecodeError
-from sinks.base import Backend, SinkError, SinkUnavailable
+from sinks.base import Backend, SinkError, SinkUnavailable, literal
 
 from . import metrics
 from .base import ColumnPlan, Columns, Datum, Subsystem, TableMapping, compile_plan, merge_columns
@@ -142,6 +142,9 @@ class BatchProcessor:
     def forget(self, partitions: Sequence[int]) -> None:
         if self.engine is not None:
             self.engine.forget(partitions)
+
+    def alert_rule_ids(self) -> list[str]:
+        return _rule_ids(self.engine) if self.engine is not None else []
 
     def process(self, msgs: Sequence[Message], already: AlreadyLanded | None = None) -> Outcome:
         out = Outcome(events=len(msgs))
@@ -316,6 +319,9 @@ class GroupedProcessor:
     def forget(self, partitions: Sequence[int]) -> None:
         self.engine.forget(partitions)
 
+    def alert_rule_ids(self) -> list[str]:
+        return _rule_ids(self.engine)
+
     def process(self, msgs: Sequence[Message], already: AlreadyLanded | None = None) -> Outcome:
         out = Outcome(events=len(msgs))
         t0 = time.perf_counter()
@@ -383,12 +389,24 @@ class LandedIndex:
             self.forget(partition)
 
 
+def _rule_ids(engine: SettlementEngine | ProcurementEngine | GroupedEngine) -> list[str]:
+    """Ids of every rule, enabled or not, of the kinds ``engine`` raises alerts for."""
+    return sorted(r.id for r in engine.book.current.rules if r.kind in engine.alert_kinds)
+
+
 def existing_rows(backend: Backend, table: str, partition: int, from_offset: int,
-                  topic: str | None = None) -> dict[int, set[str]]:
-    """Source offset → event identities that ``table`` already holds, for offsets ≥ ``from_offset``."""
+                  topic: str | None = None, rule_ids: Sequence[str] | None = None) -> dict[int, set[str]]:
+    """Source offset → event identities that ``table`` already holds, for offsets ≥ ``from_offset``.
+
+    Tables that several source topics share name theirs: dead letters by ``topic``, alerts by the
+    ``rule_ids`` that only this stream's engine raises (another stream's alert at the same
+    partition and offset is not a redelivery of this one).
+    """
     where = f"src_partition = {int(partition)} AND src_offset >= {int(from_offset)}"
     if topic is not None:
         where += " AND source_topic = '" + topic.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    if rule_ids is not None:
+        where += " AND rule_id IN (" + (", ".join(literal(r) for r in rule_ids) or "''") + ")"
     ident = identity_column(table)
     res = backend.query(
         # read_table: in ClickHouse cluster mode, the Distributed table over every shard
@@ -553,8 +571,9 @@ class Ingestor(ConsumerRebalanceListener):  # type: ignore[misc]
             per_table: dict[str, dict[int, set[str]]] = {}
             for table in self._tables:
                 topic = self.topic if table == DEAD_LETTER_TABLE else None
+                rule_ids = self.p.alert_rule_ids() if table == ALERTS_TABLE else None
                 per_table[table] = await self._with_retry(
-                    functools.partial(existing_rows, self.backend, table, partition, from_offset, topic)
+                    functools.partial(existing_rows, self.backend, table, partition, from_offset, topic, rule_ids)
                 )
             self.landed_index.load(partition, per_table)
             self._needs_check.discard(partition)

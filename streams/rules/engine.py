@@ -66,6 +66,9 @@ class SettlementEngine:
         self.pseudo = pseudonymizer
         self.person = person
         self.stores = [person]
+        #: the kinds whose alerts this engine raises (the alerts table is shared by every stream)
+        self.alert_kinds = frozenset(n for n, k in KINDS.items()
+                                     if k.stateless is not None or k.historic is not None)
         self.lateness_ms = allowed_lateness_days * DAY_MS
         self.watermark: dict[int, int] = {}
         self._dup_codes = frozenset(c for p in knowledge.duplicate_pairs for c in (p.primary, p.secondary))

@@ -61,6 +61,7 @@ class GroupedEngine:
         self.book = book
         self.store = store
         self.by = by
+        self.alert_kinds = frozenset({"drg_upcoding" if by == "hospital" else "high_cost"})
 
     def restored(self, partition: int) -> None:
         """Nothing derived to rebuild: the store holds everything."""

@@ -96,6 +96,7 @@ class ProcurementEngine:
         self.book = book
         self.store = store
         self.stores = [store]
+        self.alert_kinds = frozenset(PROCUREMENT_KINDS)
         self.watermark: dict[int, int] = {}
         #: (due ms, institution, dlv_id) per partition; entries are checked against the state
         #: when they come due (a paid delivery's entry is simply stale)
