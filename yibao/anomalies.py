@@ -343,6 +343,45 @@ class Planter:
         return max(int(ln["fee_ocur_time"]) for ln in d["fee_details"])
 
 
+class EventPlanter(Planter):
+    """Base of the planters that work on one record type of the generated stream through an event
+    hook (procurement, fund) instead of on settlements; their per-run state is reset when a
+    generator run starts."""
+
+    record = ""
+
+    def __init__(self, pl: Planting, rule: Rule) -> None:
+        super().__init__(pl, rule)
+        self._ctx: HookContext | None = None
+
+    def eligible(self, d: Mapping[str, Any]) -> bool:
+        return False
+
+    def plan(self, d: dict[str, Any], ctx: HookContext) -> Plan | None:
+        return None
+
+    def record_hooks(self) -> dict[str, EventHook]:
+        return {self.record: self.hook}
+
+    def hook(self, event: SimEvent, ctx: HookContext) -> Sequence[SimEvent]:
+        if ctx is not self._ctx:
+            self.new_run(ctx)
+        return self.on_event(event, ctx)
+
+    def new_run(self, ctx: HookContext) -> None:
+        self._ctx = ctx
+        self.reset(ctx)
+
+    def reset(self, ctx: HookContext) -> None:
+        """Forget the previous run."""
+
+    def on_event(self, event: SimEvent, ctx: HookContext) -> Sequence[SimEvent]:
+        raise NotImplementedError
+
+    def _rate(self) -> float:
+        return float(self.pl.rate_of(self.rule_id))
+
+
 def _hospital_outpatient(d: Mapping[str, Any]) -> bool:
     return d["med_type"] in OUTPATIENT and d["fixmedins_code"].startswith("H")
 

@@ -40,8 +40,8 @@ from typing import Any
 from streams.rules.alerts import alert_id
 from streams.rules.grouped import month_of
 
-from .anomalies import Anomaly, Planter
-from .simulate import INCOME, INVENTORY, EventHook, HookContext, SimEvent
+from .anomalies import Anomaly, EventPlanter, Planter
+from .simulate import INCOME, INVENTORY, HookContext, SimEvent
 
 CNT = 10_000
 INSUTYPES = ("310", "390")
@@ -96,41 +96,12 @@ def _capacity_count(pl: Any, sh: _Shared) -> int:
     return max(1, round(rate * len(sh.subjects))) if rate > 0 else 0
 
 
-class _HookPlanter(Planter):
-    """Base: never plants on settlements; per-run state reset when a generator run starts."""
-
-    record = ""
-
-    def __init__(self, pl: Any, rule: Any) -> None:
-        super().__init__(pl, rule)
-        self._ctx: HookContext | None = None
-
-    def eligible(self, d: Any) -> bool:
-        return False
-
-    def plan(self, d: dict[str, Any], ctx: HookContext) -> None:
-        return None
-
-    def record_hooks(self) -> dict[str, EventHook]:
-        return {self.record: self.hook}
-
-    def hook(self, event: SimEvent, ctx: HookContext) -> Sequence[SimEvent]:
-        if ctx is not self._ctx:
-            # the opening balances come before the first settlement, which would otherwise start
-            # the planting's run (and forget anomalies recorded before it)
-            self.pl._sync(ctx)
-            self._ctx = ctx
-            self.reset(ctx)
-        return self.on_event(event, ctx)
-
-    def reset(self, ctx: HookContext) -> None:
-        """Forget the previous run."""
-
-    def on_event(self, event: SimEvent, ctx: HookContext) -> Sequence[SimEvent]:
-        raise NotImplementedError
-
-    def _rate(self) -> float:
-        return float(self.pl.rate_of(self.rule_id))
+class _HookPlanter(EventPlanter):
+    def new_run(self, ctx: HookContext) -> None:
+        # the opening balances come before the first settlement, which would otherwise start
+        # the planting's run (and forget anomalies recorded before it)
+        self.pl._sync(ctx)
+        super().new_run(ctx)
 
     def _anomaly(self, ctx: HookContext, events: Sequence[SimEvent], inst: str, refs: list[str],
                  note: str, month: int | None = None) -> Anomaly:

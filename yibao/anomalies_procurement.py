@@ -25,9 +25,8 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
-from typing import Any
 
-from .anomalies import Anomaly, Planter
+from .anomalies import Anomaly, EventPlanter, Planter
 from .simulate import CATALOGUE, CONTRACT, DELIVERY, INVENTORY, PAYMENT, EventHook, HookContext, SimEvent
 
 DAY_MS = 86_400_000
@@ -37,36 +36,7 @@ PLANTED_MOV_SERIAL = 900_000_000_000  # mov_id serials of planted movements (bas
 _ITEM = {it.code: i for i, it in enumerate(CATALOGUE)}
 
 
-class _ProcPlanter(Planter):
-    """Base: never plants on settlements; keeps per-run state, reset when a generator run starts."""
-
-    record = ""
-
-    def __init__(self, pl: Any, rule: Any) -> None:
-        super().__init__(pl, rule)
-        self._ctx: HookContext | None = None
-
-    def eligible(self, d: Any) -> bool:
-        return False
-
-    def plan(self, d: dict[str, Any], ctx: HookContext) -> None:
-        return None
-
-    def record_hooks(self) -> dict[str, EventHook]:
-        return {self.record: self.hook}
-
-    def hook(self, event: SimEvent, ctx: HookContext) -> Sequence[SimEvent]:
-        if ctx is not self._ctx:
-            self._ctx = ctx
-            self.reset()
-        return self.on_event(event, ctx)
-
-    def reset(self) -> None:
-        """Forget the previous run."""
-
-    def on_event(self, event: SimEvent, ctx: HookContext) -> Sequence[SimEvent]:
-        raise NotImplementedError
-
+class _ProcPlanter(EventPlanter):
     def _plant(self, ctx: HookContext, events: Sequence[SimEvent], inst: str, ref: str, note: str) -> None:
         a = Anomaly(len(self.pl.anomalies) + 1, self.rule_id, [], [str(e.datum["event_id"]) for e in events],
                     inst, note, refs=[ref])
@@ -74,15 +44,12 @@ class _ProcPlanter(Planter):
         for e in events:
             ctx.plant(a.rule_id, e, f"#{a.id} {note}")
 
-    def _rate(self) -> float:
-        return float(self.pl.rate_of(self.rule_id))
-
 
 class OversellPlanter(_ProcPlanter):
     rule_id = "YB-PSI-OVERSELL"
     record = INVENTORY
 
-    def reset(self) -> None:
+    def reset(self, ctx: HookContext) -> None:
         self._inflow: dict[tuple[str, str], int] = {}
         self._open: set[tuple[str, str]] = set()
         self._serial = PLANTED_MOV_SERIAL
@@ -122,7 +89,7 @@ class TraceDupPlanter(_ProcPlanter):
     rule_id = "YB-PSI-TRACE-DUP"
     record = INVENTORY
 
-    def reset(self) -> None:
+    def reset(self, ctx: HookContext) -> None:
         self._sold: dict[str, deque[tuple[int, str]]] = {}
         self._returned: set[str] = set()
 
@@ -182,7 +149,7 @@ class PayOverduePlanter(_ProcPlanter):
     def record_hooks(self) -> dict[str, EventHook]:
         return {DELIVERY: self.hook, PAYMENT: self.hook}
 
-    def reset(self) -> None:
+    def reset(self, ctx: HookContext) -> None:
         self._acpt: dict[str, int] = {}
 
     def on_event(self, event: SimEvent, ctx: HookContext) -> Sequence[SimEvent]:
