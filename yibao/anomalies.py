@@ -29,6 +29,14 @@ Guarantees, each one what precision and recall per rule rest on:
   and evaluation ignores it. The full reversal of a modified settlement carries the amounts that
   were actually settled.
 * **In the span.** An anomaly whose extra settlements would fall after the end is not planted.
+* **Dispensed.** A planted settlement that bills more of a drug the institution keeps in stock
+  than its original did comes with the movements of that quantity at the settlement's time, so
+  the planted visit does not also look like a settlement beyond sales (YB-PSI-SETTLED-OVER-SOLD):
+  a PURCHASE_IN (bought in for the patient) and the SALE_OUT with its own trace codes, both with
+  their own mov_id and trace ranges. The generator's stock books are not touched (the base
+  traffic stays as it is); the pair nets to zero in the inventory rule's running balance, which
+  so keeps matching the generator's books (a sale alone would drive it below the stock-take
+  tolerance wherever the generator sells its last unit).
 
 DRG upcoding is planted per hospital: in the last month the span covers (at least 4/5 of it, with
 at least two covered months before it, as the detector needs two baseline months), every stay of a
@@ -60,7 +68,17 @@ from streams.rules.detectors import KINDS, entry_of, gather
 from streams.rules.grouped import month_of
 from streams.settlement import age_at
 
-from .simulate import CATALOGUE, REVERSAL, SETTLEMENT, EventHook, HookContext, Institution, SimEvent, TrafficGenerator
+from .simulate import (
+    CATALOGUE,
+    INVENTORY,
+    REVERSAL,
+    SETTLEMENT,
+    EventHook,
+    HookContext,
+    Institution,
+    SimEvent,
+    TrafficGenerator,
+)
 
 MIN_MS = 60_000
 HOUR_MS = 3_600_000
@@ -70,6 +88,8 @@ CNT = 10_000  # quantity scale 4
 HALF_FEN = 50_000_000  # cnt × pric is at scale 10: half a fen
 FEN = 100_000_000
 EXTRA_SERIAL = 9_000_000_000  # setl_id serials of extra settlements (base ones count up from 1)
+DISPENSE_MOV_SERIAL = 800_000_000_000  # mov_id serials of planted dispensing movements
+DISPENSE_TRACE_SERIAL = 990_000_000  # unit serials of their traceability codes (the generator's stay far below)
 RESERVE_MS = 60 * DAY_MS  # one anomaly per person per 60 days
 INPATIENT = frozenset({"21", "22", "52"})
 OUTPATIENT = frozenset({"11", "14"})
@@ -80,6 +100,8 @@ REVERSAL_MONEY = ("medfee_sumamt", "inscp_amt", *FUND_PARTS, "fund_pay_sumamt", 
 #: planted short stay can look like a split stay of a base one), with their ADRG.
 LOW_THRESHOLD_DX = (("R07.400", "FV1"), ("R10.400", "GZ1"), ("R42.000", "BZ1"))
 _SELF_PAID = frozenset(it.code for it in CATALOGUE if it.cls == 2)
+_ITEM_INDEX = {it.code: i for i, it in enumerate(CATALOGUE)}
+MAX_TRACES = 100  # traceability codes listed per sale (one per unit, capped), as the generator does
 
 #: Rule ids in the seed rule base order, each with its planter (filled below).
 PLANTERS: dict[str, type[Planter]] = {}
@@ -920,6 +942,8 @@ class Planting:
         self._insts: dict[str, Institution] = {}
         self._by_province: dict[str, list[Institution]] = {}
         self._end = 0
+        self._mov_serial = DISPENSE_MOV_SERIAL
+        self._trace_serial = DISPENSE_TRACE_SERIAL
 
     def _sync(self, ctx: HookContext) -> None:
         if ctx is self._ctx:
@@ -982,18 +1006,66 @@ class Planting:
         expect = plan.expect if plan.expect is not None else frozenset({pl.rule_id})
         if self.verifier.fired([plan.now, *plan.later]) != expect:
             return None
+        dispense = self._dispensing([(plan.now, d)] if plan.modified else [], plan.later, ctx)
         now = SimEvent(event.record, event.key, plan.now) if plan.modified else event
         if plan.modified:
             self._modified[d["setl_id"]] = {k: plan.now[k] for k in REVERSAL_MONEY}
         extras = [SimEvent(SETTLEMENT, x["psn_no"], x) for x in plan.later]
         involved = [now, *extras]
+        sales = [mv for x in dispense for mv in self._dispense(ctx, *x)]
         a = Anomaly(len(self.anomalies) + 1, pl.rule_id, [e.datum["setl_id"] for e in involved],
-                    [str(e.datum["event_id"]) for e in involved], d["fixmedins_code"], plan.note)
+                    [str(e.datum["event_id"]) for e in (*involved, *sales)], d["fixmedins_code"], plan.note)
         self._record(a, involved, ctx)
-        for x in extras:
-            ctx.schedule(int(x.datum["setl_time"]), x)
+        for x in (*extras, *sales):
+            ctx.schedule(int(x.datum["setl_time" if x.record == SETTLEMENT else "mov_time"]), x)
         self._reserved[d["psn_no"]] = max(int(x["setl_time"]) for x in (d, *plan.later)) + RESERVE_MS
         return now
+
+    def _dispensing(self, modified: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]],
+                    new: Sequence[Mapping[str, Any]], ctx: HookContext
+                    ) -> list[tuple[Institution, int, int, Mapping[str, Any]]]:
+        """What planted settlements dispense: (institution, catalogue index, quantity, settlement)
+        for each drug its institution stocks that a settlement bills beyond what its original
+        billed (``modified``: (planted, original) pairs; ``new``: extra settlements)."""
+        stock = ctx.generator._stock
+        out: list[tuple[Institution, int, int, Mapping[str, Any]]] = []
+        for x, base in [*modified, *((x, None) for x in new)]:
+            inst = self._insts.get(str(x["fixmedins_code"]))
+            if inst is None:
+                continue
+            qty: dict[str, int] = {}
+            for ln in x["fee_details"]:
+                qty[ln["med_list_codg"]] = qty.get(ln["med_list_codg"], 0) + int(ln["cnt"])
+            for ln in base["fee_details"] if base is not None else ():
+                qty[ln["med_list_codg"]] = qty.get(ln["med_list_codg"], 0) - int(ln["cnt"])
+            for code, n in qty.items():
+                it_idx = _ITEM_INDEX.get(code)
+                if n > 0 and it_idx is not None and stock[inst.index].get(it_idx) is not None:
+                    out.append((inst, it_idx, n, x))
+        return out
+
+    def _dispense(self, ctx: HookContext, inst: Institution, it_idx: int, cnt: int,
+                  x: Mapping[str, Any]) -> list[SimEvent]:
+        """The PURCHASE_IN and SALE_OUT of a planted settlement's drug, shaped as the generator's."""
+        gen = ctx.generator
+        it = CATALOGUE[it_idx]
+        prefix = gen._trace_prefix[it_idx]
+        traces = []
+        for _ in range(min(MAX_TRACES, max(1, cnt // CNT))):
+            self._trace_serial += 1
+            serial = self._trace_serial
+            traces.append(f"{prefix:07d}{serial:09d}{(prefix * 31 + serial * 17) % 10_000:04d}")
+        out = []
+        for kind, pric, codes in (("PURCHASE_IN", gen._purchase_pric(inst, it), []),
+                                  ("SALE_OUT", gen._sale_pric(inst, it), traces)):
+            self._mov_serial += 1
+            out.append(SimEvent(INVENTORY, inst.code, {
+                "event_id": ctx.new_event_id(), "mov_id": f"MV{self._mov_serial:012d}",
+                "fixmedins_code": inst.code, "med_list_codg": it.code, "admdvs": inst.admdvs, "mov_type": kind,
+                "cnt": cnt, "pric": pric, "drug_trac_codg": codes,
+                "setl_id": x["setl_id"] if kind == "SALE_OUT" else None, "mov_time": int(x["setl_time"]),
+            }))
+        return out
 
     def _record(self, a: Anomaly, events: Sequence[SimEvent], ctx: HookContext) -> None:
         self.anomalies.append(a)

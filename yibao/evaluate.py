@@ -46,13 +46,6 @@ SUPERVISION_NS = "cn.nhsa.yibao.supervision."
 #: planters know the alert ids they expect (deterministic), and an in-process run lands the traffic
 #: in ClickHouse (chDB) to raise them. Matched by ``alert_id``.
 MONITOR_RULE_IDS = frozenset({"YB-FUND-CAPACITY", "YB-FUND-NEGATIVE", "YB-PSI-SETTLED-OVER-SOLD"})
-#: Rules planted and reported but not yet held to precision/recall ≥ 0.95 when every rule is planted
-#: at once. YB-PSI-SETTLED-OVER-SOLD: its own planter is exact (precision and recall 1.0 planted
-#: alone), but the settlement planters add drug lines (over-cap prices, excess supply, restricted
-#: drugs...) with no SALE_OUT movement, so with "all" planted the monitor rightly finds ~170 more
-#: institution × drug × months settled over sold that no truth names. Covering it needs those
-#: planters to record the sale-outs of the drugs they add (and to keep YB-PSI-OVERSELL quiet).
-UNCOVERED_RULES: frozenset[str] = frozenset({"YB-PSI-SETTLED-OVER-SOLD"})
 #: What the monitors read: only these raw tables are landed for them.
 MONITOR_TABLES = ("settlements", "fee_details", "fund_income", "inventory_movements")
 #: Migrations an evaluation database needs (raw tables and their projections; not the BI views,
@@ -540,7 +533,7 @@ def evaluate_in_process(n_settlements: int, days: int, seed: int = 42, rate: flo
     return result
 
 
-__all__ = ["MONITOR_RULE_IDS", "UNCOVERED_RULES", "InProcessRun", "alert_month", "alerts_from_backend", "compare",
+__all__ = ["MONITOR_RULE_IDS", "InProcessRun", "alert_month", "alerts_from_backend", "compare",
            "evaluate_in_process", "latest_alerts", "monitor_alerts", "monitor_database", "prepare_monitor_database",
            "read_alerts", "report_table", "rule_ids", "run_events", "run_in_process", "upcoding_rules",
            "write_alerts"]
