@@ -13,8 +13,9 @@ features are opt-in. A comment line ``-- cluster_only`` right before a statement
 A skipped statement is not retried after an upgrade (the file counts as applied); write a new
 migration for that. Every file is recorded in ``schema_migrations`` with the sha256 of its text,
 and an applied file that has since changed is refused: edit nothing that ran, add a new file.
-Use ``IF NOT EXISTS`` everywhere so that a run interrupted half-way can simply be repeated
-(18.16 has no ``ADD COLUMN IF NOT EXISTS``, so an ALTER there is the one exception).
+Use ``IF NOT EXISTS`` everywhere (``DROP ... IF EXISTS`` to replace a view) so that a run
+interrupted half-way can simply be repeated (18.16 has no ``ADD COLUMN IF NOT EXISTS``, so an
+ALTER there is the one exception).
 
 Staging tables
 --------------

@@ -3,7 +3,8 @@
 Why not in-stream: fund-operation metrics need two topics with different keys (settlements keyed
 by ``psn_no``, fund income on the supervision topic keyed by pooling region) and are monthly by
 nature; the settled-over-sold check joins fee lines (settlement topic) with inventory movements
-(procurement topic). Re-keying both streams to meet in one worker would cost more than asking
+(procurement topic); the credit grade combines penalties (supervision topic) with the alerts of
+every stream. Re-keying both streams to meet in one worker would cost more than asking
 ClickHouse, which already holds every landed row, once every few minutes.
 
 A :class:`Monitor` is a small declarative unit: the rule *kind* it evaluates (a rule of the rule
@@ -227,14 +228,17 @@ def settled_over_sold_queries(rule: Rule, backend: Backend) -> dict[str, str]:
     tol = int(rule.param("tolerance_pm"))
     min_units = int(rule.param("min_excess_units"))
     fee, mov = backend.read_table("fee_details"), backend.read_table("inventory_movements")
+    # cluster mode: both sides are Distributed tables; GLOBAL runs the subquery once and ships its
+    # result to the shards (a plain IN / JOIN over a Distributed table there is refused)
+    g = "GLOBAL " if backend.cluster else ""
     return {"rows": (
         "SELECT fixmedins_code, med_list_codg, month, settled, fee, sold, admdvs FROM ("
         " SELECT fixmedins_code, med_list_codg, toYYYYMM(setl_time) AS month, sum(cnt) AS settled,"
         " sum(det_item_fee_sumamt) AS fee"
-        f" FROM {fee} WHERE (fixmedins_code, med_list_codg) IN"
+        f" FROM {fee} WHERE (fixmedins_code, med_list_codg) {g}IN"
         f" (SELECT DISTINCT fixmedins_code, med_list_codg FROM {mov})"
         " GROUP BY fixmedins_code, med_list_codg, month"
-        ") AS settled_ ANY LEFT JOIN ("
+        f") AS settled_ {g}ANY LEFT JOIN ("
         " SELECT fixmedins_code, med_list_codg, toYYYYMM(mov_time) AS month, sum(cnt) AS sold,"
         " any(admdvs) AS admdvs"
         f" FROM {mov} WHERE mov_type = 'SALE_OUT' GROUP BY fixmedins_code, med_list_codg, month"
@@ -264,6 +268,38 @@ def settled_over_sold_findings(rule: Rule, rows: Mapping[str, Rows], as_of: int,
     return out
 
 
+# --- supervision: institution credit grade ---------------------------------------------------------
+
+def credit_queries(rule: Rule, backend: Backend) -> dict[str, str]:
+    """Institutions whose credit score (the ``bi_institution_credit`` view, migration 0005: every
+    shard's penalties and claim-side rule hits) is at most ``max_score``."""
+    max_score = int(rule.param("max_score"))
+    return {"rows": (
+        "SELECT fixmedins_code, admdvs, penalties, fines, rule_hits, score, grade"
+        f" FROM {backend.database}.bi_institution_credit WHERE score <= {max_score}"
+    )}
+
+
+def _month_before(month: int) -> int:
+    return month - 1 if month % 100 > 1 else month - 89
+
+
+def credit_findings(rule: Rule, rows: Mapping[str, Rows], as_of: int, now_ms: int) -> list[MonitorFinding]:
+    """One standing alert per institution while its score stays low (key ``credit``: not per
+    month, so a score that recovers, e.g. when rule hits are retracted, retracts it). The window is
+    the last closed month, when the grade was judged; the amount at risk is the fines imposed."""
+    start, end = month_bounds(_month_before(as_of))
+    out = []
+    for r in rows.get("rows", ()):
+        h = str(r["fixmedins_code"])
+        admdvs = str(r["admdvs"] or "") or h[1:7]
+        out.append(MonitorFinding(Finding(rule, "credit", h, start, end, (), (), fen(r["fines"]), {
+            "score": str(r["score"]), "grade": str(r["grade"]), "penalties": str(r["penalties"]),
+            "rule_hits": str(r["rule_hits"]), "fines": str(r["fines"]), "max_score": str(rule.param("max_score")),
+        }, now_ms), h, admdvs))
+    return out
+
+
 MONITORS: dict[str, Monitor] = {
     m.kind: m for m in (
         Monitor("fund_capacity", "fund", fund_queries, capacity_findings,
@@ -272,6 +308,8 @@ MONITORS: dict[str, Monitor] = {
                 "a month's current balance negative"),
         Monitor("settled_over_sold", "procurement", settled_over_sold_queries, settled_over_sold_findings,
                 "more settled to the fund than sold"),
+        Monitor("credit_low", "supervision", credit_queries, credit_findings,
+                "an institution's credit score at or below the threshold"),
     )
 }
 

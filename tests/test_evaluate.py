@@ -59,7 +59,15 @@ RATES = {
     # ClickHouse monitors: share of pool × insutype subjects (capacity: 6 of 12), of the free
     # subject × month cells (negative: 6 of 12), per institution × drug × closed month (settled)
     "YB-FUND-CAPACITY": 0.5, "YB-FUND-NEGATIVE": 0.5, "YB-PSI-SETTLED-OVER-SOLD": 0.006,
+    # supervision: per clean inspection (an institution at most once)
+    "YB-SUP-CREDIT-LOW": 0.3,
 }
+
+
+def shared_chdb(factory: pytest.TempPathFactory) -> Path:
+    """The suite's chDB data dir (one per process), as ``Settings.chdb_path`` of the data dir
+    ``<basetemp>/chdb-shared``: the commands run in process here must open that same one."""
+    return factory.getbasetemp() / "chdb-shared" / "chdb"
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +80,7 @@ def monitor_db(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     made: list[Any] = []
 
     def make() -> Any:
-        be = open_backend("embedded", path=tmp_path_factory.getbasetemp() / "chdb-shared",
+        be = open_backend("embedded", path=shared_chdb(tmp_path_factory),
                           database=f"yb_evalrun_{uuid.uuid4().hex[:10]}")
         prepare_monitor_database(be)
         made.append(be)
@@ -355,7 +363,7 @@ def alerts_backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
     else:
         pytest.importorskip("chdb")
         # chDB allows one data path per process: share the suite's, with a database of our own
-        be = open_backend("embedded", path=tmp_path_factory.getbasetemp() / "chdb-shared", database=database)
+        be = open_backend("embedded", path=shared_chdb(tmp_path_factory), database=database)
     try:
         migrate(be)
         be.use_database()
@@ -397,7 +405,7 @@ def test_alerts_from_the_clickhouse_table(alerts_backend: Any) -> None:
 
 # --- the commands --------------------------------------------------------------------------------
 
-def test_simulate_plant_then_evaluate_commands(tmp_path: Path) -> None:
+def test_simulate_plant_then_evaluate_commands(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     from yibao.cli import app
     from yibao.replay import LineError, read_jsonl
 
@@ -423,7 +431,8 @@ def test_simulate_plant_then_evaluate_commands(tmp_path: Path) -> None:
     assert set(out["rules"]) == set(RULE_IDS) and out["planted"] > 30
     for rid, r in out["rules"].items():
         assert r["fp"] == 0 and r["fn"] == 0, (rid, r)
-    res = runner.invoke(app, ["evaluate", "--truth", str(truth), "--events", str(events)])
+    res = runner.invoke(app, ["evaluate", "--truth", str(truth), "--events", str(events)],
+                        env={"YIBAO_DATA_DIR": str(shared_chdb(tmp_path_factory).parent)})
     assert res.exit_code == 0, res.output
     assert "YB-PSN-GHOST" in res.output and "precision" in res.output
 
@@ -431,3 +440,32 @@ def test_simulate_plant_then_evaluate_commands(tmp_path: Path) -> None:
     assert bad.exit_code == 2 and "unknown rule id" in bad.output
     bad = runner.invoke(app, ["simulate", "-n", "100", "--plant", "all", "--out", str(events)])
     assert bad.exit_code == 2 and "--truth" in bad.output
+
+
+def test_evaluate_command_runs_the_monitors_on_replayed_events(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """`yibao evaluate --events` lands the replayed traffic in a throw-away chDB database and runs
+    the monitor rules too; `--no-monitors` leaves them out (their planted anomalies are missed)."""
+    pytest.importorskip("chdb")
+    from yibao.cli import app
+
+    events, truth = tmp_path / "ev.jsonl", tmp_path / "truth.jsonl"
+    runner = CliRunner()
+    monitored = "YB-FUND-CAPACITY,YB-PSI-SETTLED-OVER-SOLD,YB-SUP-CREDIT-LOW"
+    res = runner.invoke(app, ["simulate", "-n", "3000", "--days", "60", "--plant", monitored, "--plant-rate", "0.4",
+                              "--out", str(events), "--truth", str(truth)])
+    assert res.exit_code == 0, res.output
+    planted = Counter(json.loads(x)["rule_id"] for x in truth.read_text().splitlines())
+    assert set(planted) == set(monitored.split(",")), planted
+    env = {"YIBAO_DATA_DIR": str(shared_chdb(tmp_path_factory).parent)}
+    res = runner.invoke(app, ["evaluate", "--truth", str(truth), "--events", str(events), "--json"], env=env)
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output.strip().splitlines()[-1])["rules"]
+    for rid in monitored.split(","):
+        assert (out[rid]["tp"], out[rid]["fp"], out[rid]["fn"]) == (planted[rid], 0, 0), (rid, out[rid])
+    res = runner.invoke(app, ["evaluate", "--truth", str(truth), "--events", str(events), "--json",
+                              "--no-monitors"], env=env)
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output.strip().splitlines()[-1])["rules"]
+    assert all(out[rid]["tp"] == 0 and out[rid]["fn"] == planted[rid] for rid in monitored.split(","))

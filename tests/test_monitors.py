@@ -1,4 +1,4 @@
-"""The ClickHouse monitors (fund capacity, negative balance, settled over sold) and the credit view.
+"""The ClickHouse monitors (fund capacity, negative balance, settled over sold, credit grade) and the credit view.
 
 Every test runs on both engines: the session's ClickHouse server (Debian's 18.16 here) and chDB,
 with hand-made rows at each threshold's boundary, so the SQL and the Python around it are checked
@@ -47,7 +47,7 @@ def db(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory)
     # only the migrations these monitors rest on (others, e.g. BI aggregates, evolve independently)
     ddl = tmp_path_factory.mktemp("ddl")
     for f in sorted(DDL_DIR.glob("*.sql")):
-        if f.name[:4] in ("0001", "0002", "0004"):
+        if f.name[:4] in ("0001", "0002", "0004", "0005"):
             shutil.copy(f, ddl / f.name)
     try:
         migrate(be, ddl_dir=ddl)
@@ -282,3 +282,39 @@ def test_credit_view_matches_the_formula(be: Backend) -> None:
     assert want["H11010500001"] == (1000 - 70 - 25 - 5, 1, "A")
     h1 = next(r for r in res if r[0] == "H11010500001")
     assert int(h1[4]) == 2 and Decimal(h1[5]) == Decimal("250000") and h1[6] == "110105"
+
+
+CREDIT = next(r for r in RULES if r.id == "YB-SUP-CREDIT-LOW")
+
+
+def credit_fired(run: Any) -> dict[str, str]:
+    return {d["fixmedins_code"]: d["status"] for d in run.emitted if d["rule_id"] == CREDIT.id}
+
+
+def test_credit_low_fires_at_its_threshold_ignores_its_own_alerts_and_retracts(be: Backend) -> None:
+    t = ts(2026, 3, 1)
+    terminated, at_600, at_599 = "H11010500001", "H44030500002", "H51010700003"
+    penalties = [(terminated, "TERMINATE_AGREEMENT", 0), (at_600, "SUSPEND_AGREEMENT", 0),
+                 (at_600, "SUSPEND_AGREEMENT", 0), (at_599, "SUSPEND_AGREEMENT", 0), (at_599, "SUSPEND_AGREEMENT", 0)]
+    insert(be, "penalties", [{"pnsh_id": uuid.uuid4().hex, "fixmedins_code": h, "admdvs": h[1:7], "pnsh_type": k,
+                              "fine_amt": f, "pnsh_time": t} for h, k, f in penalties])
+    hit = alert(at_599, "LOW", aid="the-one-hit")
+    write_alerts(be, [hit])
+    run = run_monitors(be, [CREDIT], now_ms=NOW, as_of=202603)
+    assert credit_fired(run) == {terminated: "FIRED", at_599: "FIRED"}
+    low = next(d for d in run.emitted if d["fixmedins_code"] == at_599)
+    assert low["evidence"]["score"] == "599" and low["evidence"]["grade"] == "D"
+    assert low["subsystem"] == "supervision" and low["admdvs"] == "510107" and low["severity"] == "HIGH"
+    assert (low["window_start"], low["window_end"]) == month_bounds(202602)  # the last closed month
+    # its own alerts are not rule hits: the scores stay where they were, a rerun emits nothing
+    scores = dict(be.query(f"SELECT fixmedins_code, score FROM {be.database}.bi_institution_credit").rows)
+    assert {str(k): int(v) for k, v in scores.items()} == {terminated: 500, at_600: 600, at_599: 599}
+    assert run_monitors(be, [CREDIT], now_ms=NOW + 1000, as_of=202603).emitted == []
+    # the one rule hit is retracted: 600 is grade C again, the alert is retracted
+    write_alerts(be, [{**hit, "event_id": str(uuid.uuid4()), "status": "RETRACTED", "detected_at": NOW + 2000}])
+    run = run_monitors(be, [CREDIT], now_ms=NOW + 3000, as_of=202603)
+    assert credit_fired(run) == {at_599: "RETRACTED"}
+    # the threshold is a parameter
+    lenient = Rule.from_dict({**CREDIT.to_dict(), "params": {"max_score": 600}})
+    assert credit_fired(evaluate(be, [lenient], now_ms=NOW + 4000, as_of=202603)) == {at_600: "FIRED", at_599: "FIRED"}
+

@@ -1,4 +1,4 @@
-"""Planted fund-operation and settled-over-sold anomalies: ground truth for the ClickHouse monitors.
+"""Planted fund-operation, settled-over-sold and credit anomalies: ground truth for the ClickHouse monitors.
 
 The monitors (:mod:`streams.monitors`) judge closed months from ClickHouse, and their alert ids
 are deterministic (``uuid5(rule | subject | month|YYYYMM)``), so each planter records the exact
@@ -25,9 +25,17 @@ month of the latest settlement, which is in the span's last day).
   books). Counted once at least two units were dropped, so the excess clears the rule's
   ``min_excess_units``; dropping sales only raises the book stock, so no stream rule fires.
 
+* **YB-SUP-CREDIT-LOW**: an inspection that found nothing is turned into one that found a
+  violation (50,000 yuan median), and 3-10 days later the institution's agreement is terminated
+  (a TERMINATE_AGREEMENT penalty, 500 points, fined twice the amount): its credit score falls
+  below 600 (grade D). At most once per institution; the truth names the alert id
+  ``uuid5(rule | institution | credit)``. Scores of the others stay above it in the evaluation's
+  traffic (base penalties take at most ~60 points over 94 days, rule hits at most 300).
+
 Rates: for the fund rules the share of pool × insutype subjects (capacity) or of subject × month
 cells (negative) planted, at least one when the rate is positive; for settled-over-sold the
-probability per institution × drug × closed month, drawn at its first sale.
+probability per institution × drug × closed month, drawn at its first sale; for the credit rule
+the probability per clean inspection (of an institution not planted yet).
 """
 
 from __future__ import annotations
@@ -41,13 +49,16 @@ from streams.rules.alerts import alert_id
 from streams.rules.grouped import month_of
 
 from .anomalies import Anomaly, EventPlanter, Planter
-from .simulate import INCOME, INVENTORY, HookContext, SimEvent
+from .simulate import INCOME, INSPECTION, INVENTORY, PENALTY, HookContext, SimEvent
 
 CNT = 10_000
 INSUTYPES = ("310", "390")
 OPENING_KEEP = 0.004  # share of the carried-over balance a capacity-planted subject books
 NEGATIVE_KEEP = 0.4  # share of a month's contributions a negative-planted cell books
 MIN_DROPPED_UNITS = 2 * CNT  # settled-over-sold: dropped quantity (scale 4) before it counts
+DAY_MS = 86_400_000
+CHINA_MS = 8 * 3_600_000
+PLANTED_PNSH_SERIAL = 900_000  # pnsh_id serials of planted penalties (base ones count up from 1)
 
 
 def closed_months(start_ms: int, end_ms: int) -> list[int]:
@@ -206,7 +217,41 @@ class SettledOverSoldPlanter(_HookPlanter):
         return []  # the sale is not recorded
 
 
-FUND_PLANTERS: dict[str, type[Planter]] = {
-    p.rule_id: p for p in (CapacityPlanter, NegativePlanter, SettledOverSoldPlanter)}
+class CreditLowPlanter(_HookPlanter):
+    rule_id = "YB-SUP-CREDIT-LOW"
+    record = INSPECTION
 
-__all__ = ["FUND_PLANTERS", "CapacityPlanter", "NegativePlanter", "SettledOverSoldPlanter", "closed_months"]
+    def reset(self, ctx: HookContext) -> None:
+        self.done: set[str] = set()
+        self._serial = PLANTED_PNSH_SERIAL
+
+    def on_event(self, event: SimEvent, ctx: HookContext) -> Sequence[SimEvent]:
+        d = event.datum
+        h = str(d["fixmedins_code"])
+        if d["viol_flag"] or h in self.done or ctx.rng.random() >= self._rate():
+            return [event]
+        t = int(d["insp_time"])
+        when = t + (3 + int(ctx.rng.random() * 8)) * DAY_MS
+        if when >= ctx.generator.config.end_ms:
+            return [event]
+        amt = int(ctx.rng.lognormvariate(0.0, 0.8) * 50_000) * 100
+        insp = SimEvent(event.record, event.key, {**d, "viol_flag": True, "viol_amt": amt,
+                                                  "enddate": (t + CHINA_MS) // DAY_MS})
+        self._serial += 1
+        pen = SimEvent(PENALTY, event.key, {
+            "event_id": ctx.new_event_id(), "pnsh_id": f"PN{d['admdvs']}{self._serial:06d}", "fixmedins_code": h,
+            "admdvs": d["admdvs"], "pnsh_type": "TERMINATE_AGREEMENT", "fine_amt": 2 * amt,
+            "insp_id": d["insp_id"], "pnsh_time": when,
+        })
+        self.done.add(h)
+        self._anomaly(ctx, [insp, pen], h, [alert_id(self.rule_id, h, "credit")],
+                      f"inspection {d['insp_id']} found {amt / 100:.2f} yuan; agreement terminated")
+        ctx.schedule(when, pen)
+        return [insp]
+
+
+FUND_PLANTERS: dict[str, type[Planter]] = {
+    p.rule_id: p for p in (CapacityPlanter, NegativePlanter, SettledOverSoldPlanter, CreditLowPlanter)}
+
+__all__ = ["FUND_PLANTERS", "CapacityPlanter", "CreditLowPlanter", "NegativePlanter", "SettledOverSoldPlanter",
+           "closed_months"]

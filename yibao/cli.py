@@ -243,6 +243,10 @@ def evaluate(
     events_file: Annotated[Path | None, typer.Option(
         "--events", help="Run the rules in process on these events (JSON lines, e.g. from `simulate --out`)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table")] = False,
+    monitors: Annotated[bool, typer.Option(
+        "--monitors/--no-monitors",
+        help="Also run the ClickHouse monitor rules (fund, settled-over-sold, credit): with --events on a "
+             "throw-away chDB database, else on the backend's tables as they are now (nothing is written)")] = True,
     backend: BackendOpt = None,
     data_dir: DataDir = None,
     ch_host: ChHost = None,
@@ -273,9 +277,15 @@ def evaluate(
             from .replay import LineError, read_jsonl
 
             errors: list[LineError] = []
-            alerts = run_events(read_jsonl(events_file, Codec(), errors), s).alerts
+            ran = run_events(read_jsonl(events_file, Codec(), errors), s, collect_tables=monitors)
             if errors:
                 fail(f"{events_file}:{errors[0].line}: {errors[0].message}", f"{len(errors)} invalid line(s)")
+            alerts = ran.alerts
+            if monitors:
+                from .evaluate import monitor_alerts, monitor_database
+
+                with monitor_database(s) as mon_db:
+                    alerts = [*alerts, *monitor_alerts(ran, mon_db, s)]
         if alerts is None:
             from streams.app import make_backend
 
@@ -287,6 +297,11 @@ def evaluate(
                          "run the workers (or `yibao demo`) first, or pass --alerts FILE")
                 be.use_database()
                 alerts = alerts_from_backend(be)
+                if monitors:  # what a monitor run would change now (retractions included)
+                    from streams.app import build_rulebook
+                    from streams.monitors import evaluate as evaluate_monitors
+
+                    alerts = [*alerts, *evaluate_monitors(be, build_rulebook(s).current).emitted]
             finally:
                 be.close()
         result = compare(alerts, planted, rule_ids(s), by_month=upcoding_rules(s))

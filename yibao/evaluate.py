@@ -35,7 +35,7 @@ from streams.rules.grouped import CHINA, month_of
 
 from .anomalies import Planting
 from .settings import Settings, load_settings
-from .simulate import AUTO, EVENT_TIME_FIELD, INCOME, SETTLEMENT, SimConfig, SimEvent
+from .simulate import AUTO, EVENT_TIME_FIELD, INCOME, PENALTY, SETTLEMENT, SimConfig, SimEvent
 
 UPCODING_KIND = "drg_upcoding"
 SETTLEMENT_NS = "cn.nhsa.yibao.settlement."
@@ -45,12 +45,15 @@ SUPERVISION_NS = "cn.nhsa.yibao.supervision."
 #: Rules evaluated by the ClickHouse monitors (streams/monitors.py), not in the stream: their
 #: planters know the alert ids they expect (deterministic), and an in-process run lands the traffic
 #: in ClickHouse (chDB) to raise them. Matched by ``alert_id``.
-MONITOR_RULE_IDS = frozenset({"YB-FUND-CAPACITY", "YB-FUND-NEGATIVE", "YB-PSI-SETTLED-OVER-SOLD"})
+MONITOR_RULE_IDS = frozenset({"YB-FUND-CAPACITY", "YB-FUND-NEGATIVE", "YB-PSI-SETTLED-OVER-SOLD",
+                              "YB-SUP-CREDIT-LOW"})
 #: What the monitors read: only these raw tables are landed for them.
-MONITOR_TABLES = ("settlements", "fee_details", "fund_income", "inventory_movements")
-#: Migrations an evaluation database needs (raw tables and their projections; not the BI views,
-#: which only slow the inserts down).
-MONITOR_MIGRATIONS = ("0001", "0002")
+MONITOR_TABLES = ("settlements", "fee_details", "fund_income", "inventory_movements", "penalties")
+#: Supervision records landed for them (fund income, penalties), by record name.
+MONITOR_SUPERVISION = frozenset({INCOME, PENALTY})
+#: Migrations an evaluation database needs (raw tables and their projections, and the credit-score
+#: view; not the BI aggregates, whose materialized views only slow the inserts down).
+MONITOR_MIGRATIONS = ("0001", "0002", "0004", "0005")
 
 
 # --- alerts -------------------------------------------------------------------------------------
@@ -390,7 +393,7 @@ def run_events(events: Iterable[Any], settings: Settings | None = None, planted_
     proc_offset = 0
     for ev in events:
         run.events += 1
-        if collect_tables and ev.record == INCOME:
+        if collect_tables and ev.record in MONITOR_SUPERVISION:
             sup_pending.append(Message(0, len(sup_pending), ev.key.encode(), codec.encode(ev.record, ev.datum)))
             continue
         if ev.record.startswith(PROCUREMENT_NS):
@@ -459,12 +462,13 @@ def monitor_alerts(run: InProcessRun, backend: Any, settings: Settings | None = 
     database: the monitors are SQL over the raw tables, and evaluating them anywhere else would
     test a copy, not them. Adds ``seconds["monitors"]`` (landing and evaluation)."""
     from streams.app import build_rulebook
-    from streams.monitors import evaluate
+    from streams.monitors import evaluate, write_alerts
 
     t0 = time.perf_counter()
     for name, columns in run.tables.items():
         if any(columns.values()):
             backend.insert(name, columns)
+    write_alerts(backend, run.alerts)  # the stream rules' hits count in the credit score
     mon = evaluate(backend, build_rulebook(settings or load_settings()).current)
     run.seconds["monitors"] = round(time.perf_counter() - t0, 2)
     return list(mon.emitted)

@@ -473,6 +473,7 @@ KINDS: dict[str, Kind] = {
     "fund_capacity": Kind("fund_capacity", {"min_months_pm": int, "pool_prefix_len": int, "pool_suffix": str}),
     "fund_negative": Kind("fund_negative", {"tolerance_pm": int, "pool_prefix_len": int, "pool_suffix": str}),
     "settled_over_sold": Kind("settled_over_sold", {"tolerance_pm": int, "min_excess_units": int}),
+    "credit_low": Kind("credit_low", {"max_score": int}),
 }
 
 

@@ -41,9 +41,9 @@ class Stage(StrEnum):
     AFTER = "after"  # 事后审核
 
 
-#: "procurement": rules of the procurement stream (no med_type maps to it, so the settlement engine
-#: never evaluates them)
-SCENARIOS = frozenset({"outpatient", "inpatient", "pharmacy", "cross-province", "procurement"})
+#: "procurement" and "supervision": rules of those streams (no med_type maps to them, so the
+#: settlement engine never evaluates them)
+SCENARIOS = frozenset({"outpatient", "inpatient", "pharmacy", "cross-province", "procurement", "supervision"})
 
 #: med_type → scenario (a cross-province settlement is additionally "cross-province").
 MED_TYPE_SCENARIO = {"11": "outpatient", "12": "outpatient", "13": "outpatient", "14": "outpatient",

@@ -56,8 +56,8 @@ def load_edited(tmp_path: Path, old: str, new: str) -> tuple[Path, str, RuleErro
 
 def test_seed_rules_load_and_pass_their_kind_checks() -> None:
     rules = load_rules_file(RULES_FILE, check_rule)
-    assert len(rules) == 24  # 17 settlement-stream rules, 4 procurement-stream rules, 3 ClickHouse monitors
-    assert len({r.id for r in rules}) == 24
+    assert len(rules) == 25  # 17 settlement-stream rules, 4 procurement-stream rules, 4 ClickHouse monitors
+    assert len({r.id for r in rules}) == 25
     assert all(r.enabled and r.version == 1 and r.kind in KINDS for r in rules)
     assert {r.id for r in rules if r.kind in ("drg_upcoding", "high_cost")} == {"YB-HOSP-UPCODE", "YB-HOSP-HIGHCOST"}
 
@@ -191,7 +191,7 @@ def test_apply_replaces_the_rule_as_a_new_snapshot() -> None:
     assert b.current.by_id("YB-PSN-SHOP-1D") == rule
     assert before.by_id("YB-PSN-SHOP-1D").version == 1  # type: ignore[union-attr]  # old snapshot untouched
     assert [r.id for r in b.current.rules] == sorted(r.id for r in b.current.rules)
-    assert (len(b.current.rules), b.applied) == (24, 1)
+    assert (len(b.current.rules), b.applied) == (25, 1)
 
 
 def test_apply_adds_a_new_rule_and_disables_one() -> None:
