@@ -504,7 +504,15 @@ class Ingestor(ConsumerRebalanceListener):  # type: ignore[misc]
         self._restored.clear()
         try:
             for store in self.p.stores:
-                await restore(store, parts, self.producer, self.restore_kwargs)
+                try:
+                    await restore(store, parts, self.producer, self.restore_kwargs)
+                except Exception as exc:
+                    # landing the events matters more than rule state: ingestion goes on, loudly
+                    metrics.STATE_RESTORE_FAILURES.labels(store.name).inc()
+                    store.forget(parts)
+                    log.error("state not restored: rules on these partitions start from empty state "
+                              "(windows opened before now are forgotten)", store=store.name, partitions=parts,
+                              error=f"{type(exc).__name__}: {exc}")
             for p in parts:
                 self.p.restored(p)
         finally:

@@ -47,6 +47,12 @@ STAGE_SECONDS = Counter(
 ALERTS = Counter(
     "yibao_alerts_total", "Anomaly alerts emitted, by rule and severity", ["rule_id", "severity"], registry=REGISTRY
 )
+STATE_RESTORE_FAILURES = Counter(
+    "yibao_state_restore_failures_total",
+    "Partition assignments whose rule state could not be restored from its changelog (rules restart empty)",
+    ["store"],
+    registry=REGISTRY,
+)
 WINDOW_STATE_KEYS = Gauge(
     "yibao_window_state_keys",
     "Keys held in a windowed rule state store (memory grows with it; watch it against the pod limit)",

@@ -11,7 +11,10 @@ again. Writes go out once per batch and key, not per event.
 
 Restoring does not trust end offsets (the test broker's ListOffsets(latest) is wrong, see
 infra.md): the restorer writes a unique sentinel record to the partition, then reads from the
-beginning until it meets that sentinel. Everything before it is the state to restore.
+beginning until it meets that sentinel. Everything before it is the state to restore. A log
+whose earliest offset lies beyond the sentinel just written (Tansu on S3 storage, restarted,
+hands out offsets from 0 again and reports an earliest offset past them: the log it had is gone)
+can never show the sentinel: :class:`ChangelogLost` says so at once instead of after the timeout.
 """
 
 from __future__ import annotations
@@ -31,6 +34,10 @@ log = structlog.get_logger(__name__)
 
 SENTINEL_KEY = b"__yibao_restore_sentinel__"
 _dumps = orjson.dumps  # ~5× the standard library here; values are plain dicts/lists/ints/strs
+
+
+class ChangelogLost(RuntimeError):
+    """The broker no longer has a changelog partition's records: its state cannot be restored."""
 
 
 @dataclass
@@ -110,10 +117,12 @@ async def restore(store: Store, partitions: Iterable[int], producer: AIOKafkaPro
     if not parts:
         return {}
     marks: dict[int, bytes] = {}
+    at: dict[int, int] = {}
     for p in parts:
         mark = uuid.uuid4().hex.encode()
-        await producer.send_and_wait(store.topic, mark, key=SENTINEL_KEY, partition=p)
+        meta = await producer.send_and_wait(store.topic, mark, key=SENTINEL_KEY, partition=p)
         marks[p] = mark
+        at[p] = meta.offset
     consumer = AIOKafkaConsumer(**consumer_kwargs, enable_auto_commit=False, group_id=None)
     await consumer.start()
     restored: dict[int, int] = {}
@@ -121,6 +130,12 @@ async def restore(store: Store, partitions: Iterable[int], producer: AIOKafkaPro
         tps = [TopicPartition(store.topic, p) for p in parts]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
+        lost = {tp.partition: pos for tp in tps if (pos := await consumer.position(tp)) > at[tp.partition]}
+        if lost:
+            raise ChangelogLost(
+                f"{store.topic}: the broker's earliest offset is past the restore mark just written "
+                + ", ".join(f"(partition {p}: earliest {pos}, mark at {at[p]})" for p, pos in sorted(lost.items()))
+                + "; the broker lost this log (Tansu on S3 does after a restart)")
         pending = set(parts)
         fresh: dict[int, dict[str, Any]] = {p: {} for p in parts}
         deadline = time.monotonic() + timeout_s
@@ -139,6 +154,9 @@ async def restore(store: Store, partitions: Iterable[int], producer: AIOKafkaPro
                             consumer.pause(tp)
                             break
                         continue
+                    if r.offset >= at[tp.partition]:
+                        raise ChangelogLost(f"{store.topic} partition {tp.partition}: read up to offset {r.offset} "
+                                            f"without meeting the restore mark written at {at[tp.partition]}")
                     if r.key is None:
                         continue
                     k = r.key.decode()
