@@ -1,5 +1,8 @@
 # Two entry points for a fresh machine: `make demo` and `make test`. Both set up what they need.
 PYTHON ?= python3
+# test files run in this many processes (pytest-xdist, one file per process at a time): most of the
+# suite waits on brokers, servers and worker processes, so 2 halves the wall time even on 2 cores
+TEST_WORKERS ?= 2
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
@@ -20,7 +23,7 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/yibao schemas check
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile
 
 bench: $(STAMP)
 	bash .ci/system-deps.sh
