@@ -46,6 +46,9 @@ BI_VIEWS = {
     "bi_cross_province_flows": [
         "day", "insu_admdvs", "mdtrt_admdvs", "settlements", "medfee_sumamt", "fund_pay_sumamt", "filings",
     ],
+    "bi_cross_province_flows_monthly": [
+        "month", "insu_admdvs", "mdtrt_admdvs", "settlements", "medfee_sumamt", "fund_pay_sumamt", "filings",
+    ],
     "bi_procurement_completion": [
         "fixmedins_code", "med_list_codg", "cntr_id", "agreed_volume", "purchased", "completion_pct",
         "elapsed_pct", "lag_points",
@@ -671,6 +674,20 @@ def test_bi_cross_province_flows(hand_made: HandMade) -> None:
         (dt.date(2025, 4, 10), "330202", "110105", 1, Decimal("200.00"), Decimal("150.00"), 1),
         (dt.date(2025, 4, 12), "330202", "110105", -1, Decimal("-200.00"), Decimal("-150.00"), 0),
     ]
+
+
+def test_bi_cross_province_flows_monthly_sums_the_days(hand_made: HandMade) -> None:
+    monthly = hand_made.view("bi_cross_province_flows_monthly", "month, insu_admdvs, mdtrt_admdvs")
+    assert monthly == [
+        (dt.date(2025, 4, 1), "330202", "110105", 0, Decimal("0.00"), Decimal("0.00"), 1),
+        (dt.date(2025, 4, 1), "330202", "110199", 0, 0, 0, 2),
+    ]
+    summed: dict[tuple[Any, ...], list[Any]] = {}
+    for day, *key_vals in hand_made.view("bi_cross_province_flows", "day, insu_admdvs, mdtrt_admdvs"):
+        acc = summed.setdefault((day.replace(day=1), *key_vals[:2]), [0, 0, 0, 0])
+        for i, v in enumerate(key_vals[2:]):
+            acc[i] += v
+    assert [(*k, *v) for k, v in sorted(summed.items())] == monthly
 
 
 def test_bi_procurement_completion(hand_made: HandMade) -> None:
