@@ -12,7 +12,7 @@ import gc
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -195,11 +195,13 @@ class IngestService(mode.Service):
             os.kill(os.getpid(), signal.SIGTERM)
 
     async def _monitor_loop(self, backend: Backend) -> None:
-        """Run the ClickHouse monitors (streams/monitors.py) every ``monitor_interval_s``.
+        """Run the ClickHouse monitors (streams/monitors.py) every ``monitor_interval_s``, on the
+        one worker that holds partition 0 of the supervision topic (:func:`runs_monitors`).
 
-        Every worker process runs them: the alert ids are deterministic and each run emits only
-        changes against the alerts table, so concurrent runs at worst write the same event twice,
-        which the ReplacingMergeTree collapses. A failed run is logged and retried next interval.
+        During a rebalance two workers may briefly both run them: harmless, the alert ids are
+        deterministic and each run emits only changes against the alerts table, so concurrent runs
+        at worst write the same event twice, which the ReplacingMergeTree collapses. A failed run
+        is logged and retried next interval.
         """
         from . import monitors
 
@@ -215,6 +217,8 @@ class IngestService(mode.Service):
                     return
                 except TimeoutError:
                     pass
+                if not runs_monitors(self.ingestors):
+                    continue
                 try:
                     rules = self.rulebook.current
                     run = await loop.run_in_executor(executor, monitors.evaluate, backend, rules)
@@ -249,6 +253,14 @@ class IngestService(mode.Service):
 
     def ready(self) -> bool:
         return bool(self.ingestors) and all(i.ready.is_set() for i in self.ingestors.values())
+
+
+def runs_monitors(ingestors: Mapping[str, Any]) -> bool:
+    """Whether this worker runs the ClickHouse monitors: the one holding partition 0 of the
+    supervision topic, so that N workers do not run the same queries N times. A worker without a
+    supervision consumer (a deployment splitting the streams over workers) cannot tell and runs them."""
+    sup = ingestors.get("supervision")
+    return sup is None or 0 in sup.assigned
 
 
 def tune_gc() -> None:

@@ -489,15 +489,20 @@ class Ingestor(ConsumerRebalanceListener):  # type: ignore[misc]
         self._restored.set()
         self.stats: Counter[str] = Counter()
         self.last_flush_at = 0.0
+        #: partitions of ``topic`` this consumer holds now (the group gives each to one member)
+        self.assigned: set[int] = set()
 
     # --- rebalance listener ---------------------------------------------------------------------
     async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        gone = [tp.partition for tp in revoked if tp.topic == self.topic]
+        self.assigned.difference_update(gone)
         if self._pending:
             await self.flush()
-        self.p.forget([tp.partition for tp in revoked if tp.topic == self.topic])
+        self.p.forget(gone)
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         parts = [tp.partition for tp in assigned if tp.topic == self.topic]
+        self.assigned = set(parts)
         self._needs_check = set(parts)
         for p in parts:
             self.landed_index.forget(p)

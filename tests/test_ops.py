@@ -350,6 +350,39 @@ def test_two_workers_split_the_partitions_and_land_what_one_worker_lands(
     one_backend.close()
 
 
+def test_monitors_run_on_the_one_worker_holding_supervision_partition_0(
+    ops: tuple[Settings, Backend, list[Worker]], tmp_path: Path
+) -> None:
+    """With two workers, the ClickHouse monitors run in one of them (the holder of supervision
+    partition 0) every YIBAO_MONITOR_INTERVAL_S, and their alerts land in the alerts table."""
+    from yibao.anomalies import Planting
+
+    s, backend, workers = ops
+    pair = [Worker(s, tmp_path, name, YIBAO_MONITOR_INTERVAL_S="1", YIBAO_LOG_LEVEL="INFO") for name in "ab"]
+    workers.extend(pair)
+    wait_for("both workers hold partitions of every topic", lambda: _split_evenly(s, pair), 90,
+             lambda: "".join(w.log_tail() for w in pair))
+    marks = [w.log_path.stat().st_size for w in pair]
+    planting = Planting(["YB-FUND-CAPACITY"], rates={"YB-FUND-CAPACITY": 0.5})
+    events = [OutEvent(e.record, e.key, e.datum) for e in planting.generator(SimConfig(seed=11, settlements=1500,
+                                                                                    days=40)).events()]
+    refs = {r for t in planting.truth() for r in t["refs"]}
+    assert refs
+    asyncio.run(produce(s, events, Codec()))
+    wait_for("everything landed", lambda: _accounted(backend) >= len(events), 90)
+
+    def fired() -> set[str]:
+        rows = backend.query(f"SELECT alert_id, argMax(status, detected_at) FROM {backend.read_table('alerts')} "
+                             "WHERE rule_id = 'YB-FUND-CAPACITY' GROUP BY alert_id").rows
+        return {str(a) for a, status in rows if status == "FIRED"}
+
+    wait_for("the monitors' alerts landed", lambda: bool(fired()), 60, lambda: "".join(w.log_tail() for w in pair))
+    time.sleep(2.5)  # a few more intervals
+    assert fired() <= refs
+    runs = [w.log_path.read_bytes()[m:].count(b"monitors ran") for w, m in zip(pair, marks, strict=True)]
+    assert sorted(runs)[0] == 0 and sorted(runs)[1] >= 2, runs
+
+
 def _produce_in_background(s: Settings, chunks: list[list[OutEvent]], pause: float) -> threading.Thread:
     def run() -> None:
         for chunk in chunks:

@@ -105,7 +105,8 @@ class Settings(BaseSettings):
     allowed_lateness_days: int = Field(35, ge=0, le=400, description="Events later than this skip windowed rules")
     monitor_interval_s: float = Field(
         300.0, ge=0, le=86_400,
-        description="Seconds between runs of the ClickHouse monitors (fund, settled-over-sold) in the worker; 0: off")
+        description="Seconds between runs of the ClickHouse monitors (fund, settled-over-sold, credit) in the "
+                    "worker holding supervision partition 0; 0: off")
 
     # --- Worker ------------------------------------------------------------------------------
     web_port: int = Field(6066, ge=0, le=65535, description="Metrics/health port of the first worker process")
