@@ -21,10 +21,11 @@ from itertools import chain, repeat
 from operator import itemgetter
 from typing import Any
 
-from sinks.tables import TABLES
+from sinks.tables import TABLES, decimal_precision, unwrap_nullable
 
 from .privacy import Pseudonymizer
 from .validation import CheckBase as Check
+from .validation import Each, Fits
 
 Datum = dict[str, Any]
 Columns = dict[str, list[Any]]
@@ -249,6 +250,48 @@ class ColumnPlan:
         for col, fn in self.fns:
             out[col] = fn(rows, ctx)
         return out
+
+
+_INT_RANGES = {f"{u}Int{b}": ((0, 2**b - 1) if u else (-(2 ** (b - 1)), 2 ** (b - 1) - 1))
+               for u in ("", "U") for b in (8, 16, 32, 64)}
+
+
+def column_range(ch_type: str) -> tuple[int, int] | None:
+    """Range of the raw value (as the staging table gets it) that fits a column of ``ch_type``:
+    unscaled digits of a Decimal, epoch ms of a DateTime (stored as seconds), days of a Date, the
+    integer types' own ranges; None for the others (strings, arrays, UInt8 flags)."""
+    inner, _ = unwrap_nullable(ch_type)
+    if inner.startswith("Decimal"):
+        digits = decimal_precision(inner) or 18
+        return -(10**digits - 1), 10**digits - 1
+    if inner.startswith("DateTime") and not inner.startswith("DateTime64"):
+        return 0, (2**32 - 1) * 1000 + 999
+    if inner == "Date":
+        return 0, 2**16 - 1
+    if inner == "UInt8":
+        return None
+    return _INT_RANGES.get(inner)
+
+
+def range_checks(spec: RecordSpec) -> tuple[Check, ...]:
+    """A :class:`~streams.validation.Fits` check for every integer field copied into a column
+    (event fields for the primary table, line fields under ``Each`` for a lines table), so that a
+    value no column can hold is dead-lettered with OUT_OF_RANGE instead of failing the INSERT.
+    A field absent from the record (a column filled otherwise) passes: the check reads ``get``."""
+    out: list[Check] = []
+    for m in spec.tables:
+        checks = []
+        for col, ch_type in TABLES[m.table].columns:
+            bounds = column_range(ch_type)
+            if bounds is None or col in SERVER_SIDE_COLUMNS or col.startswith("src_"):
+                continue
+            if col in m.overrides and not unwrap_nullable(ch_type)[0].startswith("Decimal"):
+                continue  # derived some other way; a Decimal override (a reversal's sign) keeps the magnitude
+            checks.append(Fits(col, bounds[0], bounds[1], f"{m.table}.{col} {ch_type}"))
+        if not checks:
+            continue
+        out.extend(checks if m.lines is None else [Each(m.lines, tuple(checks))])
+    return tuple(out)
 
 
 def compile_plan(mapping: TableMapping, record_schema: dict[str, Any]) -> ColumnPlan:

@@ -32,7 +32,7 @@ from schemas import Codec, DecodeError
 from sinks.base import Backend, SinkError, SinkUnavailable, literal
 
 from . import metrics
-from .base import ColumnPlan, Columns, Datum, Subsystem, TableMapping, compile_plan, merge_columns
+from .base import ColumnPlan, Columns, Datum, Subsystem, TableMapping, compile_plan, merge_columns, range_checks
 from .privacy import Pseudonymizer, Sealer
 from .rules.engine import EngineEvent, SettlementEngine
 from .rules.grouped import GroupedEngine
@@ -126,7 +126,8 @@ class BatchProcessor:
         self.limits = limits
         self._specs = {s.record: s for s in subsystem.records}
         self._validators = {
-            s.record: compile_checks((EventId(), *s.checks), s.short_name) for s in subsystem.records
+            s.record: compile_checks((EventId(), *range_checks(s), *s.checks), s.short_name)
+            for s in subsystem.records
         }
         self._plans: dict[str, list[ColumnPlan]] = {
             s.record: [compile_plan(m, codec.record_schema(s.record)) for m in s.tables]

@@ -308,6 +308,25 @@ class Positive(CheckBase):
 
 
 @dataclass(frozen=True)
+class Fits(CheckBase):
+    """An integer field within ``lo..hi`` (both inclusive): the range of the ClickHouse column it
+    lands in (see :func:`streams.base.range_checks`). A value beyond it would fail its whole batch's
+    INSERT, and the batch would fail again after every restart."""
+
+    field: str
+    lo: int
+    hi: int
+    column: str
+
+    def emit(self, e: Emitter, var: str, path: str) -> list[str]:
+        f = self.field
+        detail = f'f"{f} = {{v}} does not fit {self.column} ({self.lo}..{self.hi} in raw units)"'
+        return [f"v = {var}.get({f!r})",
+                f"if type(v) is int and not {self.lo} <= v <= {self.hi}:",
+                "    " + _fail("OUT_OF_RANGE", path, f, detail)]
+
+
+@dataclass(frozen=True)
 class SumsTo(CheckBase):
     """``total`` equals the sum of ``parts`` within ``tolerance`` (unscaled units; 1 = 0.01 CNY)."""
 

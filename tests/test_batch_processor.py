@@ -36,6 +36,7 @@ from yibao.settings import Settings, load_settings
 from yibao.simulate import (
     EVENT_TIME_FIELD,
     FILING,
+    ORDER,
     REVERSAL,
     SETTLEMENT,
     TIP,
@@ -634,3 +635,29 @@ def test_age_of_generated_settlements(settlement_out: Outcome, events: list[SimE
         b = dt.date(1970, 1, 1) + dt.timedelta(days=ev.datum["brdy"])
         s = dt.datetime.fromtimestamp(ev.datum["setl_time"] / 1000, CN).date()
         assert rows[ev.datum["event_id"]]["age"] == s.year - b.year - ((s.month, s.day) < (b.month, b.day))
+
+
+def test_values_no_column_can_hold_are_dead_lettered_and_the_batch_lands(
+    subsystems: dict[str, Subsystem], codec: Codec, events: list[SimEvent]
+) -> None:
+    """A quantity beyond its Decimal(16, 4) column, or beyond Int64 altogether (Avro longs decode
+    to any size in Python), goes to the dead letters as OUT_OF_RANGE: were it inserted, the whole
+    batch would fail, and fail again after every restart. The largest value that fits lands."""
+    order = next(e for e in events if e.record == ORDER)
+    too_big = {**order.datum, "event_id": str(uuid.uuid4()), "purc_cnt": 2**70}
+    edge = {**order.datum, "event_id": str(uuid.uuid4()), "purc_cnt": 10**16 - 1, "purc_pric": 1_000_000,
+            "purc_amt": ((10**16 - 1) * 1_000_000 + 50_000_000) // 100_000_000}
+    msgs = [Message(0, i, order.key.encode(), codec.encode(ORDER, d))
+            for i, d in enumerate([order.datum, too_big, edge])]
+    out = make_processor(subsystems, codec, "procurement").process(msgs)
+    assert [(d["source_offset"], d["reason_code"], d["field"]) for d in out.dead] == [(1, "OUT_OF_RANGE", "purc_cnt")]
+    assert "does not fit proc_orders.purc_cnt Decimal(16, 4)" in out.dead[0]["reason_detail"]
+    assert sorted(r["purc_cnt"] for r in rows_of(out, "proc_orders")) == sorted([order.datum["purc_cnt"], 10**16 - 1])
+
+    setl = next(e for e in events if e.record == SETTLEMENT and len(e.datum["fee_details"]) > 1)
+    bad = copy.deepcopy(setl.datum)
+    bad["fee_details"][1]["cnt"] = 10**16
+    out = make_processor(subsystems, codec, "settlement").process(
+        [Message(0, 0, setl.key.encode(), codec.encode(SETTLEMENT, bad))])
+    assert [(d["reason_code"], d["field"]) for d in out.dead] == [("OUT_OF_RANGE", "fee_details[1].cnt")]
+    assert out.rows("settlements") == 0 and out.rows("fee_details") == 0
