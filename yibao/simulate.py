@@ -44,7 +44,7 @@ import math
 import random
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from decimal import Decimal
 from operator import mul as _mul
 from pathlib import Path
@@ -97,6 +97,7 @@ _TZ_MS = 8 * _HOUR
 _EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
 _CNT = 10_000  # scale 4
 _MAX_TRACES = 100  # traceability codes listed per movement (one per unit, capped)
+_D0_GROWTH_CAP = 64  # a stock-out raises the daily demand estimate to at most 64× its start (or one request)
 _PRIC = 1_000_000  # scale 6
 _HALF = 50_000_000  # half a fen at scale 10 (cnt x pric)
 _FEN = 100_000_000
@@ -749,12 +750,13 @@ class Supplier:
 
 
 class _Stock:
-    __slots__ = ("d0", "level", "on_order", "rop", "used")
+    __slots__ = ("d0", "d_max", "level", "on_order", "rop", "used")
 
     def __init__(self, level: int, d0: int) -> None:
         self.level = level
         self.on_order = 0
         self.d0 = d0  # daily demand estimate, scale 4; raised on every stock-out
+        self.d_max = d0 * _D0_GROWTH_CAP  # ...up to this: demand seen while an order is on its way
         self.rop = d0 * 7  # reorder point: delivery takes up to 5 days plus weekends
         self.used = 0
 
@@ -1542,7 +1544,9 @@ class TrafficGenerator:
         if st is None:
             return False
         if st.level < cnt:
-            st.d0 = st.d0 * 3 // 2 + cnt
+            # every request while a delivery is on its way is a stock-out: unbounded, the estimate
+            # grew ×1.5 each time, into orders of 10^13 units (beyond the quantity columns)
+            st.d0 = min(st.d0 * 3 // 2 + cnt, max(st.d_max, _D0_GROWTH_CAP * cnt))
             if st.level + st.on_order < st.d0 * 7:
                 self._reorder(inst, it_idx, st)
             return False
@@ -2093,11 +2097,15 @@ class TrafficGenerator:
         def at(lo_h: float, span_h: float) -> int:
             return max(t, ds + int((lo_h + rand() * span_h) * _HOUR))
 
-        if weekday and cfg.fund_income_per_region_day:
+        d = date.fromordinal(_EPOCH_ORDINAL + day)
+        # contributions are booked in the afternoon of weekdays, and late on a month's last day
+        # whatever day it is, so that a month's spending is matched within the month (a small pool's
+        # large evening settlements otherwise carried into the next and a clean month showed a deficit)
+        month_end = (d + timedelta(days=1)).day == 1
+        if (weekday or month_end) and cfg.fund_income_per_region_day:
             for pool in range(len(self.pools)):
                 for j in range(cfg.fund_income_per_region_day):
-                    self._schedule(at(15, 3), _K_INCOME, (pool, j, day))
-            d = date.fromordinal(_EPOCH_ORDINAL + day)
+                    self._schedule(at(23.8, 0.15) if month_end else at(15, 3), _K_INCOME, (pool, j, day))
             if d.day == 21 and d.month in (3, 6, 9, 12):
                 for pool in range(len(self.pools)):
                     self._schedule(at(10, 2), _K_INCOME, (pool, -1, day))
