@@ -41,10 +41,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from decimal import Decimal
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import structlog
 
@@ -52,12 +50,12 @@ from sinks.base import Backend, literal
 
 from .rules.alerts import ALERT_RECORD, alert_datum, alert_event_id, alert_id, retraction
 from .rules.detectors import Finding
+from .rules.grouped import month_bounds, prev_month
 from .rules.model import Rule
 from .rules.rulebook import RuleSet
 
 log = structlog.get_logger(__name__)
 
-CHINA = ZoneInfo("Asia/Shanghai")
 MONITOR_PARTITION = 65535  # src_partition of monitor alerts: UInt16 max, never a Kafka partition
 CNT_SCALE = 10_000  # fee_details.cnt / inventory_movements.cnt are Decimal(16, 4)
 
@@ -89,15 +87,7 @@ class Monitor:
     doc: str = ""
 
 
-# --- months ---------------------------------------------------------------------------------------
-
-def month_bounds(month: int) -> tuple[int, int]:
-    """Epoch ms of the first and the last millisecond of a China-time month (YYYYMM)."""
-    y, m = divmod(month, 100)
-    start = datetime(y, m, 1, tzinfo=CHINA)
-    end = datetime(y + (m == 12), m % 12 + 1, 1, tzinfo=CHINA)
-    return int(start.timestamp() * 1000), int(end.timestamp() * 1000) - 1
-
+# --- units ----------------------------------------------------------------------------------------
 
 def fen(value: Any) -> int:
     """A Decimal(…, 2) amount (or None) as integer fen."""
@@ -280,15 +270,11 @@ def credit_queries(rule: Rule, backend: Backend) -> dict[str, str]:
     )}
 
 
-def _month_before(month: int) -> int:
-    return month - 1 if month % 100 > 1 else month - 89
-
-
 def credit_findings(rule: Rule, rows: Mapping[str, Rows], as_of: int, now_ms: int) -> list[MonitorFinding]:
     """One standing alert per institution while its score stays low (key ``credit``: not per
     month, so a score that recovers, e.g. when rule hits are retracted, retracts it). The window is
     the last closed month, when the grade was judged; the amount at risk is the fines imposed."""
-    start, end = month_bounds(_month_before(as_of))
+    start, end = month_bounds(prev_month(as_of))
     out = []
     for r in rows.get("rows", ()):
         h = str(r["fixmedins_code"])

@@ -70,7 +70,9 @@ from streams.settlement import age_at
 
 from .simulate import (
     CATALOGUE,
+    CATALOGUE_INDEX,
     INVENTORY,
+    MAX_TRACES,
     REVERSAL,
     SETTLEMENT,
     EventHook,
@@ -78,6 +80,7 @@ from .simulate import (
     Institution,
     SimEvent,
     TrafficGenerator,
+    trace_code,
 )
 
 MIN_MS = 60_000
@@ -100,8 +103,6 @@ REVERSAL_MONEY = ("medfee_sumamt", "inscp_amt", *FUND_PARTS, "fund_pay_sumamt", 
 #: planted short stay can look like a split stay of a base one), with their ADRG.
 LOW_THRESHOLD_DX = (("R07.400", "FV1"), ("R10.400", "GZ1"), ("R42.000", "BZ1"))
 _SELF_PAID = frozenset(it.code for it in CATALOGUE if it.cls == 2)
-_ITEM_INDEX = {it.code: i for i, it in enumerate(CATALOGUE)}
-MAX_TRACES = 100  # traceability codes listed per sale (one per unit, capped), as the generator does
 
 #: Rule ids in the seed rule base order, each with its planter (filled below).
 PLANTERS: dict[str, type[Planter]] = {}
@@ -1039,7 +1040,7 @@ class Planting:
             for ln in base["fee_details"] if base is not None else ():
                 qty[ln["med_list_codg"]] = qty.get(ln["med_list_codg"], 0) - int(ln["cnt"])
             for code, n in qty.items():
-                it_idx = _ITEM_INDEX.get(code)
+                it_idx = CATALOGUE_INDEX.get(code)
                 if n > 0 and it_idx is not None and stock[inst.index].get(it_idx) is not None:
                     out.append((inst, it_idx, n, x))
         return out
@@ -1054,7 +1055,7 @@ class Planting:
         for _ in range(min(MAX_TRACES, max(1, cnt // CNT))):
             self._trace_serial += 1
             serial = self._trace_serial
-            traces.append(f"{prefix:07d}{serial:09d}{(prefix * 31 + serial * 17) % 10_000:04d}")
+            traces.append(trace_code(prefix, serial))
         out = []
         for kind, pric, codes in (("PURCHASE_IN", gen._purchase_pric(inst, it), []),
                                   ("SALE_OUT", gen._sale_pric(inst, it), traces)):

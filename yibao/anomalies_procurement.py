@@ -27,13 +27,12 @@ from collections import deque
 from collections.abc import Sequence
 
 from .anomalies import Anomaly, EventPlanter, Planter
-from .simulate import CATALOGUE, CONTRACT, DELIVERY, INVENTORY, PAYMENT, EventHook, HookContext, SimEvent
+from .simulate import CATALOGUE_INDEX, CONTRACT, DELIVERY, INVENTORY, PAYMENT, EventHook, HookContext, SimEvent
 
 DAY_MS = 86_400_000
 HOUR_MS = 3_600_000
 CNT = 10_000
 PLANTED_MOV_SERIAL = 900_000_000_000  # mov_id serials of planted movements (base ones count up from 1)
-_ITEM = {it.code: i for i, it in enumerate(CATALOGUE)}
 
 
 class _ProcPlanter(EventPlanter):
@@ -66,7 +65,7 @@ class OversellPlanter(_ProcPlanter):
         if kind != "SALE_OUT" or key in self._open or key not in self._inflow or ctx.rng.random() >= self._rate():
             return [event]
         inst = self.pl.institution(d["fixmedins_code"])
-        it_idx = _ITEM.get(d["med_list_codg"])
+        it_idx = CATALOGUE_INDEX.get(d["med_list_codg"])
         if inst is None or it_idx is None:
             return [event]
         stock = ctx.generator._stock[inst.index].get(it_idx)

@@ -96,7 +96,7 @@ _DAY = 86_400_000
 _TZ_MS = 8 * _HOUR
 _EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
 _CNT = 10_000  # scale 4
-_MAX_TRACES = 100  # traceability codes listed per movement (one per unit, capped)
+MAX_TRACES = 100  # traceability codes listed per movement (one per unit, capped)
 _D0_GROWTH_CAP = 64  # a stock-out raises the daily demand estimate to at most 64× its start (or one request)
 _PRIC = 1_000_000  # scale 6
 _HALF = 50_000_000  # half a fen at scale 10 (cnt x pric)
@@ -437,6 +437,14 @@ CATALOGUE: tuple[CatalogueItem, ...] = (
     _item("delivery", S, "003315100010000", "单胎顺产接生", "800.000000", "surgery", where="I", sex="FEMALE",
           min_age=18, max_age=45),
 )
+#: catalogue code → index in CATALOGUE
+CATALOGUE_INDEX = {it.code: i for i, it in enumerate(CATALOGUE)}
+
+
+def trace_code(prefix: int, serial: int) -> str:
+    """20-digit drug traceability code: 7-digit product id, 9-digit unit serial, 4-digit check."""
+    return f"{prefix:07d}{serial:09d}{(prefix * 31 + serial * 17) % 10_000:04d}"
+
 del W, Z, C, S
 _ITEM: dict[str, int] = {it.key: i for i, it in enumerate(CATALOGUE)}
 
@@ -1465,7 +1473,7 @@ class TrafficGenerator:
         sales: list[tuple[int, int, list[str]]] = []
         if sold:
             for it_idx, cnt in sold.items():
-                traces = [self._trace(it_idx) for _ in range(min(_MAX_TRACES, max(1, cnt // _CNT)))]
+                traces = [self._trace(it_idx) for _ in range(min(MAX_TRACES, max(1, cnt // _CNT)))]
                 sales.append((it_idx, cnt, traces))
                 self._emit(INVENTORY, inst.code, self._movement(
                     inst, it_idx, "SALE_OUT", cnt, self._sale_pric(inst, CATALOGUE[it_idx]), traces,
@@ -1810,12 +1818,10 @@ class TrafficGenerator:
         return prof, inst_idx, adm_day, sev, dr
 
     def _trace(self, it_idx: int) -> str:
-        """20-digit drug traceability code: 7-digit product id, 9-digit unit serial, 4-digit check."""
+        """The next traceability code of a catalogue item."""
         n = self._trace_next[it_idx]
         self._trace_next[it_idx] = n + 1
-        serial = n % 10**9
-        prefix = self._trace_prefix[it_idx]
-        return f"{prefix:07d}{serial:09d}{(prefix * 31 + serial * 17) % 10_000:04d}"
+        return trace_code(self._trace_prefix[it_idx], n % 10**9)
 
     def _movement(self, inst: Institution, it_idx: int, mov_type: str, cnt: int, pric: int,
                   traces: list[str], setl_id: str | None, t: int) -> dict[str, Any]:
