@@ -23,9 +23,10 @@ from typing import Any
 
 from sinks.tables import TABLES, decimal_precision, unwrap_nullable
 
+from .fields import FieldRules, load_field_rules
 from .privacy import Pseudonymizer
 from .validation import CheckBase as Check
-from .validation import Each, Fits
+from .validation import Each, EventId, Fits
 
 Datum = dict[str, Any]
 Columns = dict[str, list[Any]]
@@ -292,6 +293,19 @@ def range_checks(spec: RecordSpec) -> tuple[Check, ...]:
             continue
         out.extend(checks if m.lines is None else [Each(m.lines, tuple(checks))])
     return tuple(out)
+
+
+def record_checks(spec: RecordSpec, record_schema: dict[str, Any], rules: FieldRules | None = None
+                  ) -> tuple[Check, ...]:
+    """Every check an event of ``spec`` must pass to land, in the order they run.
+
+    Text limits come first, so a 600 kB or control-character value is rejected for that, before
+    any later check formats it into a detail; then the event id, the column ranges, the fields
+    the event's own values require (data: streams/data/fields.toml), and the module's checks.
+    """
+    rules = rules or load_field_rules()
+    return (rules.text_check(record_schema), EventId(), *range_checks(spec),
+            *rules.required_checks(spec.short_name), *spec.checks)
 
 
 def compile_plan(mapping: TableMapping, record_schema: dict[str, Any]) -> ColumnPlan:

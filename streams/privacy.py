@@ -16,6 +16,7 @@ import base64
 import hashlib
 import hmac
 import os
+import re
 import secrets
 from pathlib import Path
 
@@ -23,6 +24,51 @@ from structlog import get_logger
 
 log = get_logger(__name__)
 _MIN_KEY_BYTES = 16
+
+
+#: A personal identifier inside free text (an exception message, a log line): a run of 15 or more
+#: digits, or 14 and an ID number's check character X, wherever it stands, even glued to letters
+#: (resident ID numbers, old and new; person numbers are long digit strings); and a mainland
+#: mobile number (optionally +86, spaced or dashed), unless it is the tail of a code
+#: ("H13010200011" is a hospital, not a phone).
+IDENTIFIER_IN_TEXT = re.compile(
+    r"\d{14,}[\dXx]"
+    r"|(?<![0-9A-Za-z])(?:\+?86[-\s]?)?1[3-9]\d(?:[-\s]?\d{4}){2}(?!\d)"
+)
+#: A cheap first look: text without 11 digits in a row (spaces and dashes allowed) has none.
+_IDENTIFIER_HINT = re.compile(r"\d[\d\s-]{9,}[\dXx]")
+REDACTED = "[redacted]"
+
+
+def scrub(text: str) -> str:
+    """``text`` with every identifier-shaped run replaced: for messages made from data the code
+    does not control (exception texts, log lines), which may quote a value of a personal field."""
+    if _IDENTIFIER_HINT.search(text) is None:
+        return text
+    return IDENTIFIER_IN_TEXT.sub(REDACTED, text)
+
+
+#: Exceptions whose message the interpreter builds from names in the code (a missing key, a
+#: wrong type, an absent attribute), not from the values being processed.
+_MESSAGE_FROM_CODE = (KeyError, TypeError, AttributeError, IndexError, ZeroDivisionError)
+
+
+def safe_error(exc: BaseException) -> str:
+    """One line naming an exception for logs and dead letters, made so that it cannot quote the
+    data being processed: a ``ValueError`` from ``int(psn_name)`` would quote a name, which no
+    pattern can recognise. So the message is kept only when the interpreter builds it from the
+    code's own names (and is scrubbed even then); otherwise the line says where it was raised.
+    """
+    name = type(exc).__name__
+    if isinstance(exc, _MESSAGE_FROM_CODE):
+        return f"{name}: {scrub(str(exc))[:300]}"
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return name
+    code = tb.tb_frame.f_code
+    return f"{name} raised in {code.co_name} ({Path(code.co_filename).name}:{tb.tb_lineno})"
 
 
 class PrivacyError(RuntimeError):

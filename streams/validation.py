@@ -22,6 +22,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .privacy import safe_error
+
 DAY_MS = 86_400_000
 CHINA_OFFSET_MS = 8 * 3_600_000  # dates are China (UTC+8, no DST) calendar days
 _MEMO_LIMIT = 1_000_000
@@ -104,7 +106,7 @@ class Emitter:
     """Source lines and constants of one compiled validator."""
 
     def __init__(self) -> None:
-        self.ns: dict[str, Any] = {"_V": Violation}
+        self.ns: dict[str, Any] = {"_V": Violation, "_safe_error": safe_error}
         self.prologue: list[str] = []
         self._n = 0
         self._ids: dict[int, str] = {}
@@ -159,7 +161,7 @@ def compile_checks(checks: Sequence[CheckBase], name: str = "validate") -> Valid
     src += ["        " + line for line in (*e.prologue, *body)] or ["        pass"]
     src += [
         "    except Exception as exc:",
-        "        return _V('MALFORMED_EVENT', '', (type(exc).__name__ + ': ' + str(exc))[:300])",
+        "        return _V('MALFORMED_EVENT', '', _safe_error(exc))",
         "    return None",
     ]
     code = compile("\n".join(src), f"<checks {name}>", "exec")
@@ -510,6 +512,79 @@ class LinesSumTo(CheckBase):
             f"if abs(_s - {var}[{t!r}]) > max(1, len({lines})):",
             "    " + _fail("AMOUNTS_DO_NOT_ADD_UP", path, t, detail),
         ]
+
+
+#: C0 and C1 control characters; tab, line feed and carriage return are allowed in free text only.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_CONTROL_IN_FREE_TEXT = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+@dataclass(frozen=True)
+class Text(CheckBase):
+    """Every string field within its length and free of control characters (``FIELD_TOO_LONG``,
+    ``CONTROL_CHARACTER``); the detail names the field, the length or the character's position,
+    never the value.
+
+    ``fields``: (name, most characters, free text?) of the event's own string fields; ``arrays``:
+    string-array fields; ``lines``: a nested record list and its own Text check. Built from the
+    Avro schema by :func:`streams.fields.FieldRules.text_check`, so no string field is missed.
+    """
+
+    fields: tuple[tuple[str, int, bool], ...] = ()
+    arrays: tuple[tuple[str, int], ...] = ()
+    lines: tuple[tuple[str, Text], ...] = ()
+
+    def emit(self, e: Emitter, var: str, path: str) -> list[str]:
+        ids = e.const(_CONTROL.search, "ctl")
+        free = e.const(_CONTROL_IN_FREE_TEXT.search, "ctlfree")
+        out: list[str] = []
+        for f, most, is_free in self.fields:
+            out += [f"v = {var}.get({f!r})", "if v.__class__ is str:",
+                    *("    " + line for line in _text_lines(path, repr(f), most, free if is_free else ids))]
+        for f, most in self.arrays:
+            i = e.fresh("i")
+            out += [f"for {i}, v in enumerate({var}.get({f!r}) or ()):",
+                    *("    " + line for line in _text_lines(path, f'f"{f}[{{{i}}}]"', most, ids))]
+        for f, inner in self.lines:
+            i, item = e.fresh("i"), e.fresh("item")
+            body = inner.emit(e, item, f'{path} + f"{f}[{{{i}}}]."')
+            out += [f"for {i}, {item} in enumerate({var}.get({f!r}) or ()):", *("    " + line for line in body)]
+        return out
+
+
+def _text_lines(path: str, fld: str, most: int, search: str) -> list[str]:
+    """Lines checking the str ``v`` named by the Python expression ``fld``."""
+    return [
+        f"if len(v) > {most}:",
+        f'    return _V("FIELD_TOO_LONG", {path} + {fld}, {fld} + f" has {{len(v):,}} characters '
+        f'(at most {most})")',
+        "if not v.isprintable():",  # fast for the usual case; the regex then finds the character
+        f"    _m = {search}(v)",
+        "    if _m is not None:",
+        f'        return _V("CONTROL_CHARACTER", {path} + {fld}, {fld} + f" holds the control character '
+        f'U+{{ord(_m.group()):04X}} at position {{_m.start()}}")',
+    ]
+
+
+@dataclass(frozen=True)
+class RequiredWhen(CheckBase):
+    """``fields`` are present (not null, not blank) when ``when`` has one of ``values``
+    (``MISSING_FIELD``): e.g. an inpatient settlement's admission and discharge dates."""
+
+    when: str
+    values: frozenset[str]
+    fields: tuple[str, ...]
+    what: str
+
+    def emit(self, e: Emitter, var: str, path: str) -> list[str]:
+        vals = e.const(self.values, "when")
+        out = [f"if {var}.get({self.when!r}) in {vals}:"]
+        for f in self.fields:
+            detail = repr(f"{self.what} ({self.when} ") + f" + {var}[{self.when!r}] + " + repr(f") has no {f}")
+            out += [f"    v = {var}.get({f!r})",
+                    "    if v is None or (v.__class__ is str and not v.strip()):",
+                    "        " + _fail("MISSING_FIELD", path, f, detail)]
+        return out
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,9 @@ import pytest
 from typer.testing import CliRunner
 
 from schemas import Codec
+from streams.base import record_checks
 from streams.rules import RULES_FILE, load_rules_file
-from streams.validation import EventId, compile_checks
+from streams.validation import compile_checks
 from yibao.anomalies import PLANTERS, REVERSAL_MONEY, PlantError, Planting, copy_settlement, rebalance
 from yibao.evaluate import (
     InProcessRun,
@@ -161,7 +162,7 @@ def test_every_planted_settlement_passes_validation(planted: tuple[InProcessRun,
     run, planting = planted
     assert sum(run.dead_letters.values()) == 0  # the in-process run validated every event
     spec = next(r for r in _settlement_subsystem().records if r.record == SETTLEMENT)
-    validate = compile_checks((EventId(), *spec.checks), spec.short_name)
+    validate = compile_checks(record_checks(spec, Codec().record_schema(spec.record)), spec.short_name)
     codec = Codec()
     assert {str(e.datum["event_id"]) for e in run.planted_events} == planting.planted_ids
     for ev in run.planted_events:
@@ -185,7 +186,7 @@ def _settlement_subsystem() -> Any:
 
 def test_rebalance_restores_every_money_identity() -> None:
     spec = next(r for r in _settlement_subsystem().records if r.record == SETTLEMENT)
-    validate = compile_checks((EventId(), *spec.checks), spec.short_name)
+    validate = compile_checks(record_checks(spec, Codec().record_schema(spec.record)), spec.short_name)
     gen = TrafficGenerator(SimConfig(settlements=400, days=2))
     base = [e.datum for e in gen.events() if e.record == SETTLEMENT and e.datum["fund_pay_sumamt"] > 0
             and e.datum["acct_pay"] > 0 and len(e.datum["fee_details"]) > 2]

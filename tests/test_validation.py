@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 
 from schemas import SUBJECT_RECORDS, Codec
 from streams.app import build_subsystems
-from streams.base import Subsystem
+from streams.base import Subsystem, record_checks
+from streams.fields import FieldRules, Required, load_field_rules
 from streams.ingest import BatchProcessor, Message
 from streams.privacy import Pseudonymizer, Sealer
 from streams.validation import (
@@ -693,10 +694,10 @@ def codec() -> Codec:
 
 @pytest.mark.parametrize("name", ["settlement", "procurement", "supervision"])
 def test_generated_stream_passes_every_validator(name: str, subsystems: dict[str, Subsystem],
-                                                 stream: list[SimEvent]) -> None:
+                                                 stream: list[SimEvent], codec: Codec) -> None:
     sub = subsystems[name]
     validators: dict[str, Callable[[dict[str, Any]], Violation | None]] = {
-        s.record: compile_checks(s.checks, s.short_name) for s in sub.records
+        s.record: compile_checks(record_checks(s, codec.record_schema(s.record)), s.short_name) for s in sub.records
     }
     seen: dict[str, int] = defaultdict(int)
     failures = []
@@ -780,3 +781,117 @@ def test_code_pattern_table_matches_domain_formats() -> None:
             if "\n" in s:  # `$` also matches before a final newline; the domain means the whole string
                 continue
             assert bool(Code("c", kind)({"c": s}) is None) == bool(ref.search(s)), (kind, s)
+
+
+# --- text limits and required fields (data: streams/data/fields.toml) ---------------------------------
+
+RULES = FieldRules(max_chars=10, free_text={"note": 30},
+                   required=(Required("Visit", "kind", frozenset({"21"}), ("adm_date", "drg_code"), "a stay"),))
+SCHEMA = {"type": "record", "name": "Visit", "fields": [
+    {"name": "id", "type": "string"},
+    {"name": "note", "type": ["null", "string"]},
+    {"name": "n", "type": "long"},
+    {"name": "codes", "type": {"type": "array", "items": "string"}},
+    {"name": "lines", "type": {"type": "array", "items": {"type": "record", "name": "L", "fields": [
+        {"name": "sn", "type": "string"}, {"name": "cnt", "type": "long"}]}}},
+]}
+TEXT = compile_checks((RULES.text_check(SCHEMA),))
+
+
+def visit(**kw: Any) -> dict[str, Any]:
+    return {"id": "V1", "note": None, "n": 1, "codes": ["a"], "lines": [{"sn": "1", "cnt": 1}], **kw}
+
+
+@pytest.mark.parametrize(("datum", "code", "fld"), [
+    (visit(id="x" * 11), "FIELD_TOO_LONG", "id"),
+    (visit(note="y" * 31), "FIELD_TOO_LONG", "note"),
+    (visit(codes=["a", "z" * 11]), "FIELD_TOO_LONG", "codes[1]"),
+    (visit(lines=[{"sn": "1", "cnt": 1}, {"sn": "2" * 11, "cnt": 1}]), "FIELD_TOO_LONG", "lines[1].sn"),
+    (visit(id="V\x01"), "CONTROL_CHARACTER", "id"),
+    (visit(id="V\t"), "CONTROL_CHARACTER", "id"),  # a tab is no part of an identifier
+    (visit(id="V\x85"), "CONTROL_CHARACTER", "id"),  # C1 controls too
+    (visit(note="a\x00b"), "CONTROL_CHARACTER", "note"),
+    (visit(codes=["\x1b[2J"]), "CONTROL_CHARACTER", "codes[0]"),
+    (visit(lines=[{"sn": "\x7f", "cnt": 1}]), "CONTROL_CHARACTER", "lines[0].sn"),
+])
+def test_text_check_rejects_long_and_control_character_strings_naming_the_field(
+        datum: dict[str, Any], code: str, fld: str) -> None:
+    v = TEXT(datum)
+    assert v is not None and (v.reason_code, v.field) == (code, fld)
+
+
+def test_text_check_accepts_limits_exactly_free_text_breaks_and_printable_unicode() -> None:
+    assert TEXT(visit(id="x" * 10, note="y" * 30)) is None
+    assert TEXT(visit(note="line one\r\n\tline two")) is None  # free text may break lines
+    assert TEXT(visit(id="张三·李", note="\u3000全角空格")) is None  # not control characters
+    assert TEXT(visit(codes=[], lines=[])) is None
+
+
+def test_text_violation_detail_names_the_length_or_position_never_the_value() -> None:
+    long = TEXT(visit(id="H" + "1" * 600_000))
+    assert long is not None and long.detail == "id has 600,001 characters (at most 10)"
+    ctl = TEXT(visit(note="secret-name\x07"))
+    assert ctl is not None and ctl.detail == "note holds the control character U+0007 at position 11"
+    assert "secret" not in ctl.detail
+
+
+def test_text_check_covers_every_string_field_of_every_contract(codec: Codec) -> None:
+    """Each record's text check names every string field of its Avro schema (nested included)."""
+    rules = load_field_rules()
+    for record in (r for rs in SUBJECT_RECORDS.values() for r in rs):
+        schema = codec.record_schema(record)
+        check = rules.text_check(schema)
+        named = {f for f, _, _ in check.fields} | {f for f, _ in check.arrays}
+        for f in schema["fields"]:
+            types = f["type"] if isinstance(f["type"], list) else [f["type"]]
+            if any(t == "string" or (isinstance(t, dict) and t.get("type") == "string") for t in types):
+                assert f["name"] in named, (record, f["name"])
+        for name, inner in check.lines:
+            assert inner.fields, (record, name)
+
+
+def test_required_when_dead_letters_a_stay_without_its_fields() -> None:
+    check = compile_checks(RULES.required_checks("Visit"))
+    full = visit(kind="21", adm_date=19_000, drg_code="ES23")
+    assert check(full) is None
+    assert check(visit(kind="11")) is None  # not a stay: nothing required
+    for fld, blank in (("adm_date", None), ("drg_code", ""), ("drg_code", "  ")):
+        v = check({**full, fld: blank})
+        assert v is not None and (v.reason_code, v.field) == ("MISSING_FIELD", fld)
+        assert v.detail == f"a stay (kind 21) has no {fld}"
+    assert RULES.required_checks("Other") == ()
+
+
+def test_inpatient_settlement_without_stay_fields_is_missing_field(subsystems: dict[str, Subsystem],
+                                                                    stream: list[SimEvent], codec: Codec) -> None:
+    spec = next(r for r in subsystems["settlement"].records if r.short_name == "Settlement")
+    validate = compile_checks(record_checks(spec, codec.record_schema(spec.record)))
+    stay = next(e.datum for e in stream if e.record == SETTLEMENT and e.datum["med_type"] == "21")
+    assert validate(stay) is None
+    for fld in ("adm_date", "dscg_date", "dscg_maindiag_code", "drg_code"):
+        v = validate({**stay, fld: None})
+        assert v is not None and (v.reason_code, v.field) == ("MISSING_FIELD", fld), v
+    outpatient = next(e.datum for e in stream if e.record == SETTLEMENT and e.datum["med_type"] == "11")
+    assert validate({**outpatient, "drg_code": None, "adm_date": None}) is None
+
+
+def test_field_rules_file_loads_and_rejects_nonsense() -> None:
+    rules = load_field_rules()
+    assert rules.max_chars >= 30 and rules.free_text["hilist_name"] >= 100
+    assert [r.record for r in rules.required] == ["Settlement"]
+    with pytest.raises(ValueError):
+        FieldRules(max_chars=0)
+    with pytest.raises(ValueError):
+        FieldRules.from_toml({"required": [{"record": "X", "when": "k", "values": [], "fields": ["a"]}]})
+
+
+def test_malformed_event_detail_carries_nothing_of_the_data_from_the_exception() -> None:
+    def boom(d: dict[str, Any]) -> bool:
+        raise ValueError(f"cannot read {d['psn_cert_no']} of {d['psn_name']}")
+
+    v = compile_checks((Predicate("X", "f", "d", boom),))({"psn_cert_no": "11010119900307123X", "psn_name": "张三"})
+    assert v is not None and v.reason_code == "MALFORMED_EVENT"
+    assert "11010119900307123X" not in v.detail and "张三" not in v.detail
+    assert v.detail.startswith("ValueError raised in boom (test_validation.py:")
+    missing = compile_checks((NonNegative(("amt",)),))({})  # the interpreter's message: a field name
+    assert missing is not None and missing.detail == "KeyError: 'amt'"

@@ -14,10 +14,11 @@ from typing import Any
 import pytest
 
 from schemas import Codec
+from streams.base import record_checks
 from streams.rules import KINDS
 from streams.rules.engine import EngineEvent
 from streams.settlement import build
-from streams.validation import EventId, Limits, compile_checks
+from streams.validation import Limits, compile_checks
 from yibao.settings import load_settings
 
 from .builders import (
@@ -254,8 +255,9 @@ def test_grouped_rules_follow_rule_updates() -> None:
 
 def test_builders_produce_valid_settlements_and_reversals_that_survive_the_codec() -> None:
     sub = build(load_settings(), lambda: Limits.from_settings(300, 2000))
-    check = {spec.short_name: compile_checks((EventId(), *spec.checks)) for spec in sub.records}
     codec = Codec()
+    check = {spec.short_name: compile_checks(record_checks(spec, codec.record_schema(spec.record)))
+             for spec in sub.records}
     events = [d for scenario in SCENARIOS.values() for d in scenario()]
     events += [reversal(events[0]), reversal(events[0], full=False)]
     for d in events:
