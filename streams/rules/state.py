@@ -15,11 +15,18 @@ beginning until it meets that sentinel. Everything before it is the state to res
 whose earliest offset lies beyond the sentinel just written (Tansu on S3 storage, restarted,
 hands out offsets from 0 again and reports an earliest offset past them: the log it had is gone)
 can never show the sentinel: :class:`ChangelogLost` says so at once instead of after the timeout.
+
+A value larger than :data:`CHUNK_BYTES` (a large hospital's month of stays, a pharmacy's day of
+sold traceability codes) goes out as chunks under keys of their own, followed by a small manifest
+under the key itself; the chunks of the value it replaces are then tombstoned. A changelog record
+is therefore never larger than a broker accepts, and a crash between chunks and manifest leaves
+the previous value whole (chunk keys carry a digest of the value they belong to).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 import uuid
 from collections.abc import Iterable
@@ -34,6 +41,15 @@ log = structlog.get_logger(__name__)
 
 SENTINEL_KEY = b"__yibao_restore_sentinel__"
 _dumps = orjson.dumps  # ~5× the standard library here; values are plain dicts/lists/ints/strs
+#: Largest changelog value written whole: brokers refuse messages over ~1 MB by default.
+CHUNK_BYTES = 500_000
+#: Manifest field of a chunked value (no state value has it: they are the engines' own dicts).
+CHUNKED = "__chunks__"
+_CHUNK_SEP = "\x00"  # never inside a store key (tokens, codes, "institution|day")
+
+
+def chunk_key(key: str, tag: str, i: int) -> bytes:
+    return f"{key}{_CHUNK_SEP}{tag}{_CHUNK_SEP}{i}".encode()
 
 
 class ChangelogLost(RuntimeError):
@@ -48,6 +64,8 @@ class Store:
     topic: str
     data: dict[int, dict[str, Any]] = field(default_factory=dict)
     dirty: dict[int, set[str]] = field(default_factory=dict)
+    #: per partition, key → (digest, count) of the chunks its value has on the changelog
+    chunks: dict[int, dict[str, tuple[str, int]]] = field(default_factory=dict)
 
     def part(self, partition: int) -> dict[str, Any]:
         return self.data.setdefault(partition, {})
@@ -67,13 +85,32 @@ class Store:
         return sum(len(d) for d in self.data.values())
 
     def drain(self) -> list[tuple[int, bytes, bytes | None]]:
-        """Changelog records for everything changed since the last drain (None = tombstone)."""
+        """Changelog records for everything changed since the last drain (None = tombstone), in the
+        order they must be written: a chunked value's chunks before its manifest."""
         out: list[tuple[int, bytes, bytes | None]] = []
         for p, keys in self.dirty.items():
             part = self.data.get(p, {})
+            chunked = self.chunks.setdefault(p, {})
             for k in keys:
                 v = part.get(k)
-                out.append((p, k.encode(), None if v is None else _dumps(v)))
+                before = chunked.pop(k, None)
+                if v is None:
+                    out.append((p, k.encode(), None))
+                else:
+                    b = _dumps(v)
+                    if len(b) <= CHUNK_BYTES:
+                        out.append((p, k.encode(), b))
+                    else:
+                        tag = hashlib.blake2b(b, digest_size=6).hexdigest()
+                        n = -(-len(b) // CHUNK_BYTES)
+                        out.extend((p, chunk_key(k, tag, i), b[i * CHUNK_BYTES:(i + 1) * CHUNK_BYTES])
+                                   for i in range(n))
+                        out.append((p, k.encode(), _dumps({CHUNKED: [tag, n]})))
+                        chunked[k] = (tag, n)
+                        if before == (tag, n):
+                            continue
+                if before is not None:
+                    out.extend((p, chunk_key(k, before[0], i), None) for i in range(before[1]))
         self.dirty = {}
         return out
 
@@ -81,6 +118,42 @@ class Store:
         for p in partitions:
             self.data.pop(p, None)
             self.dirty.pop(p, None)
+            self.chunks.pop(p, None)
+
+
+class Replay:
+    """Rebuilds one partition's state from its changelog records, read in order: the one place
+    that knows the record format (tombstones, chunked values and their manifests)."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, Any] = {}
+        self.chunks: dict[str, tuple[str, int]] = {}
+        self._held: dict[bytes, bytes] = {}
+
+    def apply(self, key: bytes, value: bytes | None) -> None:
+        if _CHUNK_SEP.encode() in key:
+            if value is None:
+                self._held.pop(key, None)
+            else:
+                self._held[key] = value
+            return
+        k = key.decode()
+        if value is None:
+            self.data.pop(k, None)
+            self.chunks.pop(k, None)
+            return
+        v = orjson.loads(value)
+        if CHUNKED in v:
+            tag, n = v[CHUNKED]
+            try:
+                whole = b"".join(self._held[chunk_key(k, tag, i)] for i in range(n))
+            except KeyError as exc:
+                raise ChangelogLost(f"key {k!r}: a chunk of its value is missing from the changelog") from exc
+            v = orjson.loads(whole)
+            self.chunks[k] = (tag, n)
+        else:
+            self.chunks.pop(k, None)
+        self.data[k] = v
 
 
 async def write_changelog(producer: AIOKafkaProducer, stores: Iterable[Store]) -> int:
@@ -137,7 +210,7 @@ async def restore(store: Store, partitions: Iterable[int], producer: AIOKafkaPro
                 + ", ".join(f"(partition {p}: earliest {pos}, mark at {at[p]})" for p, pos in sorted(lost.items()))
                 + "; the broker lost this log (Tansu on S3 does after a restart)")
         pending = set(parts)
-        fresh: dict[int, dict[str, Any]] = {p: {} for p in parts}
+        fresh = {p: Replay() for p in parts}
         deadline = time.monotonic() + timeout_s
         while pending:
             if time.monotonic() > deadline:
@@ -157,17 +230,13 @@ async def restore(store: Store, partitions: Iterable[int], producer: AIOKafkaPro
                     if r.offset >= at[tp.partition]:
                         raise ChangelogLost(f"{store.topic} partition {tp.partition}: read up to offset {r.offset} "
                                             f"without meeting the restore mark written at {at[tp.partition]}")
-                    if r.key is None:
-                        continue
-                    k = r.key.decode()
-                    if r.value is None:
-                        part.pop(k, None)
-                    else:
-                        part[k] = orjson.loads(r.value)
+                    if r.key is not None:
+                        part.apply(r.key, r.value)
         for p in parts:
-            store.data[p] = fresh[p]
+            store.data[p] = fresh[p].data
+            store.chunks[p] = fresh[p].chunks
             store.dirty.pop(p, None)
-            restored[p] = len(fresh[p])
+            restored[p] = len(fresh[p].data)
     finally:
         await consumer.stop()
     log.info("state restored", store=store.name, keys=restored)

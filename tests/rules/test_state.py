@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from streams.rules.state import Store
+import pytest
+
+from streams.rules.state import CHUNK_BYTES, ChangelogLost, Replay, Store
 
 from .builders import (
     AMLODIPINE,
@@ -80,13 +82,71 @@ def test_forget_drops_the_partitions_data_and_pending_writes() -> None:
 
 def restore(records: list[tuple[int, bytes, bytes | None]], name: str = "person") -> Store:
     """What state.restore rebuilds from the changelog records (in order; None deletes)."""
-    s = Store(name, "t")
+    replays: dict[int, Replay] = {}
     for p, k, v in records:
-        if v is None:
-            s.part(p).pop(k.decode(), None)
-        else:
-            s.part(p)[k.decode()] = json.loads(v)
+        replays.setdefault(p, Replay()).apply(k, v)
+    s = Store(name, "t")
+    for p, r in replays.items():
+        s.data[p], s.chunks[p] = r.data, r.chunks
     return s
+
+
+# --- values too large for one changelog record ---------------------------------------------------------
+
+def big(n: int, tag: str = "x") -> dict[str, Any]:
+    return {"o": n, "seen": {f"{tag}{i:08d}": [202404, i % 2, i * 7] for i in range(n)}}
+
+
+def test_a_large_value_goes_out_in_chunks_no_record_over_the_limit_and_restores_whole() -> None:
+    s = Store("hospital", "t")
+    value = big(60_000)
+    s.put(3, "H11000000001", value)
+    s.put(3, "H11000000002", {"o": 1})
+    records = s.drain()
+    assert all(len(k) + len(v or b"") <= CHUNK_BYTES + 100 for _, k, v in records)
+    chunks = [k for _, k, _ in records if b"\x00" in k]
+    assert len(chunks) == -(-len(json.dumps(value, separators=(",", ":"))) // CHUNK_BYTES) >= 3
+    keys = [k for _, k, _ in records]
+    assert keys.index(b"H11000000001") > max(keys.index(c) for c in chunks)  # manifest after its chunks
+    assert restore(records).data == s.data
+
+
+def test_a_chunked_value_replaced_tombstones_its_old_chunks_and_a_crash_before_the_manifest_keeps_the_old() -> None:
+    s = Store("hospital", "t")
+    s.put(0, "H", big(60_000, "a"))
+    first = s.drain()
+    s.put(0, "H", big(61_000, "b"))
+    second = s.drain()
+    old_chunks = {k for _, k, v in first if b"\x00" in k}
+    assert {k for _, k, v in second if v is None} == old_chunks  # tombstoned, after the new manifest
+    assert restore(first + second).data == {0: {"H": big(61_000, "b")}}
+    new_chunks = [r for r in second if b"\x00" in r[1] and r[2] is not None]
+    assert restore(first + new_chunks).data == {0: {"H": big(60_000, "a")}}  # crashed before the manifest
+    s.put(0, "H", {"o": 9})  # small again: its chunks are tombstoned
+    third = s.drain()
+    assert (third[0][1], third[0][2]) == (b"H", b'{"o":9}')
+    assert {k for _, k, v in third[1:] if v is None} == {k for _, k, v in new_chunks}
+    restored = restore(first + second + third)
+    assert restored.data == {0: {"H": {"o": 9}}} and restored.chunks == {0: {}}
+    s.delete(0, "H")
+    assert s.drain() == [(0, b"H", None)]
+
+
+def test_a_restored_store_tombstones_the_chunks_it_restored_when_the_value_changes() -> None:
+    s = Store("hospital", "t")
+    s.put(0, "H", big(60_000))
+    first = s.drain()
+    again = restore(first)
+    again.put(0, "H", {"o": 1})
+    assert {k for _, k, v in again.drain() if v is None} == {k for _, k, _ in first if b"\x00" in k}
+
+
+def test_a_manifest_whose_chunk_is_missing_names_the_lost_changelog() -> None:
+    s = Store("hospital", "t")
+    s.put(0, "H", big(60_000))
+    records = s.drain()
+    with pytest.raises(ChangelogLost, match="chunk"):
+        restore(records[1:])
 
 
 def history() -> list[dict[str, Any]]:
