@@ -59,7 +59,14 @@ class SinkUnavailable(SinkError):
     a worker that wants to retry must therefore catch ``SinkUnavailable`` *first*. An insert that
     failed this way may or may not have been written (the connection can drop after the server
     committed): the exactly-once machinery must look the batch up before re-sending it.
+
+    ``overloaded``: the server answered, but "not now" (too many parts, memory): a caller must
+    wait out its back-off rather than retry as soon as the server is reachable again.
     """
+
+    def __init__(self, message: str, code: int | None = None, *, overloaded: bool = False) -> None:
+        super().__init__(message, code)
+        self.overloaded = overloaded
 
 
 @dataclass(frozen=True)
@@ -150,6 +157,16 @@ class Backend(ABC):
         default (0, '', []), not the target table's DEFAULT; only columns that are absent from
         the staging table (such as ``ingested_at``) take the target's DEFAULT.
         """
+
+    def reachable(self) -> bool:
+        """Whether the engine answers right now; never raises.
+
+        Called by a worker every quarter second while it backs off after
+        :class:`SinkUnavailable`, so that it resumes as soon as ClickHouse is back rather than
+        when the back-off ends (up to ``sink_retry_max_seconds`` later). Must be cheap. An
+        embedded engine lives in the process: always reachable.
+        """
+        return True
 
     @abstractmethod
     def use_database(self) -> None:

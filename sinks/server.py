@@ -7,6 +7,7 @@ fastest thing the driver does (~650-680k rows/s for 10 columns on this box).
 
 from __future__ import annotations
 
+import socket
 import struct
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -182,6 +183,17 @@ class ServerBackend(Backend):
         written = self._call(send)
         return int(written) if isinstance(written, int) else n
 
+    def reachable(self, timeout: float = 0.25) -> bool:
+        """A TCP connect first (refused at once while the server is down, and it does not
+        disturb the client), then ``SELECT 1`` on the client's own connection."""
+        try:
+            with socket.create_connection((self._host, self._port), timeout=timeout):
+                pass
+            self._call(lambda client: client.execute("SELECT 1"))
+        except (OSError, SinkError):
+            return False
+        return True
+
     def use_database(self) -> None:
         def switch(client: Client) -> None:
             client.execute(f"SELECT 1 FROM system.databases WHERE name = {literal(self._db)}")
@@ -208,7 +220,7 @@ class ServerBackend(Backend):
             except ch_errors.ServerException as exc:
                 message = f"ClickHouse at {self.address}: {server_message(exc)}"
                 if exc.code in UNAVAILABLE_CODES:
-                    raise SinkUnavailable(message, exc.code) from exc
+                    raise SinkUnavailable(message, exc.code, overloaded=True) from exc
                 raise SinkError(message, exc.code) from exc
             except _CONNECTION_ERRORS as exc:
                 client.disconnect()

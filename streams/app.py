@@ -172,7 +172,7 @@ class IngestService(mode.Service):
         if self.rulebook is not None and "settlement" in self.streams:
             for by in ("hospital", "drg"):
                 grouped = GroupedEngine(self.rulebook, Store(by, s.topic(f"changelog.{by}")), by)
-                proc = GroupedProcessor(grouped, s.topic(f"internal.stays-by-{by}"), codec, pseudo)
+                proc = GroupedProcessor(grouped, s.topic(f"internal.stays-by-{by}"), codec, pseudo, sealer)
                 self.ingestors[f"rules-{by}"] = ingestor(f"rules-{by}", proc, f"{s.consumer_group}.rules-{by}")
             self._ingest_tasks.append(asyncio.create_task(
                 follow_rules_topic(self.rulebook, s.topic(RULES_TOPIC), s.kafka_client_kwargs(), self._stop_ingest)))

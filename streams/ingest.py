@@ -26,19 +26,20 @@ from typing import Any, TypeVar
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import MessageSizeTooLargeError
 from aiokafka.structs import OffsetAndMetadata
 
 from schemas import Codec, DecodeError
 from sinks.base import Backend, SinkError, SinkUnavailable, literal
 
 from . import metrics
-from .base import ColumnPlan, Columns, Datum, Subsystem, TableMapping, compile_plan, merge_columns, range_checks
-from .privacy import Pseudonymizer, Sealer
+from .base import ColumnPlan, Columns, Datum, Subsystem, TableMapping, compile_plan, merge_columns, record_checks
+from .privacy import Pseudonymizer, Sealer, safe_error, scrub
 from .rules.engine import EngineEvent, SettlementEngine
 from .rules.grouped import GroupedEngine
 from .rules.procurement import ProcurementEngine
 from .rules.state import Store, restore, write_changelog
-from .validation import EventId, Limits, compile_checks
+from .validation import Limits, compile_checks
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -79,6 +80,7 @@ class Outcome:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     alerts: list[Datum] = field(default_factory=list)
     emits: list[tuple[str, bytes, bytes]] = field(default_factory=list)  # stream, key, value
+    state_capped: int = 0  # events after which a key's state was cut to its bound
 
     def rows(self, table: str) -> int:
         cols = self.tables.get(table)
@@ -126,14 +128,14 @@ class BatchProcessor:
         self.limits = limits
         self._specs = {s.record: s for s in subsystem.records}
         self._validators = {
-            s.record: compile_checks((EventId(), *range_checks(s), *s.checks), s.short_name)
+            s.record: compile_checks(record_checks(s, codec.record_schema(s.record)), s.short_name)
             for s in subsystem.records
         }
         self._plans: dict[str, list[ColumnPlan]] = {
             s.record: [compile_plan(m, codec.record_schema(s.record)) for m in s.tables]
             for s in subsystem.records
         }
-        self._dl_plan = compile_plan(TableMapping(DEAD_LETTER_TABLE), codec.record_schema(DEADLETTER_RECORD))
+        self._dead = DeadLetters(topic, codec, sealer, pseudonymizer)
         self._alert_plan = alert_plan(codec)
 
     def restored(self, partition: int) -> None:
@@ -154,7 +156,7 @@ class BatchProcessor:
         subject = self.subsystem.name
         valid: dict[str, tuple[list[Datum], list[int], list[int]]] = {}
         ordered: list[EngineEvent] | None = [] if self.engine is not None else None
-        failed: list[tuple[Message, str, str, str | None, int | None, str | None]] = []
+        failed: list[Failure] = []
         t_decode = 0.0
         t_validate = 0.0
         for m in msgs:
@@ -198,12 +200,13 @@ class BatchProcessor:
             out.landed[record.rsplit(".", 1)[-1]] += len(data)
         t2 = time.perf_counter()
         if failed:
-            self._dead_letters(failed, already, out)
+            self._dead.add(failed, already, out)
         t3 = time.perf_counter()
         if ordered and self.engine is not None:
             res = self.engine.process(ordered)
             add_alerts(out, res.alerts, already, self._alert_plan, self.pseudonymizer)
             out.emits.extend(res.emits)
+            out.state_capped += res.capped
         out.stage_seconds = {
             "decode": t_decode,
             "validate": t_validate,
@@ -213,12 +216,28 @@ class BatchProcessor:
         }
         return out
 
-    def _dead_letters(
-        self,
-        failed: list[tuple[Message, str, str, str | None, int | None, str | None]],
-        already: AlreadyLanded | None,
-        out: Outcome,
-    ) -> None:
+    def quarantine(self, m: Message, reason: str, detail: str, already: AlreadyLanded | None = None) -> Outcome:
+        """The dead letter of a message that failed its batch (see ``Ingestor._flush_isolating``)."""
+        out = Outcome(events=1)
+        self._dead.add([(m, reason, detail, None, None, None)], already, out)
+        return out
+
+
+#: A message that cannot land: (message, reason code, detail, field, schema id, event type).
+Failure = tuple[Message, str, str, str | None, int | None, str | None]
+
+
+class DeadLetters:
+    """Dead letters of one source topic: rows for the dead_letters table (the original sealed
+    whole) and their topic copies (bounded, :func:`fit_for_topic`)."""
+
+    def __init__(self, topic: str, codec: Codec, sealer: Sealer, pseudonymizer: Pseudonymizer) -> None:
+        self.topic = topic
+        self.sealer = sealer
+        self.pseudonymizer = pseudonymizer
+        self._plan = compile_plan(TableMapping(DEAD_LETTER_TABLE), codec.record_schema(DEADLETTER_RECORD))
+
+    def add(self, failed: Sequence[Failure], already: AlreadyLanded | None, out: Outcome) -> None:
         now_ms = int(time.time() * 1000)
         data: list[Datum] = []
         parts: list[int] = []
@@ -232,7 +251,7 @@ class BatchProcessor:
             datum: Datum = {
                 "event_id": dead_letter_id(self.topic, m.partition, m.offset),
                 "reason_code": code,
-                "reason_detail": detail,
+                "reason_detail": clip(detail),
                 "field": fld,
                 "source_topic": self.topic,
                 "source_partition": m.partition,
@@ -249,26 +268,102 @@ class BatchProcessor:
             offs.append(m.offset)
             out.dead_keys.append(f"{self.topic}/{m.partition}".encode())
         if data:
-            merge_columns(out.tables, DEAD_LETTER_TABLE, self._dl_plan.build(data, parts, offs, self.pseudonymizer))
+            merge_columns(out.tables, DEAD_LETTER_TABLE, self._plan.build(data, parts, offs, self.pseudonymizer))
         out.dead.extend(fit_for_topic(d) for d in data)
 
 
-#: Sealed bytes a dead letter may carry on the topic. Kafka refuses messages over ~1 MB by default
-#: (producer max_request_size, broker message.max.bytes); an oversized input event sealed whole
-#: would make its dead letter unsendable, the batch would fail on every restart, and the worker
-#: would be stuck on it for ever. The table keeps every byte, which is what `yibao dlq` reads.
-DEAD_LETTER_TOPIC_MAX_SEALED = 900_000
+#: Bytes of key + value that any message the worker sends may take. Producers and brokers refuse
+#: messages over ~1 MB by default (max_request_size, message.max.bytes); one message over it would
+#: fail its batch on every restart and stop the partition for good. The margin covers record and
+#: batch headers.
+MESSAGE_BUDGET = 900_000
+#: Characters of a dead letter's readable detail (validators quote values; a value may be huge).
+DETAIL_MAX_CHARS = 2_000
+#: What a dead letter takes besides its payload, key and detail (ids, topic, codes, times).
+_DEAD_LETTER_OVERHEAD = 2_000
+
+
+def clip(text: str, most: int = DETAIL_MAX_CHARS) -> str:
+    """``text`` cut to ``most`` characters, with a marker saying how much was cut."""
+    if len(text) <= most:
+        return text
+    return f"{text[:most]}… [{len(text) - most:,} more characters]"
 
 
 def fit_for_topic(datum: Datum) -> Datum:
-    """The topic copy of a dead letter: sealed payload and key dropped when too large to send."""
-    big = [f for f in ("payload", "source_key")
-           if datum.get(f) is not None and len(datum[f]) > DEAD_LETTER_TOPIC_MAX_SEALED]
-    if not big:
+    """The topic copy of a dead letter, within :data:`MESSAGE_BUDGET` as a whole: the sealed
+    payload is dropped first, then the sealed key. The table keeps every byte, which is what
+    ``yibao dlq`` reads; the topic copy says what it left out."""
+    size = (len(datum.get("payload") or b"") + len(datum.get("source_key") or b"")
+            + 4 * len(datum["reason_detail"]) + _DEAD_LETTER_OVERHEAD)
+    dropped: list[str] = []
+    for f in ("payload", "source_key"):
+        if size <= MESSAGE_BUDGET:
+            break
+        if datum.get(f):
+            size -= len(datum[f])
+            dropped.append(f)
+    if not dropped:
         return datum
-    return {**datum, **{f: (b"" if f == "payload" else None) for f in big},
-            "reason_detail": f"{datum['reason_detail']} [sealed {' and '.join(big)} too large for the topic: "
+    return {**datum, **{f: (b"" if f == "payload" else None) for f in dropped},
+            "reason_detail": f"{datum['reason_detail']} [sealed {' and '.join(dropped)} too large for the topic: "
                              f"kept in the dead_letters table only]"}
+
+
+class EmitTooLarge(Exception):
+    """A message the worker built is over :data:`MESSAGE_BUDGET` even after bounding: it is the
+    event that produced it that cannot be processed (the batch is split until it is found)."""
+
+
+#: How often a worker backing off from an unavailable ClickHouse probes it: it resumes within
+#: about this long of the server coming back, whatever the back-off has grown to.
+PROBE_INTERVAL_S = 0.25
+
+#: Parts a failing batch is split into, recursively, to find the message that fails it: with
+#: 5,000 events, four rounds of at most eight flushes each, instead of thirteen rounds of two
+#: (each round restores the rule state of the batch's partitions from the changelog once).
+SPLIT_WAYS = 8
+
+
+def message_failure(exc: BaseException) -> str | None:
+    """The dead-letter reason when ``exc`` may be caused by one message of the batch, else None
+    (a broker or network problem: not the data's fault, so nothing is quarantined for it).
+
+    Deterministic failures are: any exception out of the pure processing (decode, validate,
+    rows, rules: a defect an input triggers), a message too large to send, and ClickHouse
+    refusing the rows (``SinkError``; ``SinkUnavailable`` is retried before it gets here).
+    """
+    if isinstance(exc, EmitTooLarge | MessageSizeTooLargeError):
+        return "EMIT_TOO_LARGE"
+    if isinstance(exc, SinkUnavailable):
+        return None
+    if isinstance(exc, SinkError):
+        return "REJECTED_BY_SINK"
+    if isinstance(exc, ProcessingFailed):
+        return "UNPROCESSABLE"
+    return None
+
+
+class ProcessingFailed(Exception):
+    """An exception out of a processor's ``process``: raised around it so the ingestor can tell
+    a defect that an input triggers from a broker or network failure."""
+
+
+def describe(exc: BaseException) -> str:
+    """One line for logs and dead letters that cannot quote the data (:func:`safe_error`): what
+    failed and where; ClickHouse's own message is left out, as it quotes the values it refused."""
+    if isinstance(exc, EmitTooLarge):
+        return str(exc)
+    if isinstance(exc, SinkError):
+        return f"ClickHouse refused the rows (error code {exc.code}; its message quotes the data, so it is not kept)"
+    if isinstance(exc, ProcessingFailed) and exc.__cause__ is not None:
+        return safe_error(exc.__cause__)
+    return safe_error(exc)
+
+
+def alert_key(alert: Datum) -> bytes:
+    """Key of an alert on the alerts topic: the institution, else the person's token, else its id."""
+    return str(alert["fixmedins_code"] or alert["psn_token"] or alert["alert_id"]).encode()
 
 
 def alert_plan(codec: Codec) -> ColumnPlan:
@@ -305,14 +400,16 @@ def add_alerts(out: Outcome, alerts: Sequence[tuple[Datum, int, int]], already: 
 class GroupedProcessor:
     """The hospital-month / DRG-group rules on a re-keyed stay stream (JSON, internal)."""
 
-    def __init__(self, engine: GroupedEngine, topic: str, codec: Codec, pseudonymizer: Pseudonymizer) -> None:
+    def __init__(self, engine: GroupedEngine, topic: str, codec: Codec, pseudonymizer: Pseudonymizer,
+                 sealer: Sealer) -> None:
         self.engine = engine
         self.topic = topic
         self.codec = codec
         self.pseudonymizer = pseudonymizer
         self.stores = [engine.store]
-        self.tables = [ALERTS_TABLE]
+        self.tables = [ALERTS_TABLE, DEAD_LETTER_TABLE]
         self._alert_plan = alert_plan(codec)
+        self._dead = DeadLetters(topic, codec, sealer, pseudonymizer)
 
     def restored(self, partition: int) -> None:
         self.engine.restored(partition)
@@ -329,6 +426,11 @@ class GroupedProcessor:
         res = self.engine.process([(m.key, m.value, m.partition, m.offset) for m in msgs])
         add_alerts(out, res.alerts, already, self._alert_plan, self.pseudonymizer)
         out.stage_seconds = {"rules": time.perf_counter() - t0}
+        return out
+
+    def quarantine(self, m: Message, reason: str, detail: str, already: AlreadyLanded | None = None) -> Outcome:
+        out = Outcome(events=1)
+        self._dead.add([(m, reason, detail, None, None, None)], already, out)
         return out
 
 
@@ -509,22 +611,26 @@ class Ingestor(ConsumerRebalanceListener):  # type: ignore[misc]
             self.landed_index.forget(p)
         self._restored.clear()
         try:
-            for store in self.p.stores:
-                try:
-                    await restore(store, parts, self.producer, self.restore_kwargs)
-                except Exception as exc:
-                    # landing the events matters more than rule state: ingestion goes on, loudly
-                    metrics.STATE_RESTORE_FAILURES.labels(store.name).inc()
-                    store.forget(parts)
-                    log.error("state not restored: rules on these partitions start from empty state "
-                              "(windows opened before now are forgotten)", store=store.name, partitions=parts,
-                              error=f"{type(exc).__name__}: {exc}")
-            for p in parts:
-                self.p.restored(p)
+            await self._restore_state(parts)
         finally:
             self._restored.set()
         metrics.ASSIGNED_PARTITIONS.labels(self.topic).set(len(parts))
         self.ready.set()
+
+    async def _restore_state(self, parts: list[int]) -> None:
+        """Rule state of ``parts`` as the changelog has it (what completed batches wrote)."""
+        for store in self.p.stores:
+            try:
+                await restore(store, parts, self.producer, self.restore_kwargs)
+            except Exception as exc:
+                # landing the events matters more than rule state: ingestion goes on, loudly
+                metrics.STATE_RESTORE_FAILURES.labels(store.name).inc()
+                store.forget(parts)
+                log.error("state not restored: rules on these partitions start from empty state "
+                          "(windows opened before now are forgotten)", store=store.name, partitions=parts,
+                          error=f"{type(exc).__name__}: {scrub(str(exc))[:300]}")
+        for p in parts:
+            self.p.restored(p)
 
     # --- main loop ------------------------------------------------------------------------------
     async def run(self, stopping: asyncio.Event) -> None:
@@ -560,11 +666,51 @@ class Ingestor(ConsumerRebalanceListener):  # type: ignore[misc]
         """Make the pending batch durable (dead letters, rows), then commit its offsets."""
         await self._restored.wait()
         batch, self._pending = self._pending, []
-        if not batch:
-            return
+        if batch:
+            await self._flush_isolating(batch, top=True)
+
+    async def _flush_isolating(self, batch: list[Message], *, top: bool = False) -> bool:
+        """Flush ``batch``; when a message in it makes the batch fail, find that message and
+        quarantine it, so the partition moves on. Returns whether the batch landed as it was.
+
+        A failure that depends on the message (:func:`message_failure`) is retried in up to
+        :data:`SPLIT_WAYS` parts, recursively, after undoing in memory what the failed attempt
+        applied (:meth:`_roll_back`); a single message that still fails becomes a dead letter
+        with the reason (:meth:`_quarantine`). A ClickHouse rejection of every part of a whole
+        batch is not about a message (a table or a server in a bad state): the worker then stops
+        as before rather than dead-letter the stream.
+        """
+        try:
+            await self._flush_batch(batch)
+            return True
+        except Exception as exc:
+            reason = message_failure(exc)
+            if reason is None:
+                raise
+            metrics.BATCHES_SPLIT.labels(self.topic, reason).inc()
+            log.error("a batch failed; isolating the message that fails it", topic=self.topic, events=len(batch),
+                      reason=reason, error=describe(exc),
+                      first=f"{batch[0].partition}/{batch[0].offset}", last=f"{batch[-1].partition}/{batch[-1].offset}")
+            await self._roll_back(batch)
+            if len(batch) == 1:
+                await self._quarantine(batch[0], reason, exc)
+                return False
+            size = -(-len(batch) // SPLIT_WAYS)
+            landed = [await self._flush_isolating(batch[i:i + size]) for i in range(0, len(batch), size)]
+            if top and reason == "REJECTED_BY_SINK" and not any(landed):
+                raise
+            return False
+
+    async def _flush_batch(self, batch: list[Message]) -> None:
+        """The commit order of one batch: dead letters, alerts and re-keyed records (acknowledged),
+        rows, changelog, offsets. A crash anywhere before the last step redelivers the batch, and
+        what already happened is recognised (docs/design.md, the state tables)."""
         await self._load_landed(batch)
         already = self.landed_index if self.landed_index.active() else None
-        out = self.p.process(batch, already)
+        try:
+            out = self.p.process(batch, already)
+        except Exception as exc:
+            raise ProcessingFailed(f"{self.topic}: processing a batch of {len(batch)} raised") from exc
         t0 = time.perf_counter()
         await self._produce(out)
         await self._write(out)
@@ -573,6 +719,30 @@ class Ingestor(ConsumerRebalanceListener):  # type: ignore[misc]
             await write_changelog(self.producer, self.p.stores)
         await self._commit(batch)
         self._account(batch, out)
+
+    async def _roll_back(self, batch: list[Message]) -> None:
+        """Undo in memory what a failed attempt at ``batch`` applied: the rule state of its
+        partitions is restored from the changelog (only completed batches write it), and the
+        tables are asked again which of its events landed (a failure may follow an insert)."""
+        parts = sorted({m.partition for m in batch})
+        self.p.forget(parts)
+        await self._restore_state(parts)
+        self._needs_check.update(parts)
+        for p in parts:
+            self.landed_index.forget(p)
+
+    async def _quarantine(self, m: Message, reason: str, exc: BaseException) -> None:
+        """The one message that fails its batch becomes a dead letter (its original bytes sealed,
+        so ``yibao dlq replay`` can send it again after a fix), and its offset is committed."""
+        await self._load_landed([m])
+        out = self.p.quarantine(m, reason, f"{describe(exc)} (isolated from its batch; nothing of it landed)",
+                                self.landed_index if self.landed_index.active() else None)
+        await self._produce(out)
+        await self._write(out)
+        await self._commit([m])
+        self._account([m], out)
+        log.error("message quarantined as a dead letter", topic=self.topic, reason=reason,
+                  position=f"{m.partition}/{m.offset}")
 
     async def _load_landed(self, batch: list[Message]) -> None:
         if not self._needs_check:
@@ -597,17 +767,20 @@ class Ingestor(ConsumerRebalanceListener):  # type: ignore[misc]
                             rows={t: len(s) for t, s in per_table.items() if s})
 
     async def _produce(self, out: Outcome) -> None:
-        """Dead letters, alerts and re-keyed records, acknowledged before any row is written."""
+        """Dead letters, alerts and re-keyed records, acknowledged before any row is written.
+        Each is checked against :data:`MESSAGE_BUDGET` before anything is sent."""
         encode = self.p.codec.encode
-        send = self.producer.send
-        futures = [await send(self.dl_topic, encode(DEADLETTER_RECORD, d), key=k)
-                   for d, k in zip(out.dead, out.dead_keys, strict=True)]
         alerts_topic = self.topic_of("alerts")
-        for a in out.alerts:
-            key = (a["fixmedins_code"] or a["psn_token"] or a["alert_id"]).encode()
-            futures.append(await send(alerts_topic, encode(ALERT_RECORD, a), key=key))
-        for stream, key, value in out.emits:
-            futures.append(await send(self.topic_of(stream), value, key=key))
+        messages = [(self.dl_topic, k, encode(DEADLETTER_RECORD, d)) for d, k in zip(out.dead, out.dead_keys,
+                                                                                        strict=True)]
+        messages += [(alerts_topic, alert_key(a), encode(ALERT_RECORD, a)) for a in out.alerts]
+        messages += [(self.topic_of(stream), key, value) for stream, key, value in out.emits]
+        for topic, key, value in messages:
+            if len(key or b"") + len(value) > MESSAGE_BUDGET:
+                raise EmitTooLarge(f"a message for {topic} takes {len(key or b'') + len(value):,} bytes "
+                                   f"(at most {MESSAGE_BUDGET:,})")
+        send = self.producer.send
+        futures = [await send(topic, value, key=key) for topic, key, value in messages]
         if futures:
             await asyncio.gather(*futures)
 
@@ -655,7 +828,7 @@ class Ingestor(ConsumerRebalanceListener):  # type: ignore[misc]
                     if self.consumer is not None and not paused:
                         self.consumer.pause(*self.consumer.assignment())
                         paused = True
-                    await self._idle_poll(delay)
+                    await self._back_off(delay, probe=not exc.overloaded)
                     delay = min(delay * 2, self.retry_max_seconds)
                 except SinkError:
                     metrics.SINK_RETRIES.labels(self.topic, "rejected").inc()
@@ -664,14 +837,20 @@ class Ingestor(ConsumerRebalanceListener):  # type: ignore[misc]
             if paused and self.consumer is not None:
                 self.consumer.resume(*self.consumer.assignment())
 
-    async def _idle_poll(self, seconds: float) -> None:
-        """Sleep while still polling (paused) so the consumer is not evicted for slowness."""
+    async def _back_off(self, seconds: float, *, probe: bool) -> None:
+        """Wait up to ``seconds`` while still polling (paused), so the consumer is not evicted for
+        slowness; with ``probe``, end the wait as soon as ClickHouse answers again (an overloaded
+        server answers, and is left alone for the whole back-off)."""
+        loop = asyncio.get_running_loop()
         end = time.monotonic() + seconds
         while (left := end - time.monotonic()) > 0:
+            step = min(left, PROBE_INTERVAL_S)
             if self.consumer is not None:
-                await self.consumer.getmany(timeout_ms=int(min(left, 1.0) * 1000) or 1, max_records=1)
+                await self.consumer.getmany(timeout_ms=int(step * 1000) or 1, max_records=1)
             else:
-                await asyncio.sleep(min(left, 1.0))
+                await asyncio.sleep(step)
+            if probe and await loop.run_in_executor(self.executor, self.backend.reachable):
+                return
 
     async def _commit(self, batch: list[Message]) -> None:
         assert self.consumer is not None
@@ -704,6 +883,10 @@ class Ingestor(ConsumerRebalanceListener):  # type: ignore[misc]
                 metrics.ALERTS.labels(a["rule_id"], a["severity"]).inc()
         for store in self.p.stores:
             metrics.WINDOW_STATE_KEYS.labels(store.name).set(store.keys())
+        if out.state_capped:
+            metrics.STATE_CAPPED.labels(self.topic).inc(out.state_capped)
+            log.warning("a key's rule state reached its bound; its oldest entries were dropped",
+                        topic=self.topic, events=out.state_capped)
         self.stats["events"] += len(batch)
         self.stats["dead_letters"] += sum(out.reasons.values())
         self.stats["batches"] += 1

@@ -47,6 +47,18 @@ STAGE_SECONDS = Counter(
 ALERTS = Counter(
     "yibao_alerts_total", "Anomaly alerts emitted, by rule and severity", ["rule_id", "severity"], registry=REGISTRY
 )
+BATCHES_SPLIT = Counter(
+    "yibao_batches_split_total",
+    "Batches (and parts of them) that failed because of a message in them, and were split to find it",
+    ["topic", "reason"],
+    registry=REGISTRY,
+)
+STATE_CAPPED = Counter(
+    "yibao_state_capped_total",
+    "Events after which a key's rule state was cut to its bound (a person settling thousands of times)",
+    ["topic"],
+    registry=REGISTRY,
+)
 STATE_RESTORE_FAILURES = Counter(
     "yibao_state_restore_failures_total",
     "Partition assignments whose rule state could not be restored from its changelog (rules restart empty)",

@@ -125,12 +125,17 @@ class WorkerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
-    def start(self, *, crash_at_commit: int | None = None, extra_env: dict[str, str] | None = None) -> None:
+    def start(self, *, crash_at_commit: int | None = None, extra_env: dict[str, str] | None = None,
+              script: str | None = None) -> None:
+        """Start ``yibao worker``; or, for a test that changes the worker's code, ``script`` (Python
+        source that patches what it needs, then runs the CLI's main)."""
         assert self.proc is None or self.proc.poll() is not None, "a worker is already running"
         env = dict(self.env, **(extra_env or {}))
         if crash_at_commit is not None:
             env["YIBAO_TEST_CRASH_AT_COMMIT"] = str(crash_at_commit)
             cmd = [sys.executable, "-c", CRASH_BEFORE_COMMIT]
+        elif script is not None:
+            cmd = [sys.executable, "-c", script]
         else:
             cmd = [sys.executable, "-m", "yibao.cli", "worker", "--no-migrate"]
         with self.log_path.open("ab") as log:

@@ -23,11 +23,14 @@ from streams.base import Subsystem
 from streams.ingest import (
     DEAD_LETTER_TABLE,
     DEADLETTER_RECORD,
+    MESSAGE_BUDGET,
     BatchProcessor,
     LandedIndex,
     Message,
     Outcome,
+    clip,
     dead_letter_id,
+    fit_for_topic,
 )
 from streams.privacy import Pseudonymizer, Sealer
 from streams.validation import Limits
@@ -661,3 +664,76 @@ def test_values_no_column_can_hold_are_dead_lettered_and_the_batch_lands(
         [Message(0, 0, setl.key.encode(), codec.encode(SETTLEMENT, bad))])
     assert [(d["reason_code"], d["field"]) for d in out.dead] == [("OUT_OF_RANGE", "fee_details[1].cnt")]
     assert out.rows("settlements") == 0 and out.rows("fee_details") == 0
+
+
+# --- poison pills: absurd but schema-valid values, and the size of everything sent ---------------------
+
+def _string_fields(schema: dict[str, Any]) -> list[tuple[str | None, str]]:
+    """(lines field or None, field) for every string field of a record, fee lines included."""
+    out: list[tuple[str | None, str]] = []
+    for f in schema["fields"]:
+        types = f["type"] if isinstance(f["type"], list) else [f["type"]]
+        for t in types:
+            if t == "string" or (isinstance(t, dict) and t.get("type") == "string"):
+                out.append((None, f["name"]))
+            elif isinstance(t, dict) and t.get("type") == "array" and isinstance(t["items"], dict) \
+                    and t["items"].get("type") == "record":
+                out += [(f["name"], g) for parent, g in _string_fields(t["items"]) if parent is None]
+    return out
+
+
+PILLS = {"long": "H" + "1" * 600_000, "long_controls": "\x01" * 250_000, "controls": "\x01" * 5, "nul": "ok\x00ok"}
+
+
+@pytest.mark.parametrize("stream", STREAMS)
+def test_a_pill_in_any_string_field_is_dead_lettered_and_every_message_fits_the_topic(
+        stream: str, subsystems: dict[str, Subsystem], codec: Codec, events: list[SimEvent]) -> None:
+    """600 kB, 250 kB of control characters and a NUL, in every string field of every record of
+    the stream: each is dead-lettered for its length or its character, and nothing the worker
+    would send (dead letters, with a 250 kB key too) exceeds MESSAGE_BUDGET."""
+    proc = make_processor(subsystems, codec, stream)
+    msgs, want = [], {}
+    for record in SUBJECT_RECORDS[stream]:
+        ev = next(e for e in events if e.record == record)
+        for lines, fld in _string_fields(codec.record_schema(record)):
+            for shape, pill in PILLS.items():
+                d = copy.deepcopy(ev.datum)
+                if lines is None:
+                    d[fld] = pill
+                elif d[lines]:
+                    d[lines][-1][fld] = pill
+                else:
+                    continue
+                i = len(msgs)
+                key = b"k" * 250_000 if i % 3 == 0 else ev.key.encode()
+                msgs.append(Message(i % 4, i, key, codec.encode(record, d)))
+                want[i] = "FIELD_TOO_LONG" if shape.startswith("long") else "CONTROL_CHARACTER"
+    out = proc.process(msgs)
+    assert sum(out.landed.values()) == 0
+    assert {d["source_offset"]: d["reason_code"] for d in out.dead} == want
+    for d, k in zip(out.dead, out.dead_keys, strict=True):
+        assert len(d["reason_detail"]) < 200 and "1111111111" not in d["reason_detail"]
+        assert len(k) + len(codec.encode(DEADLETTER_RECORD, d)) <= MESSAGE_BUDGET
+    assert out.rows(DEAD_LETTER_TABLE) == len(msgs)  # the table keeps every byte, sealed
+
+
+def test_dead_letter_topic_copy_is_bounded_as_a_whole(sealer: Sealer, codec: Codec) -> None:
+    base = {"event_id": "e", "reason_code": "FIELD_TOO_LONG", "reason_detail": "psn_name has 600,000 characters",
+            "field": "psn_name", "source_topic": "t", "source_partition": 0, "source_offset": 1,
+            "schema_id": 1, "event_type": "Settlement", "payload_digest": "d", "failed_at": 0}
+    fits = {**base, "payload": b"p" * 600_000, "source_key": b"k" * 200_000}
+    assert fit_for_topic(fits) is fits  # 800 kB in all: sent whole
+    both = {**base, "payload": b"p" * 850_000, "source_key": b"k" * 250_000}  # each fits, together not
+    sent = fit_for_topic(both)
+    assert (sent["payload"], sent["source_key"]) == (b"", both["source_key"])
+    assert sent["reason_detail"].endswith("[sealed payload too large for the topic: kept in the dead_letters "
+                                          "table only]")
+    huge_key = fit_for_topic({**base, "payload": b"p" * 950_000, "source_key": b"k" * 950_000})
+    assert (huge_key["payload"], huge_key["source_key"]) == (b"", None)
+    for d in (sent, huge_key):
+        assert len(codec.encode(DEADLETTER_RECORD, d)) <= MESSAGE_BUDGET
+
+
+def test_clip_marks_what_it_cut() -> None:
+    assert clip("abc", 5) == "abc"
+    assert clip("x" * 10_007, 10) == "x" * 10 + "… [9,997 more characters]"

@@ -334,7 +334,8 @@ def run_events(events: Iterable[Any], settings: Settings | None = None, planted_
     sup_proc = BatchProcessor(supervision.build(s, clock), codec, pseudo, Sealer(key, "eval"), "supervision", clock)
     sup_pending: list[Message] = []
     streams = {"internal.stays-by-hospital": "hospital", "internal.stays-by-drg": "drg"}
-    grouped = {by: GroupedProcessor(GroupedEngine(book, Store(by, f"eval.{by}"), by), f"eval.{by}", codec, pseudo)
+    grouped = {by: GroupedProcessor(GroupedEngine(book, Store(by, f"eval.{by}"), by), f"eval.{by}", codec, pseudo,
+                                    Sealer(key, "eval"))
                for by in streams.values()}
     offsets = dict.fromkeys(streams.values(), 0)
     run = InProcessRun(alerts=[], truth=[])

@@ -12,6 +12,7 @@ Inpatient stays are also re-keyed to the hospital and DRG streams for the hospit
 
 from __future__ import annotations
 
+import hashlib
 from bisect import insort
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -47,14 +48,31 @@ class EngineOutput:
     emits: list[tuple[str, bytes, bytes]] = field(default_factory=list)  # stream, key, value
     late: int = 0
     skipped: int = 0
+    capped: int = 0
+
+
+#: Most settlements a person's timeline keeps within the rules' horizon (the oldest go first). A
+#: chronic patient settles a few dozen times a month; a producer sending one person thousands of
+#: settlements a day would otherwise make every event of that person cost a scan of all of them
+#: and a rewrite of their whole state to the changelog.
+MAX_TIMELINE = 2_000
+
+#: Longest identifier a re-keyed record carries as it is. Validation keeps identifiers far shorter
+#: (streams/data/fields.toml); should those limits be raised, a longer one travels as a digest, so
+#: a re-keyed record (and its key) stays small whatever the producer sent.
+MAX_ID_CHARS = 64
+
+
+def bounded_id(v: str) -> str:
+    return v if len(v) <= MAX_ID_CHARS else "~" + hashlib.blake2b(v.encode(), digest_size=16).hexdigest()
 
 
 def stay_record(f: Facts, token: str, admdvs: str, rev: bool, setl_id: str | None = None) -> bytes:
     """Compact stay summary for the hospital/DRG streams (no personal data beyond the token)."""
     sev = f.drg[-1:] if f.drg else ""
     return orjson.dumps({
-        "s": setl_id or f.setl_id, "m": f.mdtrt_id, "h": f.h, "drg": f.drg, "sev": sev, "amt": f.medfee,
-        "t": f.t, "tok": token, "r": admdvs, "rev": int(rev),
+        "s": bounded_id(setl_id or f.setl_id), "m": bounded_id(f.mdtrt_id), "h": bounded_id(f.h),
+        "drg": bounded_id(f.drg), "sev": sev, "amt": f.medfee, "t": f.t, "tok": token, "r": admdvs, "rev": int(rev),
     })
 
 
@@ -154,6 +172,9 @@ class SettlementEngine:
             self.watermark[ev.partition] = newest
             while tl and tl[0]["t"] < newest - horizon:
                 tl.pop(0)
+            if len(tl) > MAX_TIMELINE:
+                del tl[: len(tl) - MAX_TIMELINE]
+                out.capped += 1
             for rule, kind in historic:
                 findings.extend(kind.historic(rule, entry, tl, self.k))
         for fd in findings:
@@ -163,8 +184,8 @@ class SettlementEngine:
         self.person.put(ev.partition, token, st)
         if f.inpatient and f.drg:
             rec = stay_record(f, token, admdvs, rev=False)
-            out.emits.append(("internal.stays-by-hospital", f.h.encode(), rec))
-            out.emits.append(("internal.stays-by-drg", f.drg.encode(), rec))
+            out.emits.append(("internal.stays-by-hospital", bounded_id(f.h).encode(), rec))
+            out.emits.append(("internal.stays-by-drg", bounded_id(f.drg).encode(), rec))
 
     def _fire(self, fd: Finding, token: str, admdvs: str, st: dict[str, Any], ev: EngineEvent,
               out: EngineOutput) -> None:
@@ -211,11 +232,11 @@ class SettlementEngine:
             self._retract(target, st, ev, historic, out)
         self.person.put(ev.partition, token, st)
         if removed is not None and removed["mt"] in INPATIENT and removed["drg"]:
-            rec = orjson.dumps({"s": target, "m": removed["m"], "h": removed["h"], "drg": removed["drg"],
-                              "sev": removed["drg"][-1:], "amt": removed["amt"], "t": removed["t"], "tok": token,
-                              "r": r["insu_admdvs"], "rev": 1, "rt": r["setl_time"]})
-            out.emits.append(("internal.stays-by-hospital", removed["h"].encode(), rec))
-            out.emits.append(("internal.stays-by-drg", removed["drg"].encode(), rec))
+            rec = orjson.dumps({"s": bounded_id(target), "m": bounded_id(removed["m"]), "h": bounded_id(removed["h"]),
+                                "drg": bounded_id(removed["drg"]), "sev": removed["drg"][-1:], "amt": removed["amt"],
+                                "t": removed["t"], "tok": token, "r": r["insu_admdvs"], "rev": 1, "rt": r["setl_time"]})
+            out.emits.append(("internal.stays-by-hospital", bounded_id(removed["h"]).encode(), rec))
+            out.emits.append(("internal.stays-by-drg", bounded_id(removed["drg"]).encode(), rec))
 
     def _retract(self, setl_id: str, st: dict[str, Any], ev: EngineEvent, historic: list[tuple[Any, Any]],
                  out: EngineOutput) -> None:

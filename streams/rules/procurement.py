@@ -77,6 +77,7 @@ class ProcEvent:
 class ProcOutput:
     alerts: list[tuple[dict[str, Any], int, int]] = field(default_factory=list)  # datum, partition, offset
     emits: list[tuple[str, bytes, bytes]] = field(default_factory=list)  # none: kept for the processor
+    capped: int = 0  # none: per-key state here is bounded by retention
     skipped: int = 0
 
 

@@ -492,3 +492,15 @@ def test_ghost_reversal_retracts_unless_two_provinces_remain() -> None:
     rig = Rig()
     [fired] = rig.each([bj, gz, visit("S3", ms(0, 16), hospital(1, "310101"), mdtrt="310101")], GHOST)
     assert rig.alerts(reversal(gz, t=ms(1)), rule=GHOST) == []  # Beijing and Shanghai remain
+
+
+def test_a_persons_timeline_is_bounded_whatever_a_producer_sends() -> None:
+    """Thousands of settlements of one person in one day (a hostile or broken producer): the
+    timeline keeps the newest MAX_TIMELINE, and the engine says it cut."""
+    from streams.rules.engine import MAX_TIMELINE
+
+    rig = Rig()
+    out = rig.send(*(visit(f"F{i}", ms(0, 8) + i * 1_000, hospital(1)) for i in range(MAX_TIMELINE + 50)))
+    tl = rig.store.get(0, token())["tl"]
+    assert len(tl) == MAX_TIMELINE and tl[0]["s"] == "F50" and tl[-1]["s"] == f"F{MAX_TIMELINE + 49}"
+    assert out.capped == 50
