@@ -70,27 +70,11 @@ def fail(message: str, hint: str | None = None) -> NoReturn:
     raise UserError(message, hint)
 
 
-def configure_logging(level: str) -> None:
-    """Structured logs to stderr at ``level`` (the pipeline's own loggers; Faust has its own)."""
-    import logging
+def configure_logging(level: str, fmt: str = "console") -> None:
+    """Structured, redacted logs to the current stderr at ``level``, ours and the libraries' (yibao.logs)."""
+    from .logs import configure
 
-    import structlog
-
-    structlog.configure(
-        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level)),
-        logger_factory=structlog.PrintLoggerFactory(_CurrentStderr()),  # type: ignore[arg-type]
-    )
-
-
-class _CurrentStderr:
-    """Whatever ``sys.stderr`` is at write time, so a replaced stream (a test's capture, a
-    daemon's redirect) never leaves loggers writing to a closed file."""
-
-    def write(self, text: str) -> int:
-        return sys.stderr.write(text)
-
-    def flush(self) -> None:
-        sys.stderr.flush()
+    configure(level, fmt)
 
 
 def settings_from(**flags: Any) -> Settings:
@@ -99,7 +83,7 @@ def settings_from(**flags: Any) -> Settings:
         "ch_host": "ch_host", "ch_port": "ch_port", "database": "ch_database",
     }
     s = load_settings(**{mapping.get(k, k): v for k, v in flags.items()})
-    configure_logging(s.log_level)
+    configure_logging(s.log_level, s.log_format.value)
     return s
 
 
@@ -472,7 +456,7 @@ def demo(
         if not 0 <= invalid_rate < 1:
             fail("--invalid-rate must be in [0, 1)")
         s = settings_from(data_dir=data_dir, backend="embedded")
-        configure_logging("WARNING")  # the summary is the demo's output; warnings still show
+        configure_logging("WARNING", s.log_format.value)  # the summary is the demo's output; warnings still show
         from .demo import run_demo
 
         if not 0 <= plant_rate <= 1:

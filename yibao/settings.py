@@ -24,6 +24,11 @@ class ClickHouseBackend(StrEnum):
     SERVER = "server"
 
 
+class LogFormat(StrEnum):
+    CONSOLE = "console"
+    JSON = "json"
+
+
 class SecurityProtocol(StrEnum):
     PLAINTEXT = "PLAINTEXT"
     SSL = "SSL"
@@ -112,6 +117,8 @@ class Settings(BaseSettings):
     web_port: int = Field(6066, ge=0, le=65535, description="Metrics/health port of the first worker process")
     processes: int = Field(1, ge=1, le=64, description="Worker processes started by `yibao worker`")
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
+    log_format: LogFormat = Field(
+        LogFormat.CONSOLE, description="console: lines for people; json: one JSON object per line, for log shippers")
     shutdown_deadline_s: float = Field(20.0, gt=0, le=600)
 
     @field_validator("kafka_bootstrap")

@@ -46,8 +46,15 @@ def _run_one(settings: Settings) -> int:
 
     from streams.app import create_app
 
+    from .logs import configure
+
     app, service = create_app(settings)
-    worker = faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True, redirect_stdouts=False)
+    # Faust's own setup (mode's setup_logging) would replace the root handler with a colorlog one
+    # that bypasses the redaction: ours stays, with the libraries at the worker's level as before.
+    configure(settings.log_level, settings.log_format.value, libraries=settings.log_level)
+    worker = faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True, redirect_stdouts=False,
+                          override_logging=False)
+    worker.spinner = None  # mode's setup dropped it below WARNING; above, it wrote terminal escapes to stdout
     try:
         worker.execute_from_commandline()
     except SystemExit as exc:
