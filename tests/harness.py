@@ -5,9 +5,11 @@ it like an operator or the kernel would, and so embedded chDB is owned by the wo
 allows one process per data path; the test reads an embedded store only after the worker has
 stopped, in a short-lived child process of its own).
 
-Progress is measured on the broker, not in ClickHouse: the test records the offset of every
-event it produces and compares it with the worker's committed group offsets. That works on both
-backends while the worker runs, and it does not depend on Tansu's wrong end offsets (infra.md).
+Progress is mostly measured on the broker: the test records the offset of every event it produces
+and compares it with the worker's committed group offsets. That works on both backends while the
+worker runs, and it does not depend on Tansu's wrong end offsets (infra.md). Where the broker's
+offsets themselves are in question (a broker restart), :class:`Landing` compares by content
+instead: event ids in their tables and the original bytes of dead letters.
 """
 
 from __future__ import annotations
@@ -512,3 +514,90 @@ def expected_from(sent: Iterable[Sent], bad_positions: set[tuple[str, int, int]]
             sums[key] = sums.get(key, 0) + sum(int(li["det_item_fee_sumamt"]) for li in lines)
     rows["dead_letters"] = dead
     return Expected(rows, {k: Decimal(v) / 100 for k, v in sums.items()}, dead)
+
+
+# --- what landed, by content --------------------------------------------------------------------
+@dataclass
+class Landing:
+    """Produced events as ClickHouse should hold them, or does, told apart by content alone.
+
+    ``ids`` counts ``(table, event_id)`` of the valid events in their primary tables; ``dead``
+    counts the original bytes of the dead letters (opened from their sealed ``payload``). Offsets
+    play no part: a broker that hands out an offset twice cannot make two events look like one.
+    """
+
+    ids: Counter[tuple[str, str]]
+    dead: Counter[bytes]
+
+    def missing_from(self, got: Landing) -> int:
+        """How many of these events ``got`` does not hold (yet)."""
+        return sum((self.ids - got.ids).values()) + sum((self.dead - got.dead).values())
+
+    def total(self) -> int:
+        return sum(self.ids.values()) + sum(self.dead.values())
+
+    def differences(self, got: Landing, limit: int = 10) -> str:
+        """What ``got`` lacks and what it holds beyond these events, a few examples of each, for a failure."""
+        parts = []
+        for label, diff in (("missing", self.ids - got.ids), ("unexpected or repeated", got.ids - self.ids)):
+            if diff:
+                parts.append(f"{sum(diff.values())} {label} events, e.g. {sorted(diff.items())[:limit]}")
+        for label, dead in (("missing", self.dead - got.dead), ("unexpected or repeated", got.dead - self.dead)):
+            if dead:
+                parts.append(f"{sum(dead.values())} {label} dead letters, e.g. "
+                             f"{[(v[:24], n) for v, n in sorted(dead.items())[:limit]]}")
+        return "; ".join(parts) or "none"
+
+
+def expected_landing(sent: Iterable[Sent]) -> Landing:
+    """The landing the produced events call for: every valid event's id in its record's primary table,
+    every event produced as a bad frame (or without a value) among the dead letters."""
+    ids: Counter[tuple[str, str]] = Counter()
+    dead: Counter[bytes] = Counter()
+    for x in sent:
+        if x.datum is None:
+            dead[x.value or b""] += 1
+        else:
+            ids[(PRIMARY_TABLE[x.record.rsplit(".", 1)[-1]], str(x.datum["event_id"]))] += 1
+    return Landing(ids, dead)
+
+
+def _as_bytes(v: Any) -> bytes:
+    # clickhouse-driver returns str for a String holding valid UTF-8 and bytes otherwise
+    return v if isinstance(v, bytes) else str(v or "").encode("utf-8")
+
+
+def read_landing(s: Settings, backend: Backend) -> Landing:
+    """What the primary tables and ``dead_letters`` of ``s`` hold, by content (a server backend can be
+    read while the worker writes)."""
+    from yibao.dlq import make_sealer
+
+    ids: Counter[tuple[str, str]] = Counter()
+    for table in sorted(set(PRIMARY_TABLE.values())):
+        ids.update((table, str(r[0])) for r in backend.query(f"SELECT event_id FROM {backend.read_table(table)}").rows)
+    sealer = make_sealer(s)
+    dead = Counter(sealer.open(_as_bytes(r[0]))
+                   for r in backend.query(f"SELECT payload FROM {backend.read_table('dead_letters')}").rows)
+    return Landing(ids, dead)
+
+
+def wait_landed(s: Settings, backend: Backend, want: Landing, worker: WorkerProcess | None, timeout: float,
+                at_least: int | None = None) -> Landing:
+    """Block until ClickHouse holds every event of ``want`` (or ``at_least`` of them); fail loudly if the
+    worker died or time ran out. Content-based, so it cannot be fooled by committed offsets that an
+    offset reused by the broker already "covers". Returns what was read last."""
+    deadline = time.monotonic() + timeout
+    target = want.total() if at_least is None else at_least
+    while True:
+        got = read_landing(s, backend)
+        done = want.total() - want.missing_from(got)
+        if done >= target:
+            return got
+        if worker is not None and not worker.alive():
+            raise AssertionError(f"the worker exited (status {worker.proc.returncode if worker.proc else None}) "
+                                 f"with {done}/{target} events landed:\n{worker.log_tail()}")
+        if time.monotonic() > deadline:
+            tail = worker.log_tail() if worker is not None else ""
+            raise AssertionError(f"only {done}/{target} events landed after {timeout:.0f}s "
+                                 f"({want.differences(got)}):\n{tail}")
+        time.sleep(0.5)

@@ -5,14 +5,17 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import threading
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import clickhouse_driver
 import pytest
 from clickhouse_driver.errors import Error as ClickHouseError
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 
 from tests.conftest import require_infra
@@ -22,6 +25,7 @@ from yibao.localinfra import (
     InfraError,
     KafkaEndpoint,
     MissingBinaryError,
+    S3Server,
     TansuBroker,
     docker_available,
     tansu_binary,
@@ -44,6 +48,13 @@ def _local_clickhouse(
 def _local_tansu(workdir: Path, port: int | None = None) -> TansuBroker:
     try:
         return TansuBroker(workdir=workdir, port=port)
+    except MissingBinaryError as exc:
+        require_infra(str(exc))
+
+
+def _local_s3(workdir: Path) -> S3Server:
+    try:
+        return S3Server(workdir=workdir)
     except MissingBinaryError as exc:
         require_infra(str(exc))
 
@@ -257,6 +268,131 @@ def test_tansu_refuses_a_port_already_taken(tmp_path: Path) -> None:
             second.start()
         assert second.pid is None
         assert first.pid is not None
+
+
+def _put_status(client: Any, key: str, body: bytes, **condition: str) -> int:
+    from botocore.exceptions import ClientError
+
+    try:
+        client.put_object(Bucket="tansu", Key=key, Body=body, **condition)
+    except ClientError as exc:
+        return int(exc.response["ResponseMetadata"]["HTTPStatusCode"])
+    return 200
+
+
+def _body(client: Any, key: str) -> bytes:
+    return bytes(client.get_object(Bucket="tansu", Key=key)["Body"].read())
+
+
+def _race(clients: list[Any], key: str, **condition: str) -> tuple[Counter[int], set[bytes]]:
+    """One conditional PUT of ``key`` per client, released at once; (statuses, bodies of the winners)."""
+    writers = len(clients)
+    barrier = threading.Barrier(writers)
+    statuses: list[int] = [0] * writers
+    bodies = [f"writer {i} {uuid.uuid4().hex}".encode().ljust(64 * 1024, b".") for i in range(writers)]
+
+    def put(i: int) -> None:
+        barrier.wait()
+        statuses[i] = _put_status(clients[i], key, bodies[i], **condition)
+
+    threads = [threading.Thread(target=put, args=(i,)) for i in range(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return Counter(statuses), {bodies[i] for i, status in enumerate(statuses) if status == 200}
+
+
+@integration
+def test_s3_server_refuses_conditional_writes_that_do_not_hold(tmp_path: Path) -> None:
+    """The S3 semantics Tansu's ``s3://`` storage relies on, checked with plain S3 requests.
+
+    A restarted Tansu creates each partition's watermark with ``If-None-Match: *`` and advances it
+    with ``If-Match: <etag>``; a server that does not answer 412 when those fail lets it hand out
+    offsets twice (s3rver did). Concurrent writers of one key: exactly one wins, every round. That
+    outcome is what serving one request at a time guarantees (see ``_MOTO_S3_SERVER``); a server
+    taking requests in parallel can still pass it by luck (moto's threaded one lost the race only
+    with bodies of several MB, too slow for this test).
+    """
+    with _local_s3(tmp_path / "s3") as s3:
+        client = s3.client()
+        key = "clusters/c/topics/t/partitions/0000000000/watermark.json"
+        assert _put_status(client, key, b"v1", IfNoneMatch="*") == 200
+        first = client.head_object(Bucket="tansu", Key=key)["ETag"]
+        assert _put_status(client, key, b"v2", IfNoneMatch="*") == 412
+        assert _put_status(client, key, b"v2", IfMatch='"' + "0" * 32 + '"') == 412
+        assert _body(client, key) == b"v1"
+        assert _put_status(client, key, b"v2", IfMatch=first) == 200
+        assert _put_status(client, key, b"v3", IfMatch=first) == 412
+        assert _body(client, key) == b"v2"
+        assert _put_status(client, "absent.json", b"x", IfMatch=first) in (404, 412)
+        with pytest.raises(Exception, match="NoSuchKey"):
+            _body(client, "absent.json")
+
+        writers = [s3.client() for _ in range(8)]
+        for n in range(3):
+            key = f"race/{n}"
+            statuses, winners = _race(writers, key, IfNoneMatch="*")
+            assert statuses == Counter({200: 1, 412: 7}), statuses
+            assert {_body(client, key)} == winners
+            etag = client.head_object(Bucket="tansu", Key=key)["ETag"]
+            statuses, winners = _race(writers, key, IfMatch=etag)
+            assert statuses == Counter({200: 1, 412: 7}), statuses
+            assert {_body(client, key)} == winners
+
+
+def _produce(bootstrap: str, topic: str, values: list[bytes], partition: int | None = None) -> list[tuple[int, int]]:
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    try:
+        futures = [producer.send(topic, value=v, partition=i % 2 if partition is None else partition)
+                   for i, v in enumerate(values)]
+        return [(m.partition, m.offset) for m in (f.get(timeout=60) for f in futures)]
+    finally:
+        producer.close(timeout=5)
+
+
+@integration
+def test_tansu_on_the_s3_server_keeps_offsets_when_a_produce_is_first_after_a_restart(tmp_path: Path) -> None:
+    """The offset-reuse defect, reproduced the way it happened: nothing but a Produce reaches the
+    partitions of a restarted Tansu. Offsets go on from where they were and every record stays;
+    so do records of four producers writing one partition at once."""
+    with _local_s3(tmp_path / "s3") as s3:
+        tansu = TansuBroker(workdir=tmp_path / "tansu", storage=s3.storage_url, env=s3.aws_env())
+        with tansu:
+            admin = KafkaAdminClient(bootstrap_servers=tansu.bootstrap)
+            try:
+                admin.create_topics([NewTopic("t", num_partitions=2, replication_factor=1)])
+            finally:
+                admin.close()
+            before = [f"before-{i}".encode() for i in range(20)]
+            assert sorted(_produce(tansu.bootstrap, "t", before)) == [(p, o) for p in (0, 1) for o in range(10)]
+            tansu.restart()  # its readiness probe asks for metadata only: no Fetch reaches the partitions
+            after = [f"after-{i}".encode() for i in range(20)]
+            assert sorted(_produce(tansu.bootstrap, "t", after)) == [(p, o) for p in (0, 1) for o in range(10, 20)]
+
+            together: list[list[tuple[int, int]]] = [[] for _ in range(4)]
+            batches = [[f"w{w}-{i}".encode() for i in range(100)] for w in range(4)]
+
+            def write(w: int) -> None:
+                together[w] = _produce(tansu.bootstrap, "t", batches[w], partition=0)
+
+            threads = [threading.Thread(target=write, args=(w,)) for w in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(90)
+            offsets = [o for placed in together for _, o in placed]
+            assert sorted(offsets) == list(range(20, 420))
+
+            consumer = KafkaConsumer(bootstrap_servers=tansu.bootstrap, enable_auto_commit=False,
+                                     consumer_timeout_ms=5000)
+            try:
+                consumer.assign([TopicPartition("t", 0), TopicPartition("t", 1)])
+                consumer.seek_to_beginning()
+                read = Counter(m.value for m in consumer)
+            finally:
+                consumer.close()
+            assert read == Counter(before + after + [v for b in batches for v in b])
 
 
 def test_tansu_binary_is_executable() -> None:

@@ -12,9 +12,10 @@ again. Writes go out once per batch and key, not per event.
 Restoring does not trust end offsets (the test broker's ListOffsets(latest) is wrong, see
 infra.md): the restorer writes a unique sentinel record to the partition, then reads from the
 beginning until it meets that sentinel. Everything before it is the state to restore. A log
-whose earliest offset lies beyond the sentinel just written (Tansu on S3 storage, restarted,
-hands out offsets from 0 again and reports an earliest offset past them: the log it had is gone)
-can never show the sentinel: :class:`ChangelogLost` says so at once instead of after the timeout.
+whose earliest offset lies beyond the sentinel just written (Tansu restarted on an S3 server that
+ignores conditional writes hands out offsets from 0 again and reports an earliest offset past
+them: the log it had is gone) can never show the sentinel: :class:`ChangelogLost` says so at once
+instead of after the timeout.
 
 A value larger than :data:`CHUNK_BYTES` (a large hospital's month of stays, a pharmacy's day of
 sold traceability codes) goes out as chunks under keys of their own, followed by a small manifest
@@ -208,7 +209,8 @@ async def restore(store: Store, partitions: Iterable[int], producer: AIOKafkaPro
             raise ChangelogLost(
                 f"{store.topic}: the broker's earliest offset is past the restore mark just written "
                 + ", ".join(f"(partition {p}: earliest {pos}, mark at {at[p]})" for p, pos in sorted(lost.items()))
-                + "; the broker lost this log (Tansu on S3 does after a restart)")
+                + "; the broker lost this log (Tansu on an S3 server that ignores conditional writes does after "
+                  "a restart)")
         pending = set(parts)
         fresh = {p: Replay() for p in parts}
         deadline = time.monotonic() + timeout_s
