@@ -39,17 +39,26 @@ DISTRIBUTED_SUFFIX = "_all"
 _INLINE_INSERT = re.compile(r"^\s*INSERT\s+INTO\b(?:(?!\bSELECT\b).)*\b(?:VALUES|FORMAT)\b", re.I | re.S)
 
 
+#: ClickHouse error codes that say a value cannot go into its column (parse, conversion, range,
+#: overflow, NULL, size): the rows are at fault, not the server or the schema.
+DATA_ERROR_CODES = frozenset({6, 26, 27, 38, 41, 53, 69, 70, 72, 117, 131, 321, 349, 407})
+
+
 class SinkError(Exception):
     """ClickHouse refused a statement (bad SQL, missing table, wrong value...).
 
     Retrying the same call will fail the same way, so the worker must not loop on it.
-    ``code`` is ClickHouse's error code when the server gave one.
+    ``code`` is ClickHouse's error code when the server gave one. ``about_data``: the refusal is
+    about the values sent (a code of :data:`DATA_ERROR_CODES`, or a value the client could not
+    encode for its column), so a worker may look for the event they came from and set it aside;
+    any other refusal (a missing table or column, no rights) concerns every event alike.
     """
 
-    def __init__(self, message: str, code: int | None = None) -> None:
+    def __init__(self, message: str, code: int | None = None, *, about_data: bool | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.code = code
+        self.about_data = code in DATA_ERROR_CODES if about_data is None else about_data
 
 
 class SinkUnavailable(SinkError):

@@ -227,7 +227,7 @@ class EmbeddedBackend(Backend):
                 except (pa.ArrowException, OverflowError, TypeError, ValueError) as exc:
                     raise SinkError(
                         f"insert into {target}: column {name} does not fit {schema[name]} ({exc}); "
-                        "decimals, dates and datetimes must be raw ints (see sinks.base)"
+                        "decimals, dates and datetimes must be raw ints (see sinks.base)", about_data=True,
                     ) from exc
             # chDB resolves Python(name) by looking the variable up in the calling frames.
             yibao_batch = pa.table(arrays)

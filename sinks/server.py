@@ -177,7 +177,7 @@ class ServerBackend(Backend):
                 detail = exc.message if isinstance(exc, ch_errors.Error) else f"{type(exc).__name__}: {exc}"
                 raise SinkError(
                     f"insert into {target}: a value does not fit its column ({detail}); "
-                    "decimals, dates and datetimes must be raw ints (see sinks.base)"
+                    "decimals, dates and datetimes must be raw ints (see sinks.base)", about_data=True,
                 ) from exc
 
         written = self._call(send)

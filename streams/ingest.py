@@ -331,14 +331,14 @@ def message_failure(exc: BaseException) -> str | None:
 
     Deterministic failures are: any exception out of the pure processing (decode, validate,
     rows, rules: a defect an input triggers), a message too large to send, and ClickHouse
-    refusing the rows (``SinkError``; ``SinkUnavailable`` is retried before it gets here).
+    refusing the values of the rows (``SinkError.about_data``). ClickHouse refusing anything
+    else (a table or column missing, no rights) concerns every event alike: nothing is
+    quarantined for it, the worker stops as before; ``SinkUnavailable`` is retried earlier.
     """
     if isinstance(exc, EmitTooLarge | MessageSizeTooLargeError):
         return "EMIT_TOO_LARGE"
-    if isinstance(exc, SinkUnavailable):
-        return None
     if isinstance(exc, SinkError):
-        return "REJECTED_BY_SINK"
+        return "REJECTED_BY_SINK" if exc.about_data and not isinstance(exc, SinkUnavailable) else None
     if isinstance(exc, ProcessingFailed):
         return "UNPROCESSABLE"
     return None
@@ -485,6 +485,10 @@ class LandedIndex:
             return False
         idents = seen.get(table, {}).get(offset)
         return idents is not None and ident in idents
+
+    def tables_at(self, partition: int, offset: int) -> list[str]:
+        """Tables holding rows of whatever event was at this position."""
+        return [t for t, by_offset in self._seen.get(partition, {}).items() if offset in by_offset]
 
     def advance(self, partition: int, last_offset: int) -> None:
         h = self._horizon.get(partition)
@@ -667,18 +671,17 @@ class Ingestor(ConsumerRebalanceListener):  # type: ignore[misc]
         await self._restored.wait()
         batch, self._pending = self._pending, []
         if batch:
-            await self._flush_isolating(batch, top=True)
+            await self._flush_isolating(batch)
 
-    async def _flush_isolating(self, batch: list[Message], *, top: bool = False) -> bool:
+    async def _flush_isolating(self, batch: list[Message]) -> bool:
         """Flush ``batch``; when a message in it makes the batch fail, find that message and
         quarantine it, so the partition moves on. Returns whether the batch landed as it was.
 
         A failure that depends on the message (:func:`message_failure`) is retried in up to
         :data:`SPLIT_WAYS` parts, recursively, after undoing in memory what the failed attempt
         applied (:meth:`_roll_back`); a single message that still fails becomes a dead letter
-        with the reason (:meth:`_quarantine`). A ClickHouse rejection of every part of a whole
-        batch is not about a message (a table or a server in a bad state): the worker then stops
-        as before rather than dead-letter the stream.
+        with the reason (:meth:`_quarantine`). Parts are flushed in order, so each partition's
+        events are still applied, and their offsets committed, in offset order.
         """
         try:
             await self._flush_batch(batch)
@@ -696,9 +699,8 @@ class Ingestor(ConsumerRebalanceListener):  # type: ignore[misc]
                 await self._quarantine(batch[0], reason, exc)
                 return False
             size = -(-len(batch) // SPLIT_WAYS)
-            landed = [await self._flush_isolating(batch[i:i + size]) for i in range(0, len(batch), size)]
-            if top and reason == "REJECTED_BY_SINK" and not any(landed):
-                raise
+            for i in range(0, len(batch), size):
+                await self._flush_isolating(batch[i:i + size])
             return False
 
     async def _flush_batch(self, batch: list[Message]) -> None:
@@ -735,8 +737,14 @@ class Ingestor(ConsumerRebalanceListener):  # type: ignore[misc]
         """The one message that fails its batch becomes a dead letter (its original bytes sealed,
         so ``yibao dlq replay`` can send it again after a fix), and its offset is committed."""
         await self._load_landed([m])
-        out = self.p.quarantine(m, reason, f"{describe(exc)} (isolated from its batch; nothing of it landed)",
+        partly = [t for t in self.landed_index.tables_at(m.partition, m.offset) if t != DEAD_LETTER_TABLE]
+        landed = (f"its rows in {', '.join(partly)} had landed before the failure and stay" if partly
+                  else "nothing of it landed")
+        out = self.p.quarantine(m, reason, f"{describe(exc)} (isolated from its batch; {landed})",
                                 self.landed_index if self.landed_index.active() else None)
+        if partly:
+            log.error("a quarantined message had partly landed: rows of one event in several tables are not "
+                      "written atomically", topic=self.topic, position=f"{m.partition}/{m.offset}", tables=partly)
         await self._produce(out)
         await self._write(out)
         await self._commit([m])

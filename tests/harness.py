@@ -24,11 +24,11 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
@@ -369,20 +369,34 @@ def wait_committed(s: Settings, ends: dict[tuple[str, int], int], worker: Worker
                    timeout: float, at_least: int | None = None) -> int:
     """Block until the committed offsets reach ``ends`` (or ``at_least`` events); fail loudly if the
     worker died or time ran out. Returns the committed count."""
-    deadline = time.monotonic() + timeout
-    target = sum(ends.values()) if at_least is None else at_least
-    done = 0
-    while True:
+    def measure() -> tuple[int, int]:
         done, _ = progress(s, ends)
+        return done, done
+
+    target = sum(ends.values()) if at_least is None else at_least
+    return wait_for(measure, target, worker, timeout, "events committed", interval=0.2)
+
+
+T = TypeVar("T")
+
+
+def wait_for(measure: Callable[[], tuple[int, T]], target: int, worker: WorkerProcess | None, timeout: float,
+             what: str, *, interval: float, explain: Callable[[T], str] | None = None) -> T:
+    """Poll ``measure`` (how many are done, and what it read) until it reaches ``target``; fail loudly,
+    with the worker's log, if the worker died or ``timeout`` passed. Returns what it read last."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done, seen = measure()
         if done >= target:
-            return done
+            return seen
         if worker is not None and not worker.alive():
             raise AssertionError(f"the worker exited (status {worker.proc.returncode if worker.proc else None}) "
-                                 f"at {done}/{target} committed:\n{worker.log_tail()}")
+                                 f"at {done}/{target} {what}:\n{worker.log_tail()}")
         if time.monotonic() > deadline:
             tail = worker.log_tail() if worker is not None else ""
-            raise AssertionError(f"only {done}/{target} events committed after {timeout:.0f}s:\n{tail}")
-        time.sleep(0.2)
+            extra = f" ({explain(seen)})" if explain is not None else ""
+            raise AssertionError(f"only {done}/{target} {what} after {timeout:.0f}s{extra}:\n{tail}")
+        time.sleep(interval)
 
 
 # --- what ClickHouse holds ----------------------------------------------------------------------
@@ -586,18 +600,9 @@ def wait_landed(s: Settings, backend: Backend, want: Landing, worker: WorkerProc
     """Block until ClickHouse holds every event of ``want`` (or ``at_least`` of them); fail loudly if the
     worker died or time ran out. Content-based, so it cannot be fooled by committed offsets that an
     offset reused by the broker already "covers". Returns what was read last."""
-    deadline = time.monotonic() + timeout
-    target = want.total() if at_least is None else at_least
-    while True:
+    def measure() -> tuple[int, Landing]:
         got = read_landing(s, backend)
-        done = want.total() - want.missing_from(got)
-        if done >= target:
-            return got
-        if worker is not None and not worker.alive():
-            raise AssertionError(f"the worker exited (status {worker.proc.returncode if worker.proc else None}) "
-                                 f"with {done}/{target} events landed:\n{worker.log_tail()}")
-        if time.monotonic() > deadline:
-            tail = worker.log_tail() if worker is not None else ""
-            raise AssertionError(f"only {done}/{target} events landed after {timeout:.0f}s "
-                                 f"({want.differences(got)}):\n{tail}")
-        time.sleep(0.5)
+        return want.total() - want.missing_from(got), got
+
+    target = want.total() if at_least is None else at_least
+    return wait_for(measure, target, worker, timeout, "events landed", interval=0.5, explain=want.differences)

@@ -58,7 +58,7 @@ class Rig:
 
     def run(self, n: int) -> bool:
         batch = [Message(i % 4, i, None, b"") for i in range(n)]
-        return asyncio.run(self.ing._flush_isolating(batch, top=True))
+        return asyncio.run(self.ing._flush_isolating(batch))
 
 
 @settings(max_examples=60, deadline=None)
@@ -87,6 +87,7 @@ def test_a_batch_without_poison_is_flushed_once() -> None:
     (EmitTooLarge("a message of 1,200,000 bytes"), "EMIT_TOO_LARGE"),
     (MessageSizeTooLargeError(), "EMIT_TOO_LARGE"),
     (SinkError("Cannot parse input", 27), "REJECTED_BY_SINK"),
+    (SinkError("a value does not fit its column", about_data=True), "REJECTED_BY_SINK"),
     (ProcessingFailed("processing raised"), "UNPROCESSABLE"),
 ])
 def test_the_dead_letter_reason_says_which_step_refused_the_message(error: Exception, reason: str) -> None:
@@ -104,13 +105,26 @@ def test_a_failure_that_is_not_about_a_message_is_raised_and_nothing_is_quaranti
     assert rig.quarantined == [] and rig.rollbacks == 0
 
 
-def test_clickhouse_refusing_every_part_of_a_batch_stops_the_worker_instead_of_dead_lettering_the_stream() -> None:
-    rig = Rig(set(range(200)), SinkError("Table yibao.settlements doesn't exist", 60))
-    with pytest.raises(SinkError):
+@pytest.mark.parametrize(("code", "about_data"), [(60, False), (16, False), (497, False), (27, True), (407, True)])
+def test_only_clickhouse_refusing_the_values_is_about_a_message(code: int, about_data: bool) -> None:
+    """A missing table or column, or no rights, concerns every event alike: the worker stops as
+    before, nothing is quarantined; a value that cannot go into its column is isolated."""
+    rig = Rig(set(range(200)) if not about_data else {5}, SinkError("refused", code))
+    if about_data:
         rig.run(200)
-    rig2 = Rig(set(range(200)), ProcessingFailed("processing raised"))  # a defect per message: all isolated
-    rig2.run(200)
-    assert len(rig2.quarantined) == 200
+        assert rig.quarantined == [(5, "REJECTED_BY_SINK")]
+    else:
+        with pytest.raises(SinkError):
+            rig.run(200)
+        assert rig.quarantined == [] and rig.rollbacks == 0
+    assert message_failure(SinkError("client could not encode", about_data=True)) == "REJECTED_BY_SINK"
+    assert message_failure(SinkUnavailable("too many parts", 252, overloaded=True)) is None
+
+
+def test_a_defect_in_every_message_isolates_each_of_them() -> None:
+    rig = Rig(set(range(200)), ProcessingFailed("processing raised"))
+    rig.run(200)
+    assert [o for o, _ in rig.quarantined] == list(range(200)) and rig.landed == []
 
 
 def test_describe_says_what_failed_and_where_never_the_data() -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,6 +41,7 @@ from .harness import (
     produce_events,
     settings_for,
     snapshot,
+    wait_for,
     worker_env,
 )
 from .test_guarantees import assert_exactly_once
@@ -94,27 +94,26 @@ def worker_setup(broker: KafkaEndpoint, clickhouse_server: ClickHouseEndpoint,
 
 def wait_accounted(backend: Backend, s: Settings, sent: list[Sent], worker: WorkerProcess, timeout: float = 180
                    ) -> dict[tuple[str, int, int], str]:
-    """Block until every produced event is landed (valid) or dead-lettered (the rest)."""
+    """Block until every produced event is landed (valid) or dead-lettered (the rest); returns the
+    dead letters' reasons by source position."""
     db = backend.database
     want_ids: dict[str, list[str]] = {}
     for x in sent:
         if x.datum is not None:
             want_ids.setdefault(PRIMARY_TABLE[x.record.rsplit(".", 1)[-1]], []).append(x.datum["event_id"])
-    deadline = time.monotonic() + timeout
-    pid = worker.pid
-    while True:
+
+    def measure() -> tuple[int, dict[tuple[str, int, int], str]]:
         dead = {(str(r[0]), int(r[1]), int(r[2])): str(r[3]) for r in backend.query(
             f"SELECT source_topic, source_partition, source_offset, reason_code FROM {db}.{DEAD_LETTER_TABLE}").rows}
-        landed = 0
-        for table, ids in want_ids.items():
-            landed += int(backend.query(
-                f"SELECT uniqExact(event_id) FROM {db}.{table} WHERE event_id IN ({', '.join(map(repr, ids))})"
-            ).scalar())
-        if landed + len(dead) >= len(sent):
-            return dead
-        assert worker.alive() and worker.pid == pid, f"the worker stopped:\n{worker.log_tail()}"
-        assert time.monotonic() < deadline, f"{landed} landed + {len(dead)} dead of {len(sent)}:\n{worker.log_tail()}"
-        time.sleep(0.5)
+        landed = sum(int(backend.query(
+            f"SELECT uniqExact(event_id) FROM {db}.{table} WHERE event_id IN ({', '.join(map(repr, ids))})"
+        ).scalar()) for table, ids in want_ids.items())
+        return landed + len(dead), dead
+
+    pid = worker.pid
+    dead = wait_for(measure, len(sent), worker, timeout, "events landed or dead-lettered", interval=0.5)
+    assert worker.pid == pid, "the worker restarted"
+    return dead
 
 
 def test_pills_in_every_string_field_are_dead_lettered_and_the_worker_never_stops(
