@@ -20,19 +20,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import fastavro
 import fastavro._read as _fa_read
 import fastavro._write as _fa_write
 
+from .calendar import CHINA
 from .registry import Registry, Schema, SchemaVersion
 
 MAGIC = 0
 HEADER = struct.Struct(">bI")
 INT32_MAX = 2**31 - 1  # DeadLetter.schema_id is an Avro int
 DEFAULT_MAX_BYTES = 1_000_000
-CHINA_TZ = ZoneInfo("Asia/Shanghai")
 EPOCH_DATE = dt.date(1970, 1, 1)
 _UNSCALED = "yibao-unscaled"
 
@@ -410,7 +409,7 @@ def _unscale(value: Any, schema: dict[str, Any], path: str) -> int:
 
 def _millis(value: dt.datetime) -> int:
     if value.tzinfo is None:
-        value = value.replace(tzinfo=CHINA_TZ)
+        value = value.replace(tzinfo=CHINA)
     return int(value.timestamp() * 1000)
 
 
@@ -449,7 +448,7 @@ def _raw_to_json(schema: dict[str, Any], value: Any, path: str) -> Any:
     if lt == "decimal":
         return str(Decimal(int(value)).scaleb(-int(schema["scale"])))
     if lt == "timestamp-millis":
-        return dt.datetime.fromtimestamp(int(value) / 1000, tz=CHINA_TZ).isoformat(timespec="milliseconds")
+        return dt.datetime.fromtimestamp(int(value) / 1000, tz=CHINA).isoformat(timespec="milliseconds")
     if lt == "date":
         return (EPOCH_DATE + dt.timedelta(days=int(value))).isoformat()
     if schema["type"] == "bytes" and isinstance(value, (bytes, bytearray)):

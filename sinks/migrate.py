@@ -66,7 +66,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .base import DISTRIBUTED_SUFFIX, STAGING_SUFFIX, Backend, SinkError, check_identifier, literal
-from .tables import LC, TABLES, decimal_scale, low_cardinality_supported, raw_type, unwrap_nullable
+from .tables import DT, LC, TABLES, decimal_scale, low_cardinality_supported, raw_type, unwrap_nullable
 
 DDL_DIR = Path(__file__).resolve().parent / "ddl"
 MIGRATIONS_TABLE = "schema_migrations"
@@ -229,14 +229,14 @@ class _Run:
         if MIGRATIONS_TABLE not in tables:
             self.backend.execute(
                 f"CREATE TABLE IF NOT EXISTS {self.db}.{MIGRATIONS_TABLE}{self.on_cluster} "
-                "(version UInt32, name String, checksum String, applied_at DateTime('Asia/Shanghai')) "
+                f"(version UInt32, name String, checksum String, applied_at {DT}) "
                 "ENGINE = MergeTree() ORDER BY version"
             )
             self.note(f"created {self.db}.{MIGRATIONS_TABLE}")
         if STAGING_TABLE not in tables:
             self.backend.execute(
                 f"CREATE TABLE IF NOT EXISTS {self.db}.{STAGING_TABLE}{self.on_cluster} "
-                "(table String, fingerprint String, built_at DateTime('Asia/Shanghai'), seq UInt64) "
+                f"(table String, fingerprint String, built_at {DT}, seq UInt64) "
                 "ENGINE = MergeTree() ORDER BY (table, seq)"
             )
             self.note(f"created {self.db}.{STAGING_TABLE}")

@@ -41,8 +41,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from schemas.calendar import CHINA_TZ_NAME
+
 LC = "LowCardinality(String)"
-TZ = "Asia/Shanghai"
+TZ = CHINA_TZ_NAME
 DT = f"DateTime('{TZ}')"
 MONEY = "Decimal(16, 2)"
 QTY = "Decimal(16, 4)"

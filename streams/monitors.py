@@ -46,11 +46,11 @@ from typing import Any
 
 import structlog
 
+from schemas.calendar import month_bounds, prev_month
 from sinks.base import Backend, literal
 
 from .rules.alerts import ALERT_RECORD, alert_datum, alert_event_id, alert_id, retraction
 from .rules.detectors import Finding
-from .rules.grouped import month_bounds, prev_month
 from .rules.model import Rule
 from .rules.rulebook import RuleSet
 

@@ -9,11 +9,10 @@ rules re-key by ``fixmedins_code``.
 
 from __future__ import annotations
 
-import datetime as dt
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from schemas.calendar import DAY_MS, china_day, ymd
 from yibao.settings import Settings
 
 from .base import (
@@ -43,9 +42,6 @@ from .validation import (
 )
 
 NS = "cn.nhsa.yibao.settlement"
-CHINA_OFFSET_MS = 8 * 3_600_000
-DAY_MS = 86_400_000
-_EPOCH_ORDINAL = dt.date(1970, 1, 1).toordinal()
 
 MONEY = ("medfee_sumamt", "inscp_amt", "fulamt_ownpay_amt", "overlmt_selfpay", "preselfpay_amt",
          "hifp_pay", "hifmi_pay", "hifob_pay", "maf_pay", "fund_pay_sumamt", "acct_pay", "psn_cash_pay")
@@ -54,16 +50,10 @@ REVERSAL_MONEY = ("medfee_sumamt", "inscp_amt", "hifp_pay", "hifmi_pay", "hifob_
                   "fund_pay_sumamt", "acct_pay", "psn_cash_pay")
 
 
-@functools.lru_cache(maxsize=100_000)
-def _ymd(days: int) -> tuple[int, int, int]:
-    d = dt.date.fromordinal(_EPOCH_ORDINAL + days)
-    return d.year, d.month, d.day
-
-
 def age_at(brdy_days: int, setl_ms: int) -> int:
     """Completed years at the settlement's China-time date."""
-    by, bm, bd = _ymd(brdy_days)
-    sy, sm, sd = _ymd((setl_ms + CHINA_OFFSET_MS) // DAY_MS)
+    by, bm, bd = ymd(brdy_days)
+    sy, sm, sd = ymd(china_day(setl_ms))
     return max(0, sy - by - ((sm, sd) < (bm, bd)))
 
 

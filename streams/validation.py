@@ -22,10 +22,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from schemas.calendar import CHINA, CHINA_OFFSET_MS, DAY_MS
+
 from .privacy import safe_error
 
-DAY_MS = 86_400_000
-CHINA_OFFSET_MS = 8 * 3_600_000  # dates are China (UTC+8, no DST) calendar days
 _MEMO_LIMIT = 1_000_000
 
 #: GB/T 2260 province-level prefixes that take part in the national platform.
@@ -89,9 +89,8 @@ class Limits:
     @classmethod
     def from_settings(cls, max_future_skew_s: int, min_event_year: int, now_ms: int | None = None) -> Limits:
         import datetime as dt
-        from zoneinfo import ZoneInfo
 
-        start = dt.datetime(min_event_year, 1, 1, tzinfo=ZoneInfo("Asia/Shanghai"))
+        start = dt.datetime(min_event_year, 1, 1, tzinfo=CHINA)
         return cls(
             now_ms=now_ms if now_ms is not None else int(time.time() * 1000),
             max_future_skew_ms=max_future_skew_s * 1000,

@@ -63,9 +63,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from schemas.calendar import CHINA_OFFSET_MS, DAY_MS, HOUR_MS, china_day, day_start_ms, month_of
 from streams.rules import RULES_FILE, Knowledge, Rule, check_rule, load_knowledge, load_rules_file
 from streams.rules.detectors import KINDS, entry_of, gather
-from streams.rules.grouped import month_of
 from streams.settlement import age_at
 
 from .simulate import (
@@ -84,9 +84,6 @@ from .simulate import (
 )
 
 MIN_MS = 60_000
-HOUR_MS = 3_600_000
-DAY_MS = 86_400_000
-CHINA_MS = 8 * HOUR_MS
 CNT = 10_000  # quantity scale 4
 HALF_FEN = 50_000_000  # cnt × pric is at scale 10: half a fen
 FEN = 100_000_000
@@ -176,15 +173,6 @@ def copy_settlement(datum: dict[str, Any]) -> dict[str, Any]:
     d["fee_details"] = [dict(ln) for ln in datum["fee_details"]]
     d["oprn_codes"] = list(datum.get("oprn_codes") or [])
     return d
-
-
-def day_of(ms: int) -> int:
-    """China calendar day (days since the epoch) of an epoch-ms instant."""
-    return (ms + CHINA_MS) // DAY_MS
-
-
-def day_start(day: int) -> int:
-    return day * DAY_MS - CHINA_MS
 
 
 def level_of(datum: Mapping[str, Any]) -> int:
@@ -545,7 +533,7 @@ class FrequencyPlanter(Planter):
         self._add_line(new, code, limits[code] * CNT, int(ln["pric"]), int(ln["fee_ocur_time"]),
                        ln.get("bilg_dr_code"))
         rebalance(new)
-        return Plan(new, note=f"{code} {ln['hilist_name']} billed twice on day {day_of(int(ln['fee_ocur_time']))}")
+        return Plan(new, note=f"{code} {ln['hilist_name']} billed twice on day {china_day(int(ln['fee_ocur_time']))}")
 
 
 class _Extra(Planter):
@@ -562,7 +550,7 @@ class _Extra(Planter):
         return settle_new(d, 0 if mt == "41" else 500)
 
     def _at(self, day: int, ctx: HookContext, lo_h: float = 8.5, hi_h: float = 16.5) -> int:
-        return day_start(day) + int((lo_h + ctx.rng.random() * (hi_h - lo_h)) * HOUR_MS)
+        return day_start_ms(day) + int((lo_h + ctx.rng.random() * (hi_h - lo_h)) * HOUR_MS)
 
 
 class RetestPlanter(_Extra):
@@ -584,7 +572,7 @@ class RetestPlanter(_Extra):
         lo, hi = max(1, interval // 5), max(1, interval * 2 // 3)
         gap = lo + int(ctx.rng.random() * (hi - lo + 1))
         inst = self.pl.institution(d["fixmedins_code"])
-        t = self._at(day_of(int(ln["fee_ocur_time"])) + gap, ctx)
+        t = self._at(china_day(int(ln["fee_ocur_time"])) + gap, ctx)
         if inst is None or t - int(ln["fee_ocur_time"]) >= interval * DAY_MS:
             return None
         extra = self._visit(d, inst, t, [(code, CNT)], ctx, mt=d["med_type"])
@@ -622,7 +610,7 @@ class ExcessSupplyPlanter(_Extra):
         if inst is None:
             return None
         gap = 3 + int(ctx.rng.random() * 10)
-        extra = self._visit(d, inst, self._at(day_of(int(d["setl_time"])) + gap, ctx), [(code, units * CNT)], ctx,
+        extra = self._visit(d, inst, self._at(china_day(int(d["setl_time"])) + gap, ctx), [(code, units * CNT)], ctx,
                             mt=mt)
         return Plan(d, [extra], modified=False,
                     note=f"{drugs[code].generic}: {s0 / 1000:g} days, then {units} more units {gap} days later")
@@ -634,7 +622,7 @@ class ShopDayPlanter(_Extra):
     rule_id = "YB-PSN-SHOP-1D"
 
     def eligible(self, d: Mapping[str, Any]) -> bool:
-        return d["med_type"] in ("11", "14", "41") and (int(d["setl_time"]) + CHINA_MS) % DAY_MS < 18 * HOUR_MS
+        return d["med_type"] in ("11", "14", "41") and (int(d["setl_time"]) + CHINA_OFFSET_MS) % DAY_MS < 18 * HOUR_MS
 
     def plan(self, d: dict[str, Any], ctx: HookContext) -> Plan | None:
         if self.pl.seen_today(d) > 1:
@@ -648,10 +636,10 @@ class ShopDayPlanter(_Extra):
         for inst in insts:
             t += 20 * MIN_MS + int(ctx.rng.random() * 70 * MIN_MS)
             extras.append(self._visit(d, inst, t, [self.pl.simple_item(inst)], ctx))
-        if day_of(t) != day_of(int(d["setl_time"])):
+        if china_day(t) != china_day(int(d["setl_time"])):
             return None
         return Plan(d, extras, modified=False,
-                    note=f"{need + 1} institutions on day {day_of(t)}: " + ", ".join(
+                    note=f"{need + 1} institutions on day {china_day(t)}: " + ", ".join(
                         [d["fixmedins_code"], *(i.code for i in insts)]))
 
 
@@ -686,7 +674,7 @@ class ShopClassPlanter(_Extra):
         days = sorted(ctx.rng.sample(range(1, window), need))
         age = age_at(d["brdy"], d["setl_time"])
         extras = []
-        base_day = day_of(int(d["setl_time"]))
+        base_day = china_day(int(d["setl_time"]))
         for inst, k in zip(insts, days, strict=True):
             ok = [c for c in used if not self.cat.violations(c, d["gend"], age, inst.level, False)
                   and used[c] + self.cat.days_x1000(c, CNT) <= budget_days]
@@ -746,7 +734,7 @@ class BedHangingPlanter(Planter):
         new = copy_settlement(d)
         adm = int(d["adm_date"])
         for j in range(n):
-            ds = day_start(adm - n + j)
+            ds = day_start_ms(adm - n + j)
             base = ds + (8 * HOUR_MS + int(ctx.rng.random() * 10 * HOUR_MS) if j == 0 else 7 * HOUR_MS)
             for i, ln in enumerate(keep):
                 self._add_line(new, ln["hilist_code"], int(ln["cnt"]), int(ln["pric"]), base + i * 30 * MIN_MS,
@@ -782,8 +770,8 @@ class LowThresholdPlanter(_Extra):
         max_los = int(self.rule.param("max_los_days"))
         los = 1 + int(ctx.rng.random() * max_los)
         dx, adrg = LOW_THRESHOLD_DX[int(ctx.rng.random() * len(LOW_THRESHOLD_DX))]
-        adm_day = day_of(int(d["setl_time"])) + 1 + int(ctx.rng.random() * 3)
-        if self.pl.upcoding_target_at(inst.code, day_start(adm_day + los)):
+        adm_day = china_day(int(d["setl_time"])) + 1 + int(ctx.rng.random() * 3)
+        if self.pl.upcoding_target_at(inst.code, day_start_ms(adm_day + los)):
             return None
         stay = self.pl.stay(d, inst, adm_day, los, dx, adrg + self.pl.severity(ctx), tests, ctx)
         return Plan(d, [stay], modified=False, note=f"{los}-day stay for {dx}, tests only")
@@ -831,14 +819,14 @@ class HighCostPlanter(Planter):
         pric, code = items[-1 - int(ctx.rng.random() * min(2, len(items)))]
         units = -(-add * FEN // (pric * CNT)) + 1
         adm = int(d["adm_date"])
-        dscg = int(d["dscg_date"]) if d.get("dscg_date") is not None else day_of(int(d["setl_time"]))
+        dscg = int(d["dscg_date"]) if d.get("dscg_date") is not None else china_day(int(d["setl_time"]))
         days = max(1, dscg - adm)
         new = copy_settlement(d)
         dr = self._doctor(d)
         for j in range(days):
             u = units // days + (1 if j < units % days else 0)
             if u:
-                self._add_line(new, code, u * CNT, pric, day_start(adm + j) + 10 * HOUR_MS, dr)
+                self._add_line(new, code, u * CNT, pric, day_start_ms(adm + j) + 10 * HOUR_MS, dr)
         rebalance(new)
         return Plan(new, expect=frozenset(), note=f"{units} × {code} {self.cat.name(code)}: "
                     f"{new['medfee_sumamt'] / 100:.2f} vs DRG {d['drg_code']} median {median / 100:.2f}")
@@ -850,7 +838,7 @@ class GhostPlanter(_Extra):
     rule_id = "YB-PSN-GHOST"
 
     def eligible(self, d: Mapping[str, Any]) -> bool:
-        return (int(d["setl_time"]) + CHINA_MS) % DAY_MS < 19 * HOUR_MS
+        return (int(d["setl_time"]) + CHINA_OFFSET_MS) % DAY_MS < 19 * HOUR_MS
 
     def plan(self, d: dict[str, Any], ctx: HookContext) -> Plan | None:
         if self.pl.seen_today(d) > 1:
@@ -859,11 +847,11 @@ class GhostPlanter(_Extra):
         if inst is None:
             return None
         t = int(d["setl_time"]) + 30 * MIN_MS + int(ctx.rng.random() * 150 * MIN_MS)
-        if day_of(t) != day_of(int(d["setl_time"])):
+        if china_day(t) != china_day(int(d["setl_time"])):
             return None
         extra = self._visit(d, inst, t, [self.pl.simple_item(inst)], ctx)
         return Plan(d, [extra], modified=False,
-                    note=f"{d['mdtrt_admdvs'][:2]} and {inst.admdvs[:2]} on day {day_of(t)}")
+                    note=f"{d['mdtrt_admdvs'][:2]} and {inst.admdvs[:2]} on day {china_day(t)}")
 
 
 for _cls in (SexPlanter, AgePlanter, LevelPlanter, SettingPlanter, PricePlanter, DuplicatePlanter,
@@ -1078,7 +1066,7 @@ class Planting:
     # --- observation of the emitted traffic ---------------------------------------------------
     def _observe(self, d: Mapping[str, Any]) -> None:
         t = int(d["setl_time"])
-        day = day_of(t)
+        day = china_day(t)
         prev = self._today.get(d["psn_no"])
         self._today[d["psn_no"]] = (day, prev[1] + 1 if prev is not None and prev[0] == day else 1)
         if d["med_type"] in INPATIENT and d.get("drg_code"):
@@ -1089,7 +1077,7 @@ class Planting:
     def seen_today(self, d: Mapping[str, Any]) -> int:
         """Settlements of this person already emitted on this settlement's day (itself excluded)."""
         prev = self._today.get(d["psn_no"])
-        return prev[1] + 1 if prev is not None and prev[0] == day_of(int(d["setl_time"])) else 1
+        return prev[1] + 1 if prev is not None and prev[0] == china_day(int(d["setl_time"])) else 1
 
     def drg_median(self, drg: str, min_cases: int) -> int | None:
         costs = self._drg_costs.get(drg)
@@ -1168,7 +1156,7 @@ class Planting:
         cat = self.cat
         lv = inst.level
         dr = inst.doctors[int(ctx.rng.random() * len(inst.doctors))] if inst.doctors else None
-        adm = day_start(adm_day) + 8 * HOUR_MS + int(ctx.rng.random() * 8 * HOUR_MS)
+        adm = day_start_ms(adm_day) + 8 * HOUR_MS + int(ctx.rng.random() * 8 * HOUR_MS)
         lines: list[dict[str, Any]] = []
 
         def add(code: str, cnt: int, t: int) -> None:
@@ -1176,7 +1164,7 @@ class Planting:
 
         bed, nursing = "001103000010001", "001201000020000"
         for j in range(los):
-            ds = day_start(adm_day + j)
+            ds = day_start_ms(adm_day + j)
             t = adm if j == 0 else ds + 7 * HOUR_MS
             add(bed, CNT, t)
             add(nursing, CNT, t + 30 * MIN_MS)
@@ -1187,7 +1175,7 @@ class Planting:
                 add("XB05BBL051B056012702861", CNT, t + 2 * HOUR_MS)  # 0.9% saline
                 add("001211000030000", CNT, t + 2 * HOUR_MS)  # intravenous infusion
         dscg_day = adm_day + los
-        t = day_start(dscg_day) + 9 * HOUR_MS + int(ctx.rng.random() * 6 * HOUR_MS)
+        t = day_start_ms(dscg_day) + 9 * HOUR_MS + int(ctx.rng.random() * 6 * HOUR_MS)
         d = self.new_settlement(base, inst, "21", t, lines, ctx)
         d.update({"dscg_maindiag_code": dx, "adm_date": adm_day, "dscg_date": dscg_day, "drg_code": drg})
         return settle_new(d, 800)
@@ -1198,8 +1186,8 @@ class Planting:
         """The last month the span covers (at least 4/5 of it) if at least two of the ``baseline``
         months before it are covered too (the detector needs two baseline months); else None."""
         covered: dict[int, int] = {}
-        for day in range(day_of(start_ms), day_of(end_ms - 1) + 1):
-            m = month_of(day_start(day))
+        for day in range(china_day(start_ms), china_day(end_ms - 1) + 1):
+            m = month_of(day_start_ms(day))
             covered[m] = covered.get(m, 0) + 1
         good = sorted(m for m, n in covered.items() if n * 5 >= 4 * _days_in_month(m))
         if not good:

@@ -45,8 +45,8 @@ import weakref
 from collections.abc import Sequence
 from typing import Any
 
+from schemas.calendar import DAY_MS, china_day, month_of
 from streams.rules.alerts import alert_id
-from streams.rules.grouped import month_of
 
 from .anomalies import Anomaly, EventPlanter, Planter
 from .simulate import INCOME, INSPECTION, INVENTORY, PENALTY, HookContext, SimEvent
@@ -56,8 +56,6 @@ INSUTYPES = ("310", "390")
 OPENING_KEEP = 0.004  # share of the carried-over balance a capacity-planted subject books
 NEGATIVE_KEEP = 0.4  # share of a month's contributions a negative-planted cell books
 MIN_DROPPED_UNITS = 2 * CNT  # settled-over-sold: dropped quantity (scale 4) before it counts
-DAY_MS = 86_400_000
-CHINA_MS = 8 * 3_600_000
 PLANTED_PNSH_SERIAL = 900_000  # pnsh_id serials of planted penalties (base ones count up from 1)
 
 
@@ -236,7 +234,7 @@ class CreditLowPlanter(_HookPlanter):
             return [event]
         amt = int(ctx.rng.lognormvariate(0.0, 0.8) * 50_000) * 100
         insp = SimEvent(event.record, event.key, {**d, "viol_flag": True, "viol_amt": amt,
-                                                  "enddate": (t + CHINA_MS) // DAY_MS})
+                                                  "enddate": china_day(t)})
         self._serial += 1
         pen = SimEvent(PENALTY, event.key, {
             "event_id": ctx.new_event_id(), "pnsh_id": f"PN{d['admdvs']}{self._serial:06d}", "fixmedins_code": h,

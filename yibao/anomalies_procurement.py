@@ -26,11 +26,11 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence
 
+from schemas.calendar import DAY_MS, HOUR_MS, day_start_ms
+
 from .anomalies import Anomaly, EventPlanter, Planter
 from .simulate import CATALOGUE_INDEX, CONTRACT, DELIVERY, INVENTORY, PAYMENT, EventHook, HookContext, SimEvent
 
-DAY_MS = 86_400_000
-HOUR_MS = 3_600_000
 CNT = 10_000
 PLANTED_MOV_SERIAL = 900_000_000_000  # mov_id serials of planted movements (base ones count up from 1)
 
@@ -125,8 +125,8 @@ class VolumeLagPlanter(_ProcPlanter):
         d = event.datum
         if ctx.rng.random() >= self._rate():
             return [event]
-        begin = int(d["cycle_begn_date"]) * DAY_MS - 8 * HOUR_MS
-        end = (int(d["cycle_end_date"]) + 1) * DAY_MS - 8 * HOUR_MS
+        begin = day_start_ms(int(d["cycle_begn_date"]))
+        end = day_start_ms(int(d["cycle_end_date"]) + 1)
         span_end = ctx.generator.config.end_ms
         if (span_end - begin) * 5 < end - begin:
             return [event]  # the span never reaches 20% of the cycle

@@ -21,18 +21,17 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any
-from zoneinfo import ZoneInfo
 
 import structlog
 import typer
 
+from schemas.calendar import CHINA
 from sinks.base import Backend, literal
 from streams.privacy import PrivacyError, Sealer
 
 from .settings import Settings
 
 log = structlog.get_logger(__name__)
-CHINA = ZoneInfo("Asia/Shanghai")
 
 #: Fields of the input records that identify a person; masked in ``show`` without ``--reveal``.
 PERSONAL_FIELDS = frozenset(

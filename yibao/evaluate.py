@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from schemas import Codec
+from schemas.calendar import CHINA, DAY_MS, month_of
 from streams.rules import RULES_FILE, check_rule, load_knowledge, load_rules_file
-from streams.rules.grouped import CHINA, month_of
 
 from .anomalies import Planting
 from .settings import Settings, load_settings
@@ -40,7 +40,6 @@ from .simulate import AUTO, EVENT_TIME_FIELD, INCOME, PENALTY, SETTLEMENT, SimCo
 UPCODING_KIND = "drg_upcoding"
 SETTLEMENT_NS = "cn.nhsa.yibao.settlement."
 PROCUREMENT_NS = "cn.nhsa.yibao.procurement."
-DAY_MS = 86_400_000
 SUPERVISION_NS = "cn.nhsa.yibao.supervision."
 #: Rules evaluated by the ClickHouse monitors (streams/monitors.py), not in the stream: their
 #: planters know the alert ids they expect (deterministic), and an in-process run lands the traffic

@@ -49,9 +49,9 @@ from decimal import Decimal
 from operator import mul as _mul
 from pathlib import Path
 from typing import Any, Protocol
-from zoneinfo import ZoneInfo
 
 from schemas import Codec
+from schemas.calendar import CHINA, CHINA_OFFSET_MS, DAY_MS, EPOCH_ORDINAL, HOUR_MS, day_start_ms, ymd
 
 NS = "cn.nhsa.yibao"
 SETTLEMENT = f"{NS}.settlement.Settlement"
@@ -85,16 +85,11 @@ EVENT_TIME_FIELD: dict[str, str] = {
     INCOME: "book_time",
 }
 
-CHINA_TZ = ZoneInfo("Asia/Shanghai")
-DEFAULT_START = datetime(2026, 10, 1, tzinfo=CHINA_TZ)
+DEFAULT_START = datetime(2026, 10, 1, tzinfo=CHINA)
 AUTO = -1
 """Sentinel for the size fields of :class:`SimConfig`: scale from ``settlements``."""
 
 _MIN = 60_000
-_HOUR = 3_600_000
-_DAY = 86_400_000
-_TZ_MS = 8 * _HOUR
-_EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
 _CNT = 10_000  # scale 4
 MAX_TRACES = 100  # traceability codes listed per movement (one per unit, capped)
 _D0_GROWTH_CAP = 64  # a stock-out raises the daily demand estimate to at most 64× its start (or one request)
@@ -563,13 +558,8 @@ def _uuid4(bits: int) -> str:
 
 
 def _ymd(day: int) -> str:
-    d = date.fromordinal(_EPOCH_ORDINAL + day)
-    return f"{d.year:04d}{d.month:02d}{d.day:02d}"
-
-
-def _day_start(day: int) -> int:
-    """UTC epoch ms of local (China) midnight of local day ``day``."""
-    return day * _DAY - _TZ_MS
+    y, m, d = ymd(day)
+    return f"{y:04d}{m:02d}{d:02d}"
 
 
 # --- config and events ---------------------------------------------------------------------------
@@ -618,7 +608,7 @@ class SimConfig:
             bad(f"settlements must be >= 1, got {self.settlements}")
         if not isinstance(self.start, datetime) or self.start.tzinfo is None \
                 or self.start.utcoffset() is None:
-            bad("start must be a timezone-aware datetime, e.g. datetime(2026, 10, 1, tzinfo=ZoneInfo('Asia/Shanghai'))")
+            bad("start must be a timezone-aware datetime, e.g. datetime(2026, 10, 1, tzinfo=schemas.calendar.CHINA)")
         if not 1 <= self.days <= 1830:
             bad(f"days must be in 1..1830, got {self.days}")
         n = self.settlements
@@ -667,7 +657,7 @@ class SimConfig:
 
     @property
     def end_ms(self) -> int:
-        return self.start_ms + self.days * _DAY
+        return self.start_ms + self.days * DAY_MS
 
 
 @dataclass(frozen=True, slots=True)
@@ -1074,10 +1064,10 @@ class TrafficGenerator:
         rand = self._rand
         start, end = self._start, self._end
         # daily ticks at local midnight (or at the start)
-        d0 = (start + _TZ_MS) // _DAY
-        d1 = (end - 1 + _TZ_MS) // _DAY
+        d0 = (start + CHINA_OFFSET_MS) // DAY_MS
+        d1 = (end - 1 + CHINA_OFFSET_MS) // DAY_MS
         for d in range(d0, d1 + 1):
-            self._schedule(max(start, _day_start(d)), _K_DAY, d)
+            self._schedule(max(start, day_start_ms(d)), _K_DAY, d)
         weekday = [1.0 if (d + 3) % 7 < 5 else 0.25 for d in range(d0, d1 + 1)]
         self._insp_per_day = cfg.inspection_rate * cfg.settlements / sum(weekday)
         tipw = [1.0 if (d + 3) % 7 < 5 else 0.5 for d in range(d0, d1 + 1)]
@@ -1091,7 +1081,7 @@ class TrafficGenerator:
                 continue
             for it_idx in self._stocked[x.profile]:
                 if CATALOGUE[it_idx].base_pric:
-                    self._schedule(first + int(rand() * 2 * _HOUR), _K_CONTRACT, (x.index, it_idx))
+                    self._schedule(first + int(rand() * 2 * HOUR_MS), _K_CONTRACT, (x.index, it_idx))
         # cross-province filings: persons who live and seek care in another province
         k = 0
         if cfg.filing_rate > 0:
@@ -1100,8 +1090,8 @@ class TrafficGenerator:
         for idx in self._rng.sample(range(cfg.persons), k):
             self._cross_idx.add(idx)
             t = start + int(span * rand() ** 2.2)
-            if (t + _TZ_MS) % _DAY < 7 * _HOUR:
-                t += 7 * _HOUR
+            if (t + CHINA_OFFSET_MS) % DAY_MS < 7 * HOUR_MS:
+                t += 7 * HOUR_MS
             self._schedule(min(t, end - 1), _K_FILING, idx)
 
     def _schedule(self, time: int, kind: int, payload: Any) -> None:
@@ -1157,7 +1147,7 @@ class TrafficGenerator:
         n = self.config.settlements
         start = self._start
         minutes = (self._end - start) // _MIN
-        first = (start + _TZ_MS) // _MIN
+        first = (start + CHINA_OFFSET_MS) // _MIN
         mw = _MINUTE_W
         dayf: dict[int, float] = {}
         total = 0.0
@@ -1204,7 +1194,7 @@ class TrafficGenerator:
     def _identity(self, region: str, age: int, male: bool) -> tuple[str, int, str, str]:
         """(ID number, birth date as epoch days, name, phone) of a plausible person."""
         rand = self._rand
-        start_day = (self._start + _TZ_MS) // _DAY
+        start_day = (self._start + CHINA_OFFSET_MS) // DAY_MS
         brdy = start_day - int(age * 365.2425) - int(rand() * 365)
         cached = self._ymd_cache.get(brdy)
         if cached is None:
@@ -1321,8 +1311,8 @@ class TrafficGenerator:
     # --- settlements --------------------------------------------------------------------------
     def _settle(self, t: int) -> None:
         rand = self._rand
-        day = (t + _TZ_MS) // _DAY
-        hour = (t + _TZ_MS) // _HOUR % 24
+        day = (t + CHINA_OFFSET_MS) // DAY_MS
+        hour = (t + CHINA_OFFSET_MS) // HOUR_MS % 24
         want_cross = bool(self._cross_active) and rand() < self.config.cross_province_rate
         p = (want_cross and self._pick_person(day, True)) or self._pick_local(day)
         night = hour < 7 or hour >= 20
@@ -1482,9 +1472,9 @@ class TrafficGenerator:
         if rand() < self.config.reversal_rate:
             u = rand()
             delay = (5 * _MIN + int(rand() * 115 * _MIN) if u < 0.6 else
-                     _DAY + int(rand() * 2 * _DAY) if u < 0.85 else
-                     3 * _DAY + int(rand() * 11 * _DAY) if u < 0.95 else
-                     14 * _DAY + int(rand() * 31 * _DAY))
+                     DAY_MS + int(rand() * 2 * DAY_MS) if u < 0.85 else
+                     3 * DAY_MS + int(rand() * 11 * DAY_MS) if u < 0.95 else
+                     14 * DAY_MS + int(rand() * 31 * DAY_MS))
             room = self._end - t
             if delay >= room:
                 delay = int(rand() * room)
@@ -1613,7 +1603,7 @@ class TrafficGenerator:
             return False
         if it.interval_days:
             last = p.last_test.get(it_idx) if p.last_test is not None else None
-            if last is not None and t - last < it.interval_days * _DAY:
+            if last is not None and t - last < it.interval_days * DAY_MS:
                 return False
             if p.last_test is None:
                 p.last_test = {}
@@ -1654,7 +1644,7 @@ class TrafficGenerator:
                 if ri in self._in_form[prof]:
                     got = self._drug_line(p, inst, ri, td, dr, lines, acc, sold) or got
             if got:
-                p.next_rx = t + 30 * _DAY
+                p.next_rx = t + 30 * DAY_MS
         if mt == "11":
             acute = self._acute[prof]
             for _ in range(int(rand() * 4)):
@@ -1687,7 +1677,7 @@ class TrafficGenerator:
                 if ri in self._in_form[prof]:
                     got = self._drug_line(p, inst, ri, t0, None, lines, acc, sold) or got
             if got:
-                p.next_rx = t + 30 * _DAY
+                p.next_rx = t + 30 * DAY_MS
         for _ in range(1 + int(rand() * 3)):
             u = rand()
             pool = self._acute[prof] if u < 0.55 else self._tcm[prof] if u < 0.85 else self._selfpay[prof]
@@ -1713,7 +1703,7 @@ class TrafficGenerator:
         prof = opts[bisect.bisect_right(cum, rand() * cum[-1])]
         los = prof.los[0] + int(rand() * (prof.los[1] - prof.los[0] + 1))
         adm_day = day - los
-        if p.last_day >= adm_day or t - p.last_dscg < (los + 31) * _DAY:
+        if p.last_day >= adm_day or t - p.last_dscg < (los + 31) * DAY_MS:
             return None
         lr = p.loc_region
         cr = p.cross
@@ -1730,7 +1720,7 @@ class TrafficGenerator:
         dr = docs[int(rand() * len(docs))]
         u = rand()
         sev = 1 if u < 0.10 else 3 if u < 0.35 else 5
-        adm = _day_start(adm_day) + 8 * _HOUR + int(rand() * 12 * _HOUR)
+        adm = day_start_ms(adm_day) + 8 * HOUR_MS + int(rand() * 12 * HOUR_MS)
         level = inst.level
 
         def svc(key: str, cnt: int, at: int, who: str | None = dr) -> None:
@@ -1765,13 +1755,13 @@ class TrafficGenerator:
         oral = [k for k in prof.oral if _ITEM[k] in form]
         daily_oral = next((k for k in oral if CATALOGUE[_ITEM[k]].days_num == 1), "")
         for k in range(los):
-            ds = _day_start(adm_day + k)
-            base = adm if k == 0 else ds + 8 * _HOUR
-            svc(bed, _CNT, ds + 7 * _HOUR if k else base)
+            ds = day_start_ms(adm_day + k)
+            base = adm if k == 0 else ds + 8 * HOUR_MS
+            svc(bed, _CNT, ds + 7 * HOUR_MS if k else base)
             svc(nursing, _CNT, base + 30 * _MIN)
             svc("inp_consult", _CNT, base + 45 * _MIN)
             treated = False
-            tk = base + 2 * _HOUR + int(rand() * 6 * _HOUR)
+            tk = base + 2 * HOUR_MS + int(rand() * 6 * HOUR_MS)
             if k < inj_days and drug(inj, inj_cnt, tk):
                 svc("iv_drip", _CNT, tk)
                 if inj != "saline" and k % 2 == 0:
@@ -1779,12 +1769,12 @@ class TrafficGenerator:
                 for sup in prof.support:
                     drug(sup, (2 if sup in ("danhong", "ambroxol") else 1) * _CNT, tk)
                 treated = True
-            if prof.nebulize and drug("budesonide", 2 * _CNT, tk + _HOUR):
-                svc("nebulization", 2 * _CNT, tk + _HOUR)
+            if prof.nebulize and drug("budesonide", 2 * _CNT, tk + HOUR_MS):
+                svc("nebulization", 2 * _CNT, tk + HOUR_MS)
                 treated = True
             if k == surg_day:
                 surgeon = docs[int(rand() * len(docs))]
-                ts = ds + 9 * _HOUR
+                ts = ds + 9 * HOUR_MS
                 for op in prof.surgery:
                     svc(op, _CNT, ts, surgeon)
                 if prof.implant:
@@ -1794,15 +1784,15 @@ class TrafficGenerator:
             if prof.monitor and k < 3:
                 hours = 24 if prof.monitor == "ecg_monitor" else 8 + int(rand() * 17)
                 if k == 0:
-                    hours = min(hours, max(1, (ds + _DAY - adm) // _HOUR))
-                svc(prof.monitor, hours * _CNT, base + _HOUR)
+                    hours = min(hours, max(1, (ds + DAY_MS - adm) // HOUR_MS))
+                svc(prof.monitor, hours * _CNT, base + HOUR_MS)
                 treated = True
             if prof.surgery and k > surg_day >= 0 and k % 2 == 0:
                 svc("dressing", _CNT, tk)
                 treated = True
             if k == 3 and los > 5:
-                svc("cbc", _CNT, base + _HOUR)
-                svc("biochem", _CNT, base + _HOUR)
+                svc("cbc", _CNT, base + HOUR_MS)
+                svc("biochem", _CNT, base + HOUR_MS)
                 treated = True
             if not treated and daily_oral:
                 treated = drug(daily_oral, CATALOGUE[_ITEM[daily_oral]].days_den * _CNT, tk)
@@ -1814,7 +1804,7 @@ class TrafficGenerator:
             got = self._drug_line(p, inst, _ITEM[key], td, dr, lines, acc, sold, 14)
             chronic = chronic or (got and CATALOGUE[_ITEM[key]].chronic)
         if chronic:
-            p.next_rx = t + 30 * _DAY
+            p.next_rx = t + 30 * DAY_MS
         return prof, inst_idx, adm_day, sev, dr
 
     def _trace(self, it_idx: int) -> str:
@@ -1918,7 +1908,7 @@ class TrafficGenerator:
         cr = p.cross
         assert cr is not None
         rand = self._rand
-        day = (t + _TZ_MS) // _DAY
+        day = (t + CHINA_OFFSET_MS) // DAY_MS
         treat = self.regions[cr.treat_region]
         long_term = cr.dcla_type in ("RETIRED_RESETTLED", "LONG_TERM_RESIDENCE", "POSTED_WORK")
         if long_term:
@@ -1949,20 +1939,20 @@ class TrafficGenerator:
 
     def _business(self, t: int) -> int:
         """``t`` moved into working hours (08:30-17:30 China time), same day or the next."""
-        loc = t + _TZ_MS
-        day, mod = divmod(loc, _DAY)
-        if mod < 8 * _HOUR + 30 * _MIN:
-            mod = 8 * _HOUR + 30 * _MIN + int(self._rand() * 2 * _HOUR)
-        elif mod > 17 * _HOUR + 30 * _MIN:
+        loc = t + CHINA_OFFSET_MS
+        day, mod = divmod(loc, DAY_MS)
+        if mod < 8 * HOUR_MS + 30 * _MIN:
+            mod = 8 * HOUR_MS + 30 * _MIN + int(self._rand() * 2 * HOUR_MS)
+        elif mod > 17 * HOUR_MS + 30 * _MIN:
             day += 1
-            mod = 8 * _HOUR + 30 * _MIN + int(self._rand() * 3 * _HOUR)
-        return max(t, day * _DAY + mod - _TZ_MS)
+            mod = 8 * HOUR_MS + 30 * _MIN + int(self._rand() * 3 * HOUR_MS)
+        return max(t, day * DAY_MS + mod - CHINA_OFFSET_MS)
 
     def _h_contract(self, t: int, payload: tuple[int, int]) -> None:
         inst_idx, it_idx = payload
         inst = self.institutions[inst_idx]
         it = CATALOGUE[it_idx]
-        start_day = (self._start + _TZ_MS) // _DAY
+        start_day = (self._start + CHINA_OFFSET_MS) // DAY_MS
         demand = self._stock[inst_idx][it_idx].d0 * 365
         pack = it.pack * _CNT
         volume = max(pack, demand * it.vbp_ratio_pm // 1000 // pack * pack)
@@ -1986,14 +1976,14 @@ class TrafficGenerator:
 
     def _reorder(self, inst: Institution, it_idx: int, st: _Stock) -> None:
         t = self._now
-        elapsed = max(t - self._start, _DAY)
-        d = max(st.d0, st.used * _DAY // elapsed)
+        elapsed = max(t - self._start, DAY_MS)
+        d = max(st.d0, st.used * DAY_MS // elapsed)
         st.rop = d * 7
         pack = CATALOGUE[it_idx].pack * _CNT
         want = st.rop + int(d * self.config.order_cover_days) - st.level - st.on_order
         qty = max(pack, -(-want // pack) * pack)
         st.on_order += qty
-        when = self._business(t + 5 * _MIN + int(self._rand() * 3 * _HOUR))
+        when = self._business(t + 5 * _MIN + int(self._rand() * 3 * HOUR_MS))
         self._schedule(when, _K_ORDER, (inst.index, it_idx, qty))
 
     def _h_order(self, t: int, payload: tuple[int, int, int]) -> None:
@@ -2022,10 +2012,10 @@ class TrafficGenerator:
         first = qty
         if qty >= 2 * pack and rand() < 0.1:
             first = qty * 6 // 10 // pack * pack
-        when = self._business(t + _DAY + int(rand() * 4 * _DAY))
+        when = self._business(t + DAY_MS + int(rand() * 4 * DAY_MS))
         self._schedule(when, _K_DELIVERY, (inst_idx, it_idx, ord_id, splr, first, pric))
         if first < qty:
-            self._schedule(self._business(when + _DAY + int(rand() * 2 * _DAY)), _K_DELIVERY,
+            self._schedule(self._business(when + DAY_MS + int(rand() * 2 * DAY_MS)), _K_DELIVERY,
                            (inst_idx, it_idx, ord_id, splr, qty - first, pric))
 
     def _h_delivery(self, t: int, payload: tuple[int, int, str, str, int, int]) -> None:
@@ -2055,10 +2045,10 @@ class TrafficGenerator:
         late = self.config.late_payment_rate  # the same draws whatever the rate: only payment times move
         days = (1 + int(rand() * 7) if u < 0.4 else 8 + int(rand() * 22) if u < 1 - late
                 else 31 + int(rand() * 30) if u < 1 - late / 5 else 61 + int(rand() * 60))
-        self._schedule(self._business(t + days * _DAY), _K_PAYMENT, (inst_idx, dlv_id, splr, amt))
+        self._schedule(self._business(t + days * DAY_MS), _K_PAYMENT, (inst_idx, dlv_id, splr, amt))
         if rand() < 0.01:
             back = max(_CNT, cnt // 10 // _CNT * _CNT)
-            self._schedule(self._business(t + _DAY + int(rand() * 6 * _DAY)), _K_RETURN,
+            self._schedule(self._business(t + DAY_MS + int(rand() * 6 * DAY_MS)), _K_RETURN,
                            (inst_idx, it_idx, back, pric))
 
     def _h_payment(self, t: int, payload: tuple[int, str, str, int]) -> None:
@@ -2097,13 +2087,13 @@ class TrafficGenerator:
         """Schedule one local day's fund bookings, inspections, tips and stocktakes."""
         rand = self._rand
         cfg = self.config
-        ds = _day_start(day)
+        ds = day_start_ms(day)
         weekday = (day + 3) % 7 < 5
 
         def at(lo_h: float, span_h: float) -> int:
-            return max(t, ds + int((lo_h + rand() * span_h) * _HOUR))
+            return max(t, ds + int((lo_h + rand() * span_h) * HOUR_MS))
 
-        d = date.fromordinal(_EPOCH_ORDINAL + day)
+        d = date.fromordinal(EPOCH_ORDINAL + day)
         # contributions are booked in the afternoon of weekdays, and late on a month's last day
         # whatever day it is, so that a month's spending is matched within the month (a small pool's
         # large evening settlements otherwise carried into the next and a clean month showed a deficit)
@@ -2155,7 +2145,7 @@ class TrafficGenerator:
         rand = self._rand
         cfg = self.config
         if j < 0:  # quarterly interest on a balance of about nine months of spending
-            elapsed = max(1.0, (t - self._start) / _DAY)
+            elapsed = max(1.0, (t - self._start) / DAY_MS)
             for ins, insutype in ((0, "310"), (1, "390")):
                 daily = self._spent[pool][ins] / elapsed
                 self._income(pool, insutype, "INTEREST", int(daily * 270 * 0.015 / 4), t)
@@ -2191,7 +2181,7 @@ class TrafficGenerator:
         inst_idx, kind, tipped = payload
         rand = self._rand
         inst = self.institutions[inst_idx]
-        day = (t + _TZ_MS) // _DAY
+        day = (t + CHINA_OFFSET_MS) // DAY_MS
         viol = rand() < (0.6 if tipped else _INSP_VIOL[kind])
         amt = 0
         if viol:
@@ -2213,10 +2203,10 @@ class TrafficGenerator:
         })
         if viol:
             if rand() < 0.7:
-                self._schedule(self._business(t + (3 + int(rand() * 27)) * _DAY), _K_PENALTY,
+                self._schedule(self._business(t + (3 + int(rand() * 27)) * DAY_MS), _K_PENALTY,
                                (inst_idx, insp_id, amt))
             elif rand() < 0.6:
-                self._schedule(self._business(t + (5 + int(rand() * 25)) * _DAY), _K_RECOVERY,
+                self._schedule(self._business(t + (5 + int(rand() * 25)) * DAY_MS), _K_RECOVERY,
                                (inst_idx, insp_id, None, amt))
 
     def _h_penalty(self, t: int, payload: tuple[int, str, int]) -> None:
@@ -2242,11 +2232,11 @@ class TrafficGenerator:
             "insp_id": insp_id,
             "pnsh_time": t,
         })
-        when = self._business(t + (5 + int(rand() * 15)) * _DAY)
+        when = self._business(t + (5 + int(rand() * 15)) * DAY_MS)
         if rand() < 0.3 and viol_amt >= 200:
             half = viol_amt // 2
             self._schedule(when, _K_RECOVERY, (inst_idx, insp_id, pnsh_id, half))
-            self._schedule(self._business(when + (20 + int(rand() * 20)) * _DAY), _K_RECOVERY,
+            self._schedule(self._business(when + (20 + int(rand() * 20)) * DAY_MS), _K_RECOVERY,
                            (inst_idx, insp_id, pnsh_id, viol_amt - half))
         else:
             self._schedule(when, _K_RECOVERY, (inst_idx, insp_id, pnsh_id, viol_amt))
@@ -2298,7 +2288,7 @@ class TrafficGenerator:
             "recv_time": t,
         })
         if inst is not None and rand() < 0.35:
-            self._schedule(self._business(t + (2 + int(rand() * 8)) * _DAY), _K_INSPECTION,
+            self._schedule(self._business(t + (2 + int(rand() * 8)) * DAY_MS), _K_INSPECTION,
                            (inst.index, "SPECIAL", True))
 
 

@@ -16,17 +16,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from schemas.calendar import DAY_MS, HOUR_MS, china_day, day_start_ms
+
 from .knowledge import OTHER, Knowledge
 from .model import Rule, RuleError
 
-DAY_MS = 86_400_000
-HOUR_MS = 3_600_000
-CHINA_MS = 8 * HOUR_MS
 INPATIENT = frozenset({"21", "22", "52"})  # inpatient, and maternity stays (生育住院)
-
-
-def china_day(ms: int) -> int:
-    return (ms + CHINA_MS) // DAY_MS
 
 
 @dataclass(frozen=True)
@@ -100,7 +95,7 @@ def gather(s: dict[str, Any], age: int, k: Knowledge, dup_codes: frozenset[str],
         code = ln["hilist_code"]
         fee = ln["det_item_fee_sumamt"]
         t = ln["fee_ocur_time"]
-        day = (t + CHINA_MS) // DAY_MS
+        day = china_day(t)
         info = info_of(code, other)
         if inp:  # per-day categories and test fees: only stay rules use them
             cat = info.category
@@ -218,7 +213,7 @@ def over_frequency(rule: Rule, f: Facts, k: Knowledge) -> list[Finding]:
             out.append(_one(rule, f, f"{f.mdtrt_id}|{code}|{day}", excess, {
                 "item": code, "day": str(day), "quantity": f"{cnt / 10**4:g}",
                 "limit_per_day": str(k.frequency_limits[code]),
-            }, start=day * DAY_MS - CHINA_MS, end=(day + 1) * DAY_MS - CHINA_MS - 1))
+            }, start=day_start_ms(day), end=day_start_ms(day + 1) - 1))
     return out
 
 
@@ -230,7 +225,7 @@ def low_threshold(rule: Rule, f: Facts, k: Knowledge) -> list[Finding]:
     if los <= int(rule.param("max_los_days")) and share_pm >= int(rule.param("min_test_share_pm")):
         return [_one(rule, f, f.setl_id, f.medfee, {
             "los_days": str(los), "test_share": f"{share_pm / 10:.1f}%", "operations": "0",
-        }, start=f.adm * DAY_MS - CHINA_MS, end=f.t)]
+        }, start=day_start_ms(f.adm), end=f.t)]
     return []
 
 
@@ -259,12 +254,12 @@ def bed_hanging(rule: Rule, f: Facts, k: Knowledge) -> list[Finding]:
         return [_one(rule, f, f.setl_id, idle_fee, {
             "idle_days": str(best), "last_idle_day": str(best_end),
             "categories": ",".join(sorted(only)),
-        }, start=(f.adm or f.day) * DAY_MS - CHINA_MS, end=f.t)]
+        }, start=day_start_ms(f.adm or f.day), end=f.t)]
     return []
 
 
 def _day_window(day: int) -> tuple[int, int]:
-    return day * DAY_MS - CHINA_MS, (day + 1) * DAY_MS - CHINA_MS - 1
+    return day_start_ms(day), day_start_ms(day + 1) - 1
 
 
 def _in_scope(scope: str, sec_e: dict[str, Any], sec_t: int, prim_e: dict[str, Any], prim_t: int) -> bool:
@@ -413,7 +408,7 @@ def split_stay(rule: Rule, cur: dict[str, Any], tl: list[dict[str, Any]], k: Kno
             continue
         days = second["a"] - first["d"]
         if 0 <= days <= gap:
-            out.append(Finding(rule, f"{second['s']}", cur["h"], first["a"] * DAY_MS - CHINA_MS, second["t"],
+            out.append(Finding(rule, f"{second['s']}", cur["h"], day_start_ms(first["a"]), second["t"],
                                tuple(sorted({first["s"], second["s"]})), tuple(sorted({first["m"], second["m"]})),
                                second["amt"], {
                                    "days_after_discharge": str(days), "max_gap_days": str(gap),

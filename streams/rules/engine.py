@@ -20,6 +20,8 @@ from typing import Any
 
 import orjson
 
+from schemas.calendar import DAY_MS
+
 from ..privacy import Pseudonymizer
 from ..settlement import age_at
 from .alerts import alert_datum, alert_id, fired_datum, next_generation, remember, retract
@@ -28,7 +30,6 @@ from .knowledge import Knowledge
 from .rulebook import RuleBook
 from .state import Store
 
-DAY_MS = 86_400_000
 SETTLEMENT = "Settlement"
 REVERSAL = "SettlementReversal"
 

@@ -11,7 +11,6 @@ applying them idempotent, and ``o`` guards redelivery of this stream itself (see
 
 from __future__ import annotations
 
-import datetime as dt
 import math
 import statistics
 from bisect import bisect_left, insort
@@ -21,31 +20,15 @@ from typing import Any
 
 import orjson
 
+from schemas.calendar import month_bounds, month_of, prev_month
+
 from .alerts import alert_datum, alert_id, fired_datum, next_generation, remember, retract
 from .detectors import Finding
 from .rulebook import RuleBook
 from .state import Store
 
-CHINA = dt.timezone(dt.timedelta(hours=8))
 HIGH_SEVERITY = frozenset({"1", "3"})  # CHS-DRG: 1 with MCC, 3 with CC, 5 without, 9 not split
 SAMPLE = 600
-
-
-def month_of(ms: int) -> int:
-    d = dt.datetime.fromtimestamp(ms / 1000, CHINA)
-    return d.year * 100 + d.month
-
-
-def month_bounds(m: int) -> tuple[int, int]:
-    y, mo = divmod(m, 100)
-    start = dt.datetime(y, mo, 1, tzinfo=CHINA)
-    end = dt.datetime(y + (mo == 12), mo % 12 + 1, 1, tzinfo=CHINA)
-    return int(start.timestamp() * 1000), int(end.timestamp() * 1000) - 1
-
-
-def prev_month(m: int) -> int:
-    y, mo = divmod(m, 100)
-    return (y - 1) * 100 + 12 if mo == 1 else y * 100 + mo - 1
 
 
 @dataclass

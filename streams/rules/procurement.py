@@ -38,9 +38,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from schemas.calendar import CHINA, DAY_MS, china_day, day_start_ms, month_bounds, month_of
+
 from .alerts import alert_datum
-from .detectors import CHINA_MS, DAY_MS, Finding
-from .grouped import CHINA, month_bounds, month_of
+from .detectors import Finding
 from .model import Rule
 from .rulebook import RuleBook
 from .state import Store
@@ -79,15 +80,6 @@ class ProcOutput:
     emits: list[tuple[str, bytes, bytes]] = field(default_factory=list)  # none: kept for the processor
     capped: int = 0  # none: per-key state here is bounded by retention
     skipped: int = 0
-
-
-def china_day(ms: int) -> int:
-    return (ms + CHINA_MS) // DAY_MS
-
-
-def _date_ms(epoch_day: int) -> int:
-    """China midnight starting an Avro date (days since 1970-01-01, a calendar date)."""
-    return epoch_day * DAY_MS - CHINA_MS
 
 
 class ProcurementEngine:
@@ -272,7 +264,7 @@ class ProcurementEngine:
         if dups:
             first_day = min(x[1] for x in dups)
             per_unit = int(d["pric"])
-            self._alert(rule, d["mov_id"], inst, st, _date_ms(first_day), t,
+            self._alert(rule, d["mov_id"], inst, st, day_start_ms(first_day), t,
                         [d["setl_id"]] if d.get("setl_id") else [], len(dups) * CNT * per_unit // PRICE_TO_FEN, {
                             "ref": d["mov_id"], "med_list_codg": d["med_list_codg"],
                             "codes": ",".join(sorted({c for c, _ in dups})[:10]), "duplicates": str(len(dups)),
@@ -294,8 +286,8 @@ class ProcurementEngine:
     @staticmethod
     def _contract(d: dict[str, Any], st: dict[str, Any]) -> None:
         old = st["c"].get(d["cntr_id"])
-        st["c"][d["cntr_id"]] = [d["med_list_codg"], int(d["agreed_volume"]), _date_ms(int(d["cycle_begn_date"])),
-                                 _date_ms(int(d["cycle_end_date"]) + 1), old[4] if old else 0, old[5] if old else 0,
+        st["c"][d["cntr_id"]] = [d["med_list_codg"], int(d["agreed_volume"]), day_start_ms(int(d["cycle_begn_date"])),
+                                 day_start_ms(int(d["cycle_end_date"]) + 1), old[4] if old else 0, old[5] if old else 0,
                                  int(d["win_pric"])]
 
     @staticmethod

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from schemas.calendar import china_day
 from streams.rules.alerts import alert_id
-from streams.rules.detectors import china_day
 
 from .builders import (
     ALT,

@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
+from schemas.calendar import china_day
 from streams.rules.alerts import alert_id
-from streams.rules.detectors import china_day
 
 from .builders import (
     AMLODIPINE,
