@@ -34,7 +34,6 @@ if str(ROOT) not in sys.path:
 
 with atheris.instrument_imports(include=["streams", "schemas", "sinks"]):
     from schemas import SUBJECT_RECORDS, Codec
-    from streams.app import MODULES, build_rulebook
     from streams.ingest import (
         ALERT_RECORD,
         DEADLETTER_RECORD,
@@ -51,6 +50,7 @@ with atheris.instrument_imports(include=["streams", "schemas", "sinks"]):
     from streams.rules.grouped import GroupedEngine
     from streams.rules.procurement import ProcurementEngine
     from streams.rules.state import CHUNK_BYTES, Store
+    from streams.topology import MODULES, build_rulebook
     from streams.validation import Limits
     from yibao.settings import load_settings
     from yibao.simulate import SimConfig, TrafficGenerator
@@ -70,13 +70,13 @@ class Rig:
         self.limits = Limits(now_ms=config.end_ms + 86_400_000, max_future_skew_ms=300_000,
                              min_event_ms=int(dt.datetime(2018, 1, 1, tzinfo=CN).timestamp() * 1000))
         pseudo, sealer = Pseudonymizer(KEY, "f1"), Sealer(KEY, "f1")
-        book = build_rulebook(settings)
+        book = build_rulebook(settings.rules_file)
         self.engines: dict[str, SettlementEngine | ProcurementEngine] = {
             "settlement": SettlementEngine(book, load_knowledge(), pseudo, Store("person", "c.person")),
             "procurement": ProcurementEngine(book, Store("procurement", "c.procurement")),
         }
         self.processors = {
-            name: BatchProcessor(MODULES[name].build(settings, self.lim), self.codec, pseudo, sealer,
+            name: BatchProcessor(MODULES[name].build(settings.validation(), self.lim), self.codec, pseudo, sealer,
                                  f"yibao.{name}", self.lim, engine=self.engines.get(name))
             for name in STREAMS
         }

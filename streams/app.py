@@ -23,75 +23,27 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from schemas import Codec
-from sinks import open_backend
+from sinks import connect
 from sinks.base import Backend
-from yibao.settings import STREAMS, ClickHouseBackend, Settings
 
-from . import metrics, procurement, settlement, supervision
-from .base import Subsystem
+from . import metrics
+from .config import KafkaConfig, WorkerConfig
 from .ingest import BatchProcessor, GroupedProcessor, Ingestor
 from .privacy import Pseudonymizer, Sealer, load_key
-from .rules import RULES_FILE, RuleBook, check_rule, load_knowledge, load_rules_file
-from .rules.engine import SettlementEngine
-from .rules.grouped import GroupedEngine
-from .rules.procurement import ProcurementEngine
+from .rules import RuleBook
 from .rules.rulebook import follow_rules_topic
-from .rules.state import Store
-from .topics import RULES_TOPIC, ensure_topics
-from .validation import Limits
+from .topics import RULES_TOPIC, STREAMS, ensure_topics
+from .topology import build_pipeline
 
 log = structlog.get_logger(__name__)
-
-MODULES = {"settlement": settlement, "procurement": procurement, "supervision": supervision}
-
-
-class LimitsClock:
-    """Validation limits that follow the wall clock, recomputed at most once a second."""
-
-    def __init__(self, settings: Settings) -> None:
-        self._settings = settings
-        self._at = 0.0
-        self._limits = self._compute()
-
-    def _compute(self) -> Limits:
-        return Limits.from_settings(self._settings.max_future_skew_s, self._settings.min_event_year)
-
-    def __call__(self) -> Limits:
-        now = time.monotonic()
-        if now - self._at > 1.0:
-            self._limits = self._compute()
-            self._at = now
-        return self._limits
-
-
-def build_subsystems(settings: Settings) -> dict[str, Subsystem]:
-    clock = LimitsClock(settings)
-    return {name: MODULES[name].build(settings, clock) for name in STREAMS}
-
-
-def make_backend(settings: Settings) -> Backend:
-    if settings.ch_backend is ClickHouseBackend.EMBEDDED:
-        return open_backend("embedded", path=settings.chdb_path, database=settings.ch_database)
-    return open_backend(
-        "server",
-        host=settings.ch_host,
-        port=settings.ch_port,
-        database=settings.ch_database,
-        user=settings.ch_user,
-        password=settings.ch_password.get_secret_value(),
-        secure=settings.ch_secure,
-        verify=settings.ch_verify,
-        ca_certs=str(settings.ch_ca_certs) if settings.ch_ca_certs else None,
-        cluster=settings.ch_cluster,
-    )
 
 
 class IngestService(mode.Service):
     """Starts an ingestor per subsystem; on stop, lets each flush and commit within the deadline."""
 
-    def __init__(self, settings: Settings, streams: tuple[str, ...] = STREAMS,
+    def __init__(self, config: WorkerConfig, streams: tuple[str, ...] = STREAMS,
                  backend: Backend | None = None, **kw: Any) -> None:
-        self.settings = settings
+        self.config = config
         self._given_backend = backend
         self.ingest_crashed = False
         self.streams = streams
@@ -105,27 +57,24 @@ class IngestService(mode.Service):
         super().__init__(**kw)
 
     async def on_start(self) -> None:
-        s = self.settings
-        await ensure_topics(s)
+        c = self.config
+        kafka = c.kafka
+        await ensure_topics(kafka)
         codec = Codec()
-        key = load_key(
-            s.pseudo_key.get_secret_value() if s.pseudo_key else None, s.pseudo_key_file, s.data_dir,
-            create=True,
-        )
-        pseudo = Pseudonymizer(key, s.pseudo_key_id)
-        sealer = Sealer(key, s.pseudo_key_id)
-        subsystems = build_subsystems(s)
-        self._dl_producer = AIOKafkaProducer(**s.kafka_client_kwargs(), linger_ms=20, acks="all")
+        key = load_key(c.privacy.key, c.privacy.key_file, c.data_dir, create=True)
+        pseudo = Pseudonymizer(key, c.privacy.key_id)
+        sealer = Sealer(key, c.privacy.key_id)
+        self._dl_producer = AIOKafkaProducer(**kafka.client_kwargs(), linger_ms=20, acks="all")
         await self._dl_producer.start()
         shared: Backend | None = self._given_backend
 
         def backend_for() -> Backend:
             nonlocal shared
-            if shared is not None or s.ch_backend is ClickHouseBackend.EMBEDDED:
-                shared = shared or make_backend(s)
+            if shared is not None or c.clickhouse.backend == "embedded":
+                shared = shared or connect(c.clickhouse)
                 backend = shared
             else:
-                backend = make_backend(s)
+                backend = connect(c.clickhouse)
             if backend not in self._ingest_backends and backend is not self._given_backend:
                 self._ingest_backends.append(backend)
             return backend
@@ -133,55 +82,44 @@ class IngestService(mode.Service):
         def consumer_factory_for(group: str) -> Callable[[], AIOKafkaConsumer]:
             def factory() -> AIOKafkaConsumer:
                 return AIOKafkaConsumer(
-                    **s.kafka_client_kwargs(),
+                    **kafka.client_kwargs(),
                     group_id=group,
                     enable_auto_commit=False,
                     auto_offset_reset="earliest",
-                    session_timeout_ms=s.session_timeout_ms,
-                    heartbeat_interval_ms=max(1000, s.session_timeout_ms // 4),
-                    max_poll_interval_ms=max(300_000, int(s.sink_retry_max_seconds * 4000)),
+                    session_timeout_ms=kafka.session_timeout_ms,
+                    heartbeat_interval_ms=max(1000, kafka.session_timeout_ms // 4),
+                    max_poll_interval_ms=max(300_000, int(c.sink_retry_max_seconds * 4000)),
                     max_partition_fetch_bytes=4 * 1024 * 1024,
                     fetch_max_bytes=32 * 1024 * 1024,
                 )
             return factory
 
-        def ingestor(name: str, processor: BatchProcessor | GroupedProcessor, group: str) -> Ingestor:
+        def ingestor(name: str, processor: BatchProcessor | GroupedProcessor) -> Ingestor:
             return Ingestor(
-                processor, backend_for(), self._dl_producer, consumer_factory_for(group), s.topic("deadletter"),
-                batch_max_events=s.batch_max_events,
-                batch_max_seconds=s.batch_max_seconds,
-                retry_max_seconds=s.sink_retry_max_seconds,
+                processor, backend_for(), self._dl_producer, consumer_factory_for(f"{kafka.consumer_group}.{name}"),
+                kafka.topic("deadletter"),
+                batch_max_events=c.batch_max_events,
+                batch_max_seconds=c.batch_max_seconds,
+                retry_max_seconds=c.sink_retry_max_seconds,
                 executor=ThreadPoolExecutor(1, thread_name_prefix=f"sink-{name}"),
-                topic_of=s.topic,
-                restore_kwargs=s.kafka_client_kwargs(),
+                topic_of=kafka.topic,
+                restore_kwargs=kafka.client_kwargs(),
             )
 
-        self.rulebook = build_rulebook(s) if s.rules_enabled else None
-        engines: dict[str, SettlementEngine | ProcurementEngine] = {}
-        if self.rulebook is not None:
-            knowledge = load_knowledge()
-            engines["settlement"] = SettlementEngine(
-                self.rulebook, knowledge, pseudo, Store("person", s.topic("changelog.person")),
-                s.allowed_lateness_days)
-            engines["procurement"] = ProcurementEngine(
-                self.rulebook, Store("procurement", s.topic("changelog.procurement")))
-        for name in self.streams:
-            processor = BatchProcessor(subsystems[name], codec, pseudo, sealer, s.topic(name), build_limits(s),
-                                       engine=engines.get(name))
-            self.ingestors[name] = ingestor(name, processor, f"{s.consumer_group}.{name}")
-        if self.rulebook is not None and "settlement" in self.streams:
-            for by in ("hospital", "drg"):
-                grouped = GroupedEngine(self.rulebook, Store(by, s.topic(f"changelog.{by}")), by)
-                proc = GroupedProcessor(grouped, s.topic(f"internal.stays-by-{by}"), codec, pseudo, sealer)
-                self.ingestors[f"rules-{by}"] = ingestor(f"rules-{by}", proc, f"{s.consumer_group}.rules-{by}")
+        pipeline = build_pipeline(validation=c.validation, rules=c.rules, topic=kafka.topic, codec=codec,
+                                  pseudonymizer=pseudo, sealer=sealer, streams=self.streams)
+        self.rulebook = pipeline.rulebook
+        for stage in pipeline.stages.values():
+            self.ingestors[stage.name] = ingestor(stage.name, stage.processor)
+        if self.rulebook is not None and pipeline.routes:
             self._ingest_tasks.append(asyncio.create_task(
-                follow_rules_topic(self.rulebook, s.topic(RULES_TOPIC), s.kafka_client_kwargs(), self._stop_ingest)))
+                follow_rules_topic(self.rulebook, kafka.topic(RULES_TOPIC), kafka.client_kwargs(), self._stop_ingest)))
         tune_gc()
         for ing in self.ingestors.values():
             self._ingest_tasks.append(asyncio.create_task(self._run(ing)))
-        if self.rulebook is not None and s.monitor_interval_s > 0:
+        if self.rulebook is not None and c.rules.monitor_interval_s > 0:
             self._ingest_tasks.append(asyncio.create_task(self._monitor_loop(backend_for())))
-        log.info("worker started", streams=list(self.streams), backend=s.ch_backend.value)
+        log.info("worker started", streams=list(self.streams), backend=c.clickhouse.backend)
 
     async def _run(self, ing: Ingestor) -> None:
         try:
@@ -209,11 +147,11 @@ class IngestService(mode.Service):
         loop = asyncio.get_running_loop()
         executor = ThreadPoolExecutor(1, thread_name_prefix="monitors")
         codec = Codec()
-        topic = self.settings.topic("alerts")
+        topic = self.config.kafka.topic("alerts")
         try:
             while not self._stop_ingest.is_set():
                 try:
-                    await asyncio.wait_for(self._stop_ingest.wait(), self.settings.monitor_interval_s)
+                    await asyncio.wait_for(self._stop_ingest.wait(), self.config.rules.monitor_interval_s)
                     return
                 except TimeoutError:
                     pass
@@ -238,7 +176,7 @@ class IngestService(mode.Service):
     async def on_stop(self) -> None:
         self._stop_ingest.set()
         if self._ingest_tasks:
-            _, pending = await asyncio.wait(self._ingest_tasks, timeout=self.settings.shutdown_deadline_s)
+            _, pending = await asyncio.wait(self._ingest_tasks, timeout=self.config.shutdown_deadline_s)
             for t in pending:
                 t.cancel()
             if pending:
@@ -276,34 +214,26 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 20, 20)
 
 
-def build_rulebook(settings: Settings) -> RuleBook:
-    """The seed rule base (file), to which the rules topic then applies updates."""
-    return RuleBook(load_rules_file(settings.rules_file or RULES_FILE, check_rule), check_rule)
-
-
-def build_limits(settings: Settings) -> LimitsClock:
-    return LimitsClock(settings)
-
-
-def create_app(settings: Settings, streams: tuple[str, ...] = STREAMS,
+def create_app(config: WorkerConfig, streams: tuple[str, ...] = STREAMS,
                backend: Backend | None = None) -> tuple[faust.App, IngestService]:
     """A Faust app hosting the ingest service, with /metrics, /healthz and /readyz pages."""
-    (settings.data_dir / "faust").mkdir(parents=True, exist_ok=True)
+    kafka = config.kafka
+    (config.data_dir / "faust").mkdir(parents=True, exist_ok=True)
     app = faust.App(
-        f"{settings.consumer_group}-worker",  # one Faust group per deployment, not one per broker
-        broker=";".join(f"kafka://{b.strip()}" for b in settings.kafka_bootstrap.split(",")),
-        broker_credentials=_faust_credentials(settings),
-        broker_session_timeout=settings.session_timeout_ms / 1000,
-        web_port=settings.web_port or 6066,
+        f"{kafka.consumer_group}-worker",  # one Faust group per deployment, not one per broker
+        broker=";".join(f"kafka://{b.strip()}" for b in str(kafka.client["bootstrap_servers"]).split(",")),
+        broker_credentials=_faust_credentials(kafka),
+        broker_session_timeout=kafka.session_timeout_ms / 1000,
+        web_port=config.web_port or 6066,
         web_bind="0.0.0.0",
-        web_enabled=settings.web_port != 0,
+        web_enabled=config.web_port != 0,
         autodiscover=False,
         store="memory://",
-        topic_partitions=settings.topic_partitions,
-        datadir=str(settings.data_dir / "faust"),
+        topic_partitions=kafka.partitions,
+        datadir=str(config.data_dir / "faust"),
         producer_acks=-1,
     )
-    service = IngestService(settings, streams, backend)
+    service = IngestService(config, streams, backend)
     app.service(service)  # type: ignore[arg-type]
 
     @app.page("/metrics")
@@ -332,9 +262,9 @@ def create_app(settings: Settings, streams: tuple[str, ...] = STREAMS,
     return app, service
 
 
-def _faust_credentials(settings: Settings) -> Any:
-    kw = settings.kafka_client_kwargs()
-    proto = settings.kafka_security_protocol.value
+def _faust_credentials(kafka: KafkaConfig) -> Any:
+    kw = kafka.client
+    proto = str(kw.get("security_protocol", "PLAINTEXT"))
     if proto.startswith("SASL"):
         return faust.SASLCredentials(
             username=kw["sasl_plain_username"],

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from yibao.settings import Settings
-
 from .base import RecordSpec, Subsystem, TableMapping
 from .checks_common import amount_matches, money, not_blank, quantity, when
+from .config import ValidationConfig
 from .validation import Code, DateOrder, EachString, Limits, Region
 
 NS = "cn.nhsa.yibao.procurement"
 
 
-def build(settings: Settings, limits: Callable[[], Limits]) -> Subsystem:
+def build(validation: ValidationConfig, limits: Callable[[], Limits]) -> Subsystem:
     def inst() -> tuple[Code, Region]:
         return Code("fixmedins_code", "institution"), Region("admdvs")
 

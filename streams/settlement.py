@@ -13,7 +13,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from schemas.calendar import DAY_MS, china_day, ymd
-from yibao.settings import Settings
 
 from .base import (
     RecordSpec,
@@ -27,6 +26,7 @@ from .base import (
     token_of,
 )
 from .checks_common import amount_matches, money, not_blank, quantity, when
+from .config import ValidationConfig
 from .validation import (
     AtMost,
     BirthDate,
@@ -65,9 +65,9 @@ def _line_count(ds: Sequence[dict[str, Any]], ctx: RowContext) -> list[Any]:
     return [len(d["fee_details"]) for d in ds]
 
 
-def build(settings: Settings, limits: Callable[[], Limits]) -> Subsystem:
-    insutypes = frozenset(settings.known_insutypes)
-    med_types = frozenset(settings.known_med_types)
+def build(validation: ValidationConfig, limits: Callable[[], Limits]) -> Subsystem:
+    insutypes = validation.known_insutypes
+    med_types = validation.known_med_types
     line_checks = (
         not_blank("feedetl_sn"),
         Code("hilist_code", "list_item"),

@@ -10,10 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from yibao.settings import Settings
-
 from .base import RecordSpec, RowContext, Subsystem, TableMapping
 from .checks_common import money, not_blank, quantity, when
+from .config import ValidationConfig
 from .validation import Code, DateOrder, Limits, OneOf, Region
 
 NS = "cn.nhsa.yibao.supervision"
@@ -25,8 +24,8 @@ def _reporter_token(ds: Sequence[dict[str, Any]], ctx: RowContext) -> list[Any]:
     return [tok(d.get("rptr_cert_no") or d.get("rptr_tel") or d.get("rptr_name"), "rptr") for d in ds]
 
 
-def build(settings: Settings, limits: Callable[[], Limits]) -> Subsystem:
-    insutypes = frozenset(settings.known_insutypes)
+def build(validation: ValidationConfig, limits: Callable[[], Limits]) -> Subsystem:
+    insutypes = validation.known_insutypes
 
     def inst() -> tuple[Code, Region]:
         return Code("fixmedins_code", "institution"), Region("admdvs")

@@ -20,38 +20,40 @@ import asyncio
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
-from yibao.settings import STREAMS, Settings
+from .config import KafkaConfig
 
+#: The three subsystem topics the worker ingests.
+STREAMS = ("settlement", "procurement", "supervision")
 PIPELINE_TOPICS = ("deadletter", "alerts", "internal.stays-by-hospital", "internal.stays-by-drg")
 #: compacted: state changelogs (one partition per source partition) and the rule base
 COMPACTED_TOPICS = ("changelog.person", "changelog.hospital", "changelog.drg", "changelog.procurement")
 RULES_TOPIC = "rules"
 
 
-def all_topics(settings: Settings) -> list[str]:
-    return [settings.topic(s) for s in (*STREAMS, *PIPELINE_TOPICS, *COMPACTED_TOPICS, RULES_TOPIC)]
+def all_topics(kafka: KafkaConfig) -> list[str]:
+    return [kafka.topic(s) for s in (*STREAMS, *PIPELINE_TOPICS, *COMPACTED_TOPICS, RULES_TOPIC)]
 
 
-def _spec(settings: Settings, name: str) -> NewTopic:
+def _spec(kafka: KafkaConfig, name: str) -> NewTopic:
     compact = {"cleanup.policy": "compact"}
-    if name == settings.topic(RULES_TOPIC):
-        return NewTopic(name, 1, settings.topic_replication, topic_configs=compact)
-    if any(name == settings.topic(c) for c in COMPACTED_TOPICS):
-        return NewTopic(name, settings.topic_partitions, settings.topic_replication, topic_configs=compact)
-    return NewTopic(name, settings.topic_partitions, settings.topic_replication)
+    if name == kafka.topic(RULES_TOPIC):
+        return NewTopic(name, 1, kafka.replication, topic_configs=compact)
+    if any(name == kafka.topic(c) for c in COMPACTED_TOPICS):
+        return NewTopic(name, kafka.partitions, kafka.replication, topic_configs=compact)
+    return NewTopic(name, kafka.partitions, kafka.replication)
 
 
-async def ensure_topics(settings: Settings, timeout_s: float = 30) -> list[str]:
+async def ensure_topics(kafka: KafkaConfig, timeout_s: float = 30) -> list[str]:
     """Create the pipeline's topics that do not exist yet; returns the ones created."""
-    admin = AIOKafkaAdminClient(**settings.kafka_client_kwargs(), request_timeout_ms=int(timeout_s * 1000))
+    admin = AIOKafkaAdminClient(**kafka.client_kwargs(), request_timeout_ms=int(timeout_s * 1000))
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        wanted = [t for t in all_topics(settings) if t not in existing]
+        wanted = [t for t in all_topics(kafka) if t not in existing]
         created = []
         for name in wanted:
             try:
-                await admin.create_topics([_spec(settings, name)])
+                await admin.create_topics([_spec(kafka, name)])
                 created.append(name)
             except TopicAlreadyExistsError:
                 pass

@@ -36,7 +36,8 @@ from schemas import Codec
 from sinks.base import Backend
 from sinks.tables import MONEY, TABLES
 from streams.settlement import REVERSAL_MONEY
-from yibao.settings import STREAMS, Settings, load_settings
+from streams.topics import STREAMS
+from yibao.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTLEMENT = "cn.nhsa.yibao.settlement.Settlement"
@@ -484,9 +485,9 @@ def snapshot(s: Settings, sums: Iterable[tuple[str, str]], queries: dict[str, st
         return Snapshot({t: (int(v[0]), int(v[1])) for t, v in data["stats"].items()},
                         {tuple(k.split(".", 1)): Decimal(v) for k, v in data["sums"].items()},  # type: ignore[misc]
                         data["queries"])
-    from streams.app import make_backend
+    from sinks import connect
 
-    b = make_backend(s)
+    b = connect(s.clickhouse())
     try:
         return Snapshot(table_stats(b), money_sums(b, {k: Decimal(0) for k in sums}),
                         {q: [list(map(str, r)) for r in b.query(sql).rows] for q, sql in (queries or {}).items()})

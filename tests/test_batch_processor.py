@@ -18,7 +18,6 @@ import pytest
 
 from schemas import SUBJECT_RECORDS, Codec
 from sinks.tables import TABLES
-from streams.app import MODULES
 from streams.base import Subsystem
 from streams.ingest import (
     DEAD_LETTER_TABLE,
@@ -33,6 +32,7 @@ from streams.ingest import (
     fit_for_topic,
 )
 from streams.privacy import Pseudonymizer, Sealer
+from streams.topology import MODULES
 from streams.validation import Limits
 from yibao.corrupt import FRAME_CORRUPTIONS, SETTLEMENT_CORRUPTIONS
 from yibao.settings import Settings, load_settings
@@ -95,7 +95,7 @@ def codec() -> Codec:
 
 @pytest.fixture(scope="module")
 def subsystems(settings: Settings) -> dict[str, Subsystem]:
-    return {name: MODULES[name].build(settings, lambda: LIMITS) for name in STREAMS}
+    return {name: MODULES[name].build(settings.validation(), lambda: LIMITS) for name in STREAMS}
 
 
 @pytest.fixture(scope="module")

@@ -21,15 +21,16 @@ from typing import Any
 import pytest
 
 from schemas import Codec
-from sinks import ServerBackend
+from sinks import ServerBackend, connect
 from sinks.base import DISTRIBUTED_SUFFIX, STAGING_SUFFIX, Backend
 from sinks.migrate import MV_SUFFIX, migrate
 from sinks.tables import TABLES
 from streams import metrics
-from streams.app import create_app, make_backend
+from streams.app import create_app
+from streams.topics import STREAMS
 from yibao.localinfra import ClickHouseServer, KafkaEndpoint, MissingBinaryError, ZooKeeperServer, free_port
 from yibao.producer import produce
-from yibao.settings import STREAMS, Settings, load_settings
+from yibao.settings import Settings, load_settings
 
 from .conftest import require_infra
 from .test_ops import ALL_TABLES, PRIMARY_TABLES, SETTLEMENT, expected_rows, mixed_traffic
@@ -145,7 +146,7 @@ def _counts(backend: Backend) -> dict[str, int]:
 
 async def _ingest(s: Settings, until: int, timeout: float = 120) -> None:
     """Run one in-process worker until its ingestors have consumed ``until`` events in all."""
-    app, service = create_app(s)
+    app, service = create_app(s.worker())
     inputs = {s.topic(name) for name in STREAMS}
     try:
         await app.start()
@@ -164,7 +165,7 @@ def test_pipeline_on_two_shards_lands_everything_once_spread_over_both(
     db = cluster_db
     prefix = f"c{uuid.uuid4().hex[:6]}."
     s = _settings(broker.bootstrap, shards[0], db, tmp_path, f"g{uuid.uuid4().hex[:6]}", prefix)
-    backend = make_backend(s)
+    backend = connect(s.clickhouse())
     assert backend.cluster == CLUSTER
     try:
         events, reasons, valid = mixed_traffic(400, 0.05, seed=23)
@@ -228,8 +229,8 @@ def test_monitors_and_credit_view_on_two_shards_find_what_one_server_finds(
 ) -> None:
     """The monitors (fund, settled-over-sold, credit) read every shard: the same landed rows on
     the cluster and on one server give the same alerts, and the credit view the same scores."""
-    from streams.app import build_rulebook
     from streams.monitors import evaluate, write_alerts
+    from streams.topology import build_rulebook
     from yibao.anomalies import Planting
     from yibao.evaluate import MONITOR_RULE_IDS, prepare_monitor_database, run_events
     from yibao.simulate import SimConfig
@@ -242,7 +243,7 @@ def test_monitors_and_credit_view_on_two_shards_find_what_one_server_finds(
     cluster = _backend(shards[0], db)
     single = ServerBackend(host=clickhouse_server.host, port=clickhouse_server.tcp_port, user=clickhouse_server.user,
                            password=clickhouse_server.password, database=db)
-    rules = build_rulebook(load_settings()).current
+    rules = build_rulebook(load_settings().rules_file).current
     now = 1_900_000_000_000
     try:
         found = []

@@ -75,14 +75,14 @@ def shared_chdb(factory: pytest.TempPathFactory) -> Path:
 def monitor_db(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """A chDB database per run for the monitors (the suite's shared chDB data dir: one per process)."""
     pytest.importorskip("chdb")
-    from sinks import open_backend
+    from sinks import ClickHouseConfig, connect
     from yibao.evaluate import prepare_monitor_database
 
     made: list[Any] = []
 
     def make() -> Any:
-        be = open_backend("embedded", path=shared_chdb(tmp_path_factory),
-                          database=f"yb_evalrun_{uuid.uuid4().hex[:10]}")
+        be = connect(ClickHouseConfig(chdb_path=shared_chdb(tmp_path_factory),
+                                      database=f"yb_evalrun_{uuid.uuid4().hex[:10]}"))
         prepare_monitor_database(be)
         made.append(be)
         return be
@@ -181,7 +181,7 @@ def _settlement_subsystem() -> Any:
 
     s = load_settings()
     limits = Limits.from_settings(s.max_future_skew_s, s.min_event_year)
-    return settlement.build(s, lambda: limits)
+    return settlement.build(s.validation(), lambda: limits)
 
 
 def test_rebalance_restores_every_money_identity() -> None:
@@ -353,18 +353,18 @@ def test_compare_counts_latest_status_and_ignores_reversed_anomalies() -> None:
 @pytest.fixture(params=["embedded", pytest.param("server", marks=pytest.mark.integration)])
 def alerts_backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """A migrated, empty database on chDB or on the session's ClickHouse server (18.16 here)."""
-    from sinks import open_backend
+    from sinks import ClickHouseConfig, connect
     from sinks.migrate import migrate
 
     database = f"yb_eval_{uuid.uuid4().hex[:10]}"
     if request.param == "server":
         ch = request.getfixturevalue("clickhouse_server")
-        be = open_backend("server", host=ch.host, port=ch.tcp_port, user=ch.user, password=ch.password,
-                          database=database)
+        be = connect(ClickHouseConfig(backend="server", host=ch.host, port=ch.tcp_port, user=ch.user,
+                                      password=ch.password, database=database))
     else:
         pytest.importorskip("chdb")
         # chDB allows one data path per process: share the suite's, with a database of our own
-        be = open_backend("embedded", path=shared_chdb(tmp_path_factory), database=database)
+        be = connect(ClickHouseConfig(chdb_path=shared_chdb(tmp_path_factory), database=database))
     try:
         migrate(be)
         be.use_database()

@@ -28,9 +28,9 @@ from typing import Any
 import pytest
 
 from schemas import Codec
+from sinks import connect
 from sinks.base import SinkUnavailable
 from sinks.migrate import migrate
-from streams.app import make_backend
 from streams.ingest import Ingestor, without_existing
 from yibao.corrupt import corrupt
 from yibao.localinfra import (
@@ -170,7 +170,7 @@ def kill_env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Setting
         assert res.returncode == 0, res.stdout + res.stderr
         yield s
         if request.param == "server":
-            b = make_backend(s)
+            b = connect(s.clickhouse())
             b.execute(f"DROP DATABASE IF EXISTS {s.ch_database}")
             b.close()
 
@@ -263,7 +263,7 @@ def test_clickhouse_outage_backs_off_and_resumes_exactly_once(
     endpoint = ClickHouseEndpoint(ch.host, ch.tcp_port, ch.http_port, "")
     s = settings_for(broker.bootstrap, "server", tmp_path / "data", ch=endpoint, batch_max_events=500)
     assert s.sink_retry_max_seconds == 30
-    backend = make_backend(s)
+    backend = connect(s.clickhouse())
     migrate(backend)
     backend.close()
     events = traffic(1500, seed=7, bad_rate=0.02)
@@ -370,7 +370,7 @@ def test_broker_restart_with_durable_storage_loses_and_duplicates_nothing(
     """
     tansu = durable_broker
     s = settings_for(tansu.bootstrap, "server", tmp_path / "data", ch=clickhouse_server, batch_max_events=300)
-    backend = make_backend(s)
+    backend = connect(s.clickhouse())
     migrate(backend)
     events = traffic(1200, seed=8, bad_rate=0.02)
     half = len(events) // 2

@@ -33,9 +33,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from schemas import Codec
+from sinks import connect
 from sinks.base import Backend
 from sinks.migrate import migrate
-from streams.app import make_backend
 from streams.ingest import DEAD_LETTER_TABLE
 from streams.settlement import MONEY
 from streams.validation import PROVINCES
@@ -142,7 +142,7 @@ def running_worker(broker: KafkaEndpoint, clickhouse_server: ClickHouseEndpoint,
                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Settings, Backend, WorkerProcess]]:
     tmp = tmp_path_factory.mktemp("hostile")
     s = settings_for(broker.bootstrap, "server", tmp / "data", ch=clickhouse_server, batch_max_seconds=0.2)
-    backend = make_backend(s)
+    backend = connect(s.clickhouse())
     migrate(backend)
     worker = WorkerProcess(worker_env(s), tmp / "worker.log", tmp)
     worker.start()
@@ -256,7 +256,7 @@ def test_dlq_list_show_and_replay_after_the_limit_is_fixed(
     """A settlement two hours ahead is rejected under a 5-minute skew limit; after the limit is
     raised (worker restarted with it), `yibao dlq replay --reason FUTURE_TIME` lands it, once."""
     s = settings_for(broker.bootstrap, "server", tmp_path / "data", ch=clickhouse_server, max_future_skew_s=300)
-    backend = make_backend(s)
+    backend = connect(s.clickhouse())
     migrate(backend)
     ev = SETTLEMENTS[0]
     ahead = _mutate(ev, setl_time=int(time.time() * 1000) + 2 * 3600 * 1000)

@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from sinks import Backend, open_backend
+from sinks import Backend, ClickHouseConfig, connect
 from sinks.migrate import DDL_DIR, migrate
 from sinks.tables import TABLES, unwrap_nullable
 from streams.monitors import evaluate, month_bounds, run_monitors, write_alerts
@@ -38,12 +38,12 @@ def db(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory)
     database = f"yb_mon_{uuid.uuid4().hex[:10]}"
     if request.param == "server":
         ch = request.getfixturevalue("clickhouse_server")
-        be = open_backend("server", host=ch.host, port=ch.tcp_port, user=ch.user, password=ch.password,
-                          database=database)
+        be = connect(ClickHouseConfig(backend="server", host=ch.host, port=ch.tcp_port, user=ch.user,
+                                      password=ch.password, database=database))
     else:
         pytest.importorskip("chdb")
         # chDB allows one data path per process: share the suite's, with a database of our own
-        be = open_backend("embedded", path=tmp_path_factory.getbasetemp() / "chdb-shared", database=database)
+        be = connect(ClickHouseConfig(chdb_path=tmp_path_factory.getbasetemp() / "chdb-shared", database=database))
     # only the migrations these monitors rest on (others, e.g. BI aggregates, evolve independently)
     ddl = tmp_path_factory.mktemp("ddl")
     for f in sorted(DDL_DIR.glob("*.sql")):

@@ -33,15 +33,15 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from schemas import Codec
+from sinks import connect
 from sinks.base import Backend
 from sinks.migrate import migrate
-from streams.app import make_backend
-from streams.topics import ensure_topics
+from streams.topics import STREAMS, ensure_topics
 from yibao.corrupt import corrupt
 from yibao.demo import PRIMARY_TABLE
 from yibao.localinfra import ClickHouseEndpoint, KafkaEndpoint, free_port
 from yibao.producer import OutEvent, produce
-from yibao.settings import STREAMS, Settings, load_settings
+from yibao.settings import Settings, load_settings
 from yibao.simulate import SimConfig, TrafficGenerator
 
 pytestmark = pytest.mark.integration
@@ -210,9 +210,9 @@ def ops(broker: KafkaEndpoint, clickhouse_server: ClickHouseEndpoint, tmp_path: 
     """Settings with fresh topics, group and database (migrated, topics created), and a list
     the test puts its workers in: every one of them is stopped afterwards, whatever happened."""
     s = ops_settings(broker, clickhouse_server, tmp_path)
-    backend = make_backend(s)
+    backend = connect(s.clickhouse())
     migrate(backend)
-    asyncio.run(ensure_topics(s))
+    asyncio.run(ensure_topics(s.kafka()))
     workers: list[Worker] = []
     try:
         yield s, backend, workers
@@ -226,7 +226,7 @@ def ops(broker: KafkaEndpoint, clickhouse_server: ClickHouseEndpoint, tmp_path: 
 
 def _with_database(s: Settings, db: str) -> tuple[Settings, Backend]:
     other = s.model_copy(update={"ch_database": db})
-    backend = make_backend(other)
+    backend = connect(other.clickhouse())
     migrate(backend)
     return other, backend
 

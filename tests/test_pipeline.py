@@ -25,9 +25,10 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 
 from schemas import Codec
+from sinks import connect
 from sinks.base import Backend
 from sinks.migrate import migrate
-from streams.app import create_app, make_backend
+from streams.app import create_app
 from yibao.corrupt import corrupt
 from yibao.demo import PRIMARY_TABLE
 from yibao.localinfra import ClickHouseEndpoint, KafkaEndpoint
@@ -62,7 +63,7 @@ def env(request: pytest.FixtureRequest, broker: KafkaEndpoint, tmp_path_factory:
     data_dir = tmp_path_factory.getbasetemp() / "chdb-shared" if request.param == "embedded" else \
         tmp_path_factory.mktemp("data")
     s = _settings(broker, request.param, ch, data_dir)
-    backend = make_backend(s)
+    backend = connect(s.clickhouse())
     migrate(backend)
     yield s, backend
     backend.execute(f"DROP DATABASE IF EXISTS {s.ch_database}" + (" SYNC" if request.param == "embedded" else ""))
@@ -92,7 +93,7 @@ def _counts(backend: Backend, tables: list[str]) -> dict[str, int]:
 
 async def _run_until(s: Settings, backend: Backend, expected_total: int, tables: list[str],
                      timeout: float = 120) -> dict[str, int]:
-    app, _ = create_app(s, backend=backend if s.ch_backend.value == "embedded" else None)
+    app, _ = create_app(s.worker(), backend=backend if s.ch_backend.value == "embedded" else None)
     try:
         await app.start()
         deadline = time.monotonic() + timeout
@@ -185,7 +186,7 @@ def test_valid_land_once_invalid_dead_lettered(env: tuple[Settings, Backend]) ->
 def server_env(broker: KafkaEndpoint, clickhouse_server: ClickHouseEndpoint, tmp_path: Path
                ) -> Iterator[tuple[Settings, Backend]]:
     s = _settings(broker, "server", clickhouse_server, tmp_path / "data")
-    backend = make_backend(s)
+    backend = connect(s.clickhouse())
     migrate(backend)
     yield s, backend
     backend.execute(f"DROP DATABASE IF EXISTS {s.ch_database}")

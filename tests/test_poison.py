@@ -25,9 +25,9 @@ from typing import Any
 import pytest
 
 from schemas import SUBJECT_RECORDS, Codec
+from sinks import connect
 from sinks.base import Backend
 from sinks.migrate import migrate
-from streams.app import make_backend
 from streams.ingest import DEAD_LETTER_TABLE, MESSAGE_BUDGET
 from yibao.localinfra import ClickHouseEndpoint, KafkaEndpoint
 from yibao.settings import Settings
@@ -85,7 +85,7 @@ def string_fields(schema: dict[str, Any], lines: str | None = None) -> list[tupl
 def worker_setup(broker: KafkaEndpoint, clickhouse_server: ClickHouseEndpoint,
                  tmp_path: Path) -> Iterator[tuple[Settings, Backend]]:
     s = settings_for(broker.bootstrap, "server", tmp_path / "data", ch=clickhouse_server, batch_max_seconds=0.3)
-    backend = make_backend(s)
+    backend = connect(s.clickhouse())
     migrate(backend)
     yield s, backend
     backend.execute(f"DROP DATABASE IF EXISTS {s.ch_database}")

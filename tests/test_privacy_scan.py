@@ -30,10 +30,11 @@ from aiokafka.admin import AIOKafkaAdminClient
 from schemas import Codec
 from sinks.base import Backend
 from streams.privacy import PrivacyError, Sealer, load_old_keys
+from streams.topics import STREAMS
 from yibao.corrupt import corrupt
 from yibao.localinfra import ClickHouseEndpoint, KafkaEndpoint
 from yibao.producer import OutEvent
-from yibao.settings import STREAMS, Settings
+from yibao.settings import Settings
 from yibao.simulate import SimConfig, TrafficGenerator
 
 from .harness import PSEUDO_KEY, ROOT, WorkerProcess, produce_events, run_cli, settings_for, wait_committed, worker_env
@@ -199,9 +200,9 @@ def test_no_clear_identifier_in_any_table_or_output_topic(
         assert out.returncode == 0, out.stderr[-3000:]
         tables = json.loads(out.stdout.strip().splitlines()[-1])
     else:
-        from streams.app import make_backend
+        from sinks import connect
 
-        backend = make_backend(s)
+        backend = connect(s.clickhouse())
         try:
             tables = scan_backend(backend, needles)
         finally:
@@ -224,9 +225,9 @@ def test_no_clear_identifier_in_any_table_or_output_topic(
 
 def _rotation_keeps_old_dead_letters_openable(s: Settings, env: dict[str, str], tmp_path: Path) -> None:
     """After rotating k1 -> k2, a k1-sealed dead letter opens only with k1 in the old-keys file."""
-    from streams.app import make_backend
+    from sinks import connect
 
-    backend = make_backend(s)
+    backend = connect(s.clickhouse())
     try:
         dl_id = str(backend.query(f"SELECT event_id FROM {s.ch_database}.dead_letters "
                                   "WHERE event_type = 'Settlement' LIMIT 1").scalar())

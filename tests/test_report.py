@@ -279,9 +279,9 @@ def cli_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 
 
 def test_report_command_writes_the_page_and_shows_progress(cli_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import streams.app
+    import sinks
 
-    monkeypatch.setattr(streams.app, "make_backend", lambda s: FakeBackend(_sample_rows()))
+    monkeypatch.setattr(sinks, "connect", lambda config: FakeBackend(_sample_rows()))
     res = runner.invoke(cli.app, ["report", "--out", "r.html", "--backend", "server"])
     assert res.exit_code == 0, res.output
     assert "reading bi_fund_health" in res.stdout and "wrote r.html" in res.stdout
@@ -291,10 +291,10 @@ def test_report_command_writes_the_page_and_shows_progress(cli_env: Path, monkey
 
 
 def test_report_command_fails_clearly_without_the_views(cli_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import streams.app
+    import sinks
 
     views = {k: v for k, v in VIEWS.items() if k not in ("bi_fund_health", "bi_supplier_payments")}
-    monkeypatch.setattr(streams.app, "make_backend", lambda s: FakeBackend(views=views))
+    monkeypatch.setattr(sinks, "connect", lambda config: FakeBackend(views=views))
     res = runner.invoke(cli.app, ["report", "--out", "r.html"])
     assert res.exit_code == 2
     assert "no BI view bi_fund_health, bi_supplier_payments" in res.stderr
@@ -786,8 +786,8 @@ def test_report_from_real_data_renders_every_chart_in_chromium(kind: str, chromi
 @pytest.mark.integration
 def test_report_on_a_database_without_the_views_says_to_migrate(stores: dict[str, Store], tmp_path: Path) -> None:
     """No database, a database without the views, then the same database migrated but empty."""
+    from sinks import connect
     from sinks.migrate import migrate
-    from streams.app import make_backend
     from yibao.settings import load_settings
 
     from .harness import run_cli
@@ -798,7 +798,7 @@ def test_report_on_a_database_without_the_views_says_to_migrate(stores: dict[str
     s = load_settings(ch_backend="server", ch_host=env["YIBAO_CH_HOST"], ch_port=int(env["YIBAO_CH_PORT"]),
                       ch_user=env["YIBAO_CH_USER"], ch_password=env.get("YIBAO_CH_PASSWORD", ""),
                       ch_database=env["YIBAO_CH_DATABASE"])
-    be = make_backend(s)
+    be = connect(s.clickhouse())
     try:
         be.execute(f"CREATE DATABASE IF NOT EXISTS {s.ch_database}")
         res = run_cli(["report", "--out", str(tmp_path / "r.html")], env, tmp_path)
@@ -819,7 +819,7 @@ def test_report_on_a_database_without_the_views_says_to_migrate(stores: dict[str
 @pytest.mark.integration
 def test_every_grafana_panel_query_runs_on_both_engines(stores: dict[str, Store]) -> None:
     """The dashboard's SQL, macros expanded, is valid on ClickHouse 18.16 and on chDB, and finds rows."""
-    from streams.app import make_backend
+    from sinks import connect
     from yibao.settings import load_settings
 
     queries = all_panel_sql()
@@ -828,7 +828,7 @@ def test_every_grafana_panel_query_runs_on_both_engines(stores: dict[str, Store]
     s = load_settings(ch_backend="server", ch_host=server["YIBAO_CH_HOST"], ch_port=int(server["YIBAO_CH_PORT"]),
                       ch_user=server["YIBAO_CH_USER"], ch_password=server.get("YIBAO_CH_PASSWORD", ""),
                       ch_database=stores["server"].database)
-    be = make_backend(s)
+    be = connect(s.clickhouse())
     got: dict[str, dict[str, list[Any]]] = {"server": {}}
     try:
         be.use_database()

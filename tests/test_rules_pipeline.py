@@ -24,9 +24,9 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 
 from schemas import Codec
+from sinks import connect
 from sinks.base import Backend
 from sinks.migrate import migrate
-from streams.app import make_backend
 from yibao.localinfra import ClickHouseEndpoint, KafkaEndpoint
 from yibao.producer import OutEvent, produce
 from yibao.settings import Settings, load_settings
@@ -48,7 +48,7 @@ def env(broker: KafkaEndpoint, clickhouse_server: ClickHouseEndpoint, tmp_path: 
         ch_user=clickhouse_server.user, ch_password=clickhouse_server.password, ch_database=f"rules_{tag}",
         data_dir=tmp_path / "data", session_timeout_ms=6000, web_port=0, pseudo_key="cd" * 32,
     )
-    backend = make_backend(s)
+    backend = connect(s.clickhouse())
     migrate(backend)
     yield s, backend
     backend.execute(f"DROP DATABASE IF EXISTS {s.ch_database}")

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from schemas import Codec
+from sinks import connect
 from sinks.migrate import migrate
-from streams.app import make_backend
 from yibao.localinfra import ClickHouseEndpoint, KafkaEndpoint
 from yibao.settings import Settings
 
@@ -45,7 +45,7 @@ def landed_ends(s: Settings) -> dict[tuple[str, int], int]:
     codec = Codec()
     topic_of = {table: s.topic(codec.subject_of(record)) for record, table in PRIMARY_TABLE.items()}
     topic_of["fee_details"] = s.topic("settlement")
-    backend = make_backend(s)
+    backend = connect(s.clickhouse())
     out: dict[tuple[str, int], int] = {}
     try:
         db = s.ch_database
@@ -67,7 +67,7 @@ def test_sigterm_under_load_commits_what_landed_and_exits_within_deadline(
 ) -> None:
     s = settings_for(broker.bootstrap, "server", tmp_path / "data", ch=clickhouse_server,
                      batch_max_events=2000, batch_max_seconds=1.0, shutdown_deadline_s=DEADLINE_S)
-    backend = make_backend(s)
+    backend = connect(s.clickhouse())
     migrate(backend)
     events = traffic(2500, seed=21, bad_rate=0.02)
     producer = BackgroundProducer(s, events, rate=2500).start()

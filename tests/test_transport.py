@@ -401,6 +401,6 @@ def test_every_kafka_client_gets_the_security_settings(monkeypatch: pytest.Monke
     assert kw["security_protocol"] == "SASL_SSL" and kw["sasl_mechanism"] == "SCRAM-SHA-512"
     assert kw["sasl_plain_username"] == "u" and kw["sasl_plain_password"] == SASL_PASSWORD
     assert isinstance(kw["ssl_context"], ssl.SSLContext)
-    creds = _faust_credentials(s)
+    creds = _faust_credentials(s.kafka())
     assert creds.username == "u" and creds.password == SASL_PASSWORD and creds.ssl_context is not None
     assert SASL_PASSWORD not in repr(s) and SASL_PASSWORD not in str(s.redacted())

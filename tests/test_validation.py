@@ -21,11 +21,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from schemas import SUBJECT_RECORDS, Codec
-from streams.app import build_subsystems
 from streams.base import Subsystem, record_checks
 from streams.fields import FieldRules, Required, load_field_rules
 from streams.ingest import BatchProcessor, Message
 from streams.privacy import Pseudonymizer, Sealer
+from streams.topology import build_subsystems
 from streams.validation import (
     CODE_PATTERNS,
     AmountMatches,
@@ -679,7 +679,7 @@ def clean_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def subsystems(clean_env: None) -> dict[str, Subsystem]:
-    return build_subsystems(load_settings())
+    return build_subsystems(load_settings().validation())
 
 
 @pytest.fixture(scope="module")

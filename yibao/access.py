@@ -434,13 +434,13 @@ RolesOpt = Annotated[Path, typer.Option("--roles", help="Roles file (TOML); `yib
 
 
 def _prepare(roles_path: Path) -> tuple[Any, Roles, Backend, Rendered]:
-    from streams.app import make_backend
+    from sinks import connect
 
     from .cli import settings_from
 
     s = settings_from()
     roles = load_roles(roles_path, s.ch_database)
-    backend = make_backend(s)
+    backend = connect(s.clickhouse())
     catalog = Catalog.read(backend, roles.database)
     if not catalog.tables:
         backend.close()

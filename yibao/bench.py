@@ -61,18 +61,21 @@ def _settlements(n: int, seed: int, mean_lines: float) -> tuple[list[OutEvent], 
 
 def stage_costs(settings: Settings, frames: list[OutEvent], backend: Any) -> dict[str, float]:
     """µs per settlement for each in-process stage, on one batch (rules included)."""
-    from streams.app import LimitsClock, build_rulebook, build_subsystems, tune_gc
+    import dataclasses
+
+    from streams.app import tune_gc
     from streams.ingest import BatchProcessor, Message
     from streams.privacy import Pseudonymizer, Sealer
-    from streams.rules import load_knowledge
     from streams.rules.engine import SettlementEngine
-    from streams.rules.state import Store
+    from streams.topology import build_pipeline
 
     key = b"k" * 32
-    pseudo = Pseudonymizer(key, "k1")
-    engine = SettlementEngine(build_rulebook(settings), load_knowledge(), pseudo, Store("person", "bench"))
-    proc = BatchProcessor(build_subsystems(settings)["settlement"], Codec(), pseudo, Sealer(key, "k1"),
-                          settings.topic("settlement"), LimitsClock(settings), engine=engine)
+    rules_on = dataclasses.replace(settings.rules(), enabled=True)
+    pipeline = build_pipeline(validation=settings.validation(), rules=rules_on, topic=settings.topic, codec=Codec(),
+                              pseudonymizer=Pseudonymizer(key, "k1"), sealer=Sealer(key, "k1"), streams=("settlement",))
+    proc = pipeline.stages["settlement"].processor
+    engine = proc.engine if isinstance(proc, BatchProcessor) else None
+    assert isinstance(engine, SettlementEngine), "the stage costs are measured with the rules on"
     msgs = [Message(0, i, f.key.encode(), f.value) for i, f in enumerate(frames)]
     tune_gc()
     proc.process(msgs)  # warm-up: memoized code checks and tokens, as in a running worker
@@ -94,15 +97,15 @@ def stage_costs(settings: Settings, frames: list[OutEvent], backend: Any) -> dic
 def _pass(label: str, rules: bool, base: Settings, frames: list[OutEvent], total_lines: int, processes: int,
           work: Path) -> dict[str, Any]:
     """Produce ``frames`` to fresh topics, start the workers, time the landing (steady state)."""
+    from sinks import connect
     from sinks.migrate import migrate
-    from streams.app import make_backend
     from streams.topics import ensure_topics
 
     s = base.model_copy(update={"topic_prefix": f"bench-{label}.", "ch_database": f"bench_{label}",
                                 "rules_enabled": rules})
-    backend = make_backend(s)
+    backend = connect(s.clickhouse())
     migrate(backend)
-    asyncio.run(ensure_topics(s))
+    asyncio.run(ensure_topics(s.kafka()))
     t0 = time.perf_counter()
     asyncio.run(produce(s, frames, Codec()))
     produce_s = time.perf_counter() - t0
@@ -162,7 +165,7 @@ def _pass(label: str, rules: bool, base: Settings, frames: list[OutEvent], total
 def run_bench(events: int, processes: int, console: Console, seed: int = 7,
               mean_lines: float = 10.0) -> dict[str, Any]:
     """Ingest-only and all-rules passes over the same settlements, in one run (compare the ratio)."""
-    from streams.app import make_backend
+    from sinks import connect
 
     from .localinfra import ClickHouseServer, TansuBroker
 
@@ -184,7 +187,7 @@ def run_bench(events: int, processes: int, console: Console, seed: int = 7,
         gen_s = time.perf_counter() - t0
         from sinks.migrate import migrate
 
-        backend = make_backend(s)
+        backend = connect(s.clickhouse())
         migrate(backend)
         costs = stage_costs(s, frames[: min(5000, len(frames))], backend)
         backend.close()

@@ -152,10 +152,10 @@ def migrate(
 
     def run() -> None:
         s = settings_from(backend=backend, data_dir=data_dir, ch_host=ch_host, ch_port=ch_port, database=database)
+        from sinks import connect
         from sinks.migrate import migrate as do_migrate
-        from streams.app import make_backend
 
-        be = make_backend(s)
+        be = connect(s.clickhouse())
         try:
             done = do_migrate(be, cluster=s.ch_cluster, progress=lambda m: console.print(f"  {m}"))
         finally:
@@ -271,9 +271,9 @@ def evaluate(
                 with monitor_database(s) as mon_db:
                     alerts = [*alerts, *monitor_alerts(ran, mon_db, s)]
         if alerts is None:
-            from streams.app import make_backend
+            from sinks import connect
 
-            be = make_backend(s)
+            be = connect(s.clickhouse())
             try:
                 exists = be.query(f"SELECT count() FROM system.databases WHERE name = '{s.ch_database}'").rows[0][0]
                 if not exists:
@@ -282,10 +282,10 @@ def evaluate(
                 be.use_database()
                 alerts = alerts_from_backend(be)
                 if monitors:  # what a monitor run would change now (retractions included)
-                    from streams.app import build_rulebook
                     from streams.monitors import evaluate as evaluate_monitors
+                    from streams.topology import build_rulebook
 
-                    alerts = [*alerts, *evaluate_monitors(be, build_rulebook(s).current).emitted]
+                    alerts = [*alerts, *evaluate_monitors(be, build_rulebook(s.rules_file).current).emitted]
             finally:
                 be.close()
         result = compare(alerts, planted, rule_ids(s), by_month=upcoding_rules(s))
@@ -346,9 +346,9 @@ def query(
         if fmt not in ("table", "json"):
             fail(f"--format {fmt!r}: use table or json")
         s = settings_from(backend=backend, data_dir=data_dir, ch_host=ch_host, ch_port=ch_port, database=database)
-        from streams.app import make_backend
+        from sinks import connect
 
-        be = make_backend(s)
+        be = connect(s.clickhouse())
         try:
             exists = be.query(f"SELECT count() FROM system.databases WHERE name = '{s.ch_database}'").rows[0][0]
             if not exists:
@@ -392,12 +392,12 @@ def report(
         if not out.parent.is_dir():
             fail(f"--out {out}: directory {out.parent} does not exist")
         s = settings_from(backend=backend, data_dir=data_dir, ch_host=ch_host, ch_port=ch_port, database=database)
-        from streams.app import make_backend
+        from sinks import connect
 
         from .report import ReportError, load, render
 
         names = _rule_names(s)
-        be = make_backend(s)
+        be = connect(s.clickhouse())
         try:
             exists = be.query(f"SELECT count() FROM system.databases WHERE name = '{s.ch_database}'").rows[0][0]
             if not exists:

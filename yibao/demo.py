@@ -73,8 +73,9 @@ def run_demo(settings: Settings, *, events: int, input_file: Path | None, seed: 
 
 async def _demo(settings: Settings, events: int, input_file: Path | None, seed: int, invalid_rate: float,
                 timeout_s: float, console: Console, fresh: bool, plant_rate: float) -> dict[str, Any]:
+    from sinks import connect
     from sinks.migrate import migrate
-    from streams.app import create_app, make_backend
+    from streams.app import create_app
 
     from .localinfra import TansuBroker
 
@@ -85,7 +86,7 @@ async def _demo(settings: Settings, events: int, input_file: Path | None, seed: 
     broker.start()
     console.print(f"  broker  Tansu at {broker.bootstrap} (memory storage)")
     s = settings.model_copy(update={"kafka_bootstrap": broker.bootstrap, "web_port": 0})
-    backend = make_backend(s)
+    backend = connect(s.clickhouse())
     app = None
     try:
         if fresh:
@@ -95,7 +96,7 @@ async def _demo(settings: Settings, events: int, input_file: Path | None, seed: 
         tables = sorted(set(PRIMARY_TABLE.values()) | {"fee_details", "dead_letters"})
         before = table_counts(backend, tables)
 
-        app, _service = create_app(s, backend=backend)
+        app, _service = create_app(s.worker(), backend=backend)
         await app.start()
         codec = Codec()
         expected_reasons: Counter[str] = Counter()

@@ -189,18 +189,10 @@ class ReplayReport:
 
 def primary_tables(s: Settings) -> dict[str, str]:
     """Record full name -> the table holding one row per event of it (its first table)."""
-    from streams import procurement, settlement, supervision
+    from streams.topology import build_subsystems
 
-    def limits() -> Any:
-        from streams.validation import Limits
-
-        return Limits.from_settings(s.max_future_skew_s, s.min_event_year)
-
-    out: dict[str, str] = {}
-    for module in (settlement, procurement, supervision):
-        for spec in module.build(s, limits).records:
-            out[spec.record] = spec.tables[0].table
-    return out
+    return {spec.record: spec.primary_table
+            for sub in build_subsystems(s.validation()).values() for spec in sub.records}
 
 
 def landed_event_ids(backend: Backend, table: str, ids: Sequence[str]) -> set[str]:
@@ -275,9 +267,9 @@ def parse_since(text: str) -> dt.datetime:
 
 # --- commands -----------------------------------------------------------------------------------
 def _open(s: Settings) -> Backend:
-    from streams.app import make_backend
+    from sinks import connect
 
-    backend = make_backend(s)
+    backend = connect(s.clickhouse())
     exists = backend.query(f"SELECT count() FROM system.tables WHERE database = {literal(s.ch_database)} "
                            "AND name = 'dead_letters'").scalar()
     if not exists:

@@ -31,7 +31,7 @@ from typing import Any
 
 from schemas import Codec
 from schemas.calendar import CHINA, DAY_MS, month_of
-from streams.rules import RULES_FILE, check_rule, load_knowledge, load_rules_file
+from streams.rules import RULES_FILE, check_rule, load_rules_file
 
 from .anomalies import Planting
 from .settings import Settings, load_settings
@@ -284,14 +284,15 @@ class _TrafficClock:
         from streams.validation import Limits
 
         self._make = Limits.from_settings
-        self._settings = settings
+        self._validation = settings.validation()
         self.now_ms = int(time.time() * 1000)
-        self.limits = self._make(settings.max_future_skew_s, settings.min_event_year, now_ms=self.now_ms)
+        self.limits = self._make(self._validation.max_future_skew_s, self._validation.min_event_year,
+                                 now_ms=self.now_ms)
 
     def advance(self, t_ms: int) -> None:
         if t_ms + DAY_MS > self.now_ms:
             self.now_ms = t_ms + DAY_MS
-            self.limits = self._make(self._settings.max_future_skew_s, self._settings.min_event_year,
+            self.limits = self._make(self._validation.max_future_skew_s, self._validation.min_event_year,
                                      now_ms=self.now_ms)
 
     def __call__(self) -> Any:
@@ -308,35 +309,24 @@ def run_events(events: Iterable[Any], settings: Settings | None = None, planted_
     skipped. ``planted_ids``: event ids whose settlements are kept in ``planted_events`` (looked up
     as each event arrives). ``collect_tables``: keep the rows of :data:`MONITOR_TABLES` in
     ``tables`` (fund income through the supervision ``BatchProcessor``), for :func:`monitor_alerts`."""
-    from streams import procurement, settlement, supervision
-    from streams.app import build_rulebook
-    from streams.ingest import BatchProcessor, GroupedProcessor, Message
+    import dataclasses
+
+    from streams.ingest import BatchProcessor, Message
     from streams.privacy import Pseudonymizer, Sealer
-    from streams.rules.engine import SettlementEngine
-    from streams.rules.grouped import GroupedEngine
-    from streams.rules.procurement import ProcurementEngine
-    from streams.rules.state import Store
+    from streams.topology import build_pipeline
 
     s = settings or load_settings()
     codec = Codec()
     key = b"yibao-evaluate-in-process-key-32"
-    pseudo = Pseudonymizer(key, "eval")
-    book = build_rulebook(s)
     clock = _TrafficClock(s)
-    engine = SettlementEngine(book, load_knowledge(), pseudo, Store("person", "eval.person"))
-    proc = BatchProcessor(settlement.build(s, clock), codec, pseudo, Sealer(key, "eval"), "settlement", clock,
-                          engine=engine)
-    proc_engine = ProcurementEngine(book, Store("procurement", "eval.procurement"))
-    proc_proc = BatchProcessor(procurement.build(s, clock), codec, pseudo, Sealer(key, "eval"), "procurement",
-                               clock, engine=proc_engine)
+    pipeline = build_pipeline(validation=s.validation(), rules=dataclasses.replace(s.rules(), enabled=True),
+                              topic=lambda name: name, codec=codec, pseudonymizer=Pseudonymizer(key, "eval"),
+                              sealer=Sealer(key, "eval"), limits=clock)
+    proc, proc_proc, sup_proc = (pipeline.stages[n].processor for n in ("settlement", "procurement", "supervision"))
+    assert isinstance(proc, BatchProcessor) and isinstance(proc_proc, BatchProcessor)
     proc_pending: list[Message] = []
-    sup_proc = BatchProcessor(supervision.build(s, clock), codec, pseudo, Sealer(key, "eval"), "supervision", clock)
     sup_pending: list[Message] = []
-    streams = {"internal.stays-by-hospital": "hospital", "internal.stays-by-drg": "drg"}
-    grouped = {by: GroupedProcessor(GroupedEngine(book, Store(by, f"eval.{by}"), by), f"eval.{by}", codec, pseudo,
-                                    Sealer(key, "eval"))
-               for by in streams.values()}
-    offsets = dict.fromkeys(streams.values(), 0)
+    offsets: dict[str, int] = {}
     run = InProcessRun(alerts=[], truth=[])
     t0 = time.perf_counter()
     t_rules = 0.0
@@ -363,12 +353,13 @@ def run_events(events: Iterable[Any], settings: Settings | None = None, planted_
         run.dead_letters.update(out.reasons)
         run.alerts.extend(out.alerts)
         per: dict[str, list[Message]] = {}
-        for stream, k, v in out.emits:
-            by = streams[stream]
-            per.setdefault(by, []).append(Message(0, offsets[by], k, v))
-            offsets[by] += 1
-        for by, msgs in per.items():
-            run.alerts.extend(grouped[by].process(msgs).alerts)
+        for stream, k, v in out.emits:  # routed as the topics route them between workers
+            stage = pipeline.consumer_of(stream)
+            assert stage is not None, stream
+            per.setdefault(stage.name, []).append(Message(0, offsets.get(stage.name, 0), k, v))
+            offsets[stage.name] = offsets.get(stage.name, 0) + 1
+        for name, msgs in per.items():
+            run.alerts.extend(pipeline.stages[name].processor.process(msgs).alerts)
         pending.clear()
         t_rules += time.perf_counter() - t
 
@@ -461,15 +452,15 @@ def monitor_alerts(run: InProcessRun, backend: Any, settings: Settings | None = 
     as of the month of the latest settlement; returns the alert datums they would emit. Why a
     database: the monitors are SQL over the raw tables, and evaluating them anywhere else would
     test a copy, not them. Adds ``seconds["monitors"]`` (landing and evaluation)."""
-    from streams.app import build_rulebook
     from streams.monitors import evaluate, write_alerts
+    from streams.topology import build_rulebook
 
     t0 = time.perf_counter()
     for name, columns in run.tables.items():
         if any(columns.values()):
             backend.insert(name, columns)
     write_alerts(backend, run.alerts)  # the stream rules' hits count in the credit score
-    mon = evaluate(backend, build_rulebook(settings or load_settings()).current)
+    mon = evaluate(backend, build_rulebook((settings or load_settings()).rules_file).current)
     run.seconds["monitors"] = round(time.perf_counter() - t0, 2)
     return list(mon.emitted)
 
@@ -479,9 +470,9 @@ def monitor_database(settings: Settings) -> Iterator[Any]:
     """A throw-away embedded (chDB) database under the settings' data dir, for one evaluation."""
     import uuid
 
-    from sinks import open_backend
+    from sinks import ClickHouseConfig, connect
 
-    be = open_backend("embedded", path=settings.chdb_path, database=f"yb_eval_{uuid.uuid4().hex[:10]}")
+    be = connect(ClickHouseConfig(chdb_path=settings.chdb_path, database=f"yb_eval_{uuid.uuid4().hex[:10]}"))
     try:
         prepare_monitor_database(be)
         yield be

@@ -35,18 +35,19 @@ def monitors_run(
     from .cli import _guard, fail, settings_from
 
     def run() -> None:
-        from streams.app import build_rulebook, make_backend
+        from sinks import connect
         from streams.monitors import kafka_publisher, run_monitors
+        from streams.topology import build_rulebook
 
         s = settings_from(backend=backend, data_dir=data_dir, database=database, bootstrap=bootstrap)
         if as_of is not None and not (190001 <= as_of <= 999912 and 1 <= as_of % 100 <= 12):
             fail(f"--as-of {as_of}: expected YYYYMM")
-        be = make_backend(s)
+        be = connect(s.clickhouse())
         try:
             if not be.query(f"SELECT count() FROM system.tables WHERE database = '{s.ch_database}' "
                             "AND name = 'alerts'").scalar():
                 fail(f"no alerts table in database {s.ch_database}", "run `yibao migrate` first")
-            result = run_monitors(be, build_rulebook(s).current, kafka_publisher(s) if publish else None,
+            result = run_monitors(be, build_rulebook(s.rules_file).current, kafka_publisher(s) if publish else None,
                                   as_of=as_of)
         finally:
             be.close()

@@ -30,7 +30,7 @@ async def read_rules_topic(s: Settings, quiet_s: float = 1.5, timeout_s: float =
 
     from streams.topics import RULES_TOPIC, ensure_topics
 
-    await ensure_topics(s)
+    await ensure_topics(s.kafka())
     topic = s.topic(RULES_TOPIC)
     consumer = AIOKafkaConsumer(**s.kafka_client_kwargs(), group_id=None, enable_auto_commit=False)
     await consumer.start()
@@ -61,7 +61,7 @@ async def push_rules(s: Settings, rules: list[Any]) -> int:
 
     from streams.topics import RULES_TOPIC, ensure_topics
 
-    await ensure_topics(s)
+    await ensure_topics(s.kafka())
     producer = AIOKafkaProducer(**s.kafka_client_kwargs(), acks="all", linger_ms=0)
     await producer.start()
     try:
@@ -76,9 +76,9 @@ async def push_rules(s: Settings, rules: list[Any]) -> int:
 
 def active_rules(s: Settings) -> tuple[list[Any], dict[str, str]]:
     """Seed rules with the rules topic applied, and where each one came from."""
-    from streams.app import build_rulebook
+    from streams.topology import build_rulebook
 
-    book = build_rulebook(s)
+    book = build_rulebook(s.rules_file)
     source = {r.id: "seed" for r in book.current.rules}
     for key, value in asyncio.run(read_rules_topic(s)):
         if book.apply(value, key) is not None:
@@ -192,7 +192,7 @@ async def _follow(s: Settings, codec: Any, wanted: Any, from_beginning: bool) ->
 
     from streams.topics import ensure_topics
 
-    await ensure_topics(s)
+    await ensure_topics(s.kafka())
     topic = s.topic("alerts")
     consumer = AIOKafkaConsumer(**s.kafka_client_kwargs(), group_id=None, enable_auto_commit=False)
     await consumer.start()
@@ -224,9 +224,9 @@ async def _follow(s: Settings, codec: Any, wanted: Any, from_beginning: bool) ->
 
 def recent_alerts(s: Settings, codec: Any, limit: int, rules: set[str], min_sev: int) -> list[dict[str, Any]]:
     """Latest version of each alert (FIRED or RETRACTED), newest first, from ClickHouse."""
-    from streams.app import make_backend
+    from sinks import connect
 
-    be = make_backend(s)
+    be = connect(s.clickhouse())
     db = s.ch_database
     where = []
     if rules:

@@ -16,7 +16,8 @@ import platformdirs
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-STREAMS = ("settlement", "procurement", "supervision")
+from sinks.config import ClickHouseConfig
+from streams.config import KafkaConfig, PrivacyConfig, RulesConfig, ValidationConfig, WorkerConfig
 
 
 class ClickHouseBackend(StrEnum):
@@ -168,6 +169,42 @@ class Settings(BaseSettings):
     @property
     def chdb_path(self) -> Path:
         return self.data_dir / "chdb"
+
+    def kafka(self) -> KafkaConfig:
+        return KafkaConfig(client=self.kafka_client_kwargs(), topic_prefix=self.topic_prefix,
+                           partitions=self.topic_partitions, replication=self.topic_replication,
+                           consumer_group=self.consumer_group, session_timeout_ms=self.session_timeout_ms)
+
+    def validation(self) -> ValidationConfig:
+        return ValidationConfig(known_insutypes=frozenset(self.known_insutypes),
+                                known_med_types=frozenset(self.known_med_types),
+                                max_future_skew_s=self.max_future_skew_s, min_event_year=self.min_event_year)
+
+    def rules(self) -> RulesConfig:
+        return RulesConfig(enabled=self.rules_enabled, rules_file=self.rules_file,
+                           allowed_lateness_days=self.allowed_lateness_days,
+                           monitor_interval_s=self.monitor_interval_s)
+
+    def privacy(self) -> PrivacyConfig:
+        return PrivacyConfig(key=self.pseudo_key.get_secret_value() if self.pseudo_key else None,
+                             key_file=self.pseudo_key_file, key_id=self.pseudo_key_id)
+
+    def worker(self) -> WorkerConfig:
+        """What a worker process runs with (streams.config): the one place settings become config."""
+        return WorkerConfig(
+            kafka=self.kafka(), clickhouse=self.clickhouse(), validation=self.validation(), rules=self.rules(),
+            privacy=self.privacy(), data_dir=self.data_dir, batch_max_events=self.batch_max_events,
+            batch_max_seconds=self.batch_max_seconds, sink_retry_max_seconds=self.sink_retry_max_seconds,
+            web_port=self.web_port, shutdown_deadline_s=self.shutdown_deadline_s,
+        )
+
+    def clickhouse(self) -> ClickHouseConfig:
+        """How to reach ClickHouse, for :func:`sinks.connect`."""
+        return ClickHouseConfig(
+            backend=self.ch_backend.value, database=self.ch_database, chdb_path=self.chdb_path,
+            host=self.ch_host, port=self.ch_port, user=self.ch_user, password=self.ch_password.get_secret_value(),
+            secure=self.ch_secure, verify=self.ch_verify, ca_certs=self.ch_ca_certs, cluster=self.ch_cluster,
+        )
 
     def kafka_client_kwargs(self) -> dict[str, Any]:
         """Connection options shared by every aiokafka/kafka-python client."""

@@ -17,10 +17,10 @@ log = structlog.get_logger(__name__)
 
 
 def migrate_now(settings: Settings) -> None:
+    from sinks import connect
     from sinks.migrate import migrate
-    from streams.app import make_backend
 
-    backend = make_backend(settings)
+    backend = connect(settings.clickhouse())
     try:
         migrate(backend, cluster=settings.ch_cluster)
     finally:
@@ -48,7 +48,7 @@ def _run_one(settings: Settings) -> int:
 
     from .logs import configure
 
-    app, service = create_app(settings)
+    app, service = create_app(settings.worker())
     # Faust's own setup (mode's setup_logging) would replace the root handler with a colorlog one
     # that bypasses the redaction: ours stays, with the libraries at the worker's level as before.
     configure(settings.log_level, settings.log_format.value, libraries=settings.log_level)

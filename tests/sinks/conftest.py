@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from sinks import Backend, SinkError, open_backend
+from sinks import Backend, ClickHouseConfig, SinkError, connect
 from yibao.localinfra import ClickHouseEndpoint
 
 BACKEND_KINDS = ("embedded", "server")
@@ -41,16 +41,10 @@ def backend_factory(request: pytest.FixtureRequest, chdb_path: Path) -> Iterator
     def make(database: str) -> Backend:
         if kind == "server":
             server: ClickHouseEndpoint = request.getfixturevalue("clickhouse_server")
-            backend = open_backend(
-                "server",
-                host=server.host,
-                port=server.tcp_port,
-                user=server.user,
-                password=server.password,
-                database=database,
-            )
+            backend = connect(ClickHouseConfig(backend="server", host=server.host, port=server.tcp_port,
+                                               user=server.user, password=server.password, database=database))
         else:
-            backend = open_backend("embedded", path=chdb_path, database=database)
+            backend = connect(ClickHouseConfig(chdb_path=chdb_path, database=database))
         opened.append(backend)
         return backend
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from sinks import TABLES, Backend, SinkError, migrate, open_backend
+from sinks import TABLES, Backend, ClickHouseConfig, SinkError, connect, migrate
 from sinks.migrate import DDL_DIR
 from yibao.localinfra import ClickHouseEndpoint
 
@@ -583,10 +583,10 @@ def hand_made(request: pytest.FixtureRequest, chdb_path: Path) -> Iterator[HandM
     database = fresh_database()
     if request.param == "server":
         server: ClickHouseEndpoint = request.getfixturevalue("clickhouse_server")
-        backend = open_backend("server", host=server.host, port=server.tcp_port, user=server.user,
-                               password=server.password, database=database)
+        backend = connect(ClickHouseConfig(backend="server", host=server.host, port=server.tcp_port, user=server.user,
+                                           password=server.password, database=database))
     else:
-        backend = open_backend("embedded", path=chdb_path, database=database)
+        backend = connect(ClickHouseConfig(chdb_path=chdb_path, database=database))
     try:
         migrate(backend)
         now = int(dt.datetime.now(CN).timestamp())

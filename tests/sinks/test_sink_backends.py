@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from sinks import TABLES, Backend, ServerBackend, SinkError, SinkUnavailable, migrate, open_backend
+from sinks import TABLES, Backend, ClickHouseConfig, ServerBackend, SinkError, SinkUnavailable, migrate
 from sinks.embedded import EmbeddedBackend
 from yibao.localinfra import ClickHouseEndpoint, ClickHouseServer, MissingBinaryError, free_port
 
@@ -211,11 +211,12 @@ def test_unknown_settings_are_refused_not_dropped(clickhouse_server: ClickHouseE
         assert good.query("SELECT value FROM system.settings WHERE name = 'max_threads'").scalar() == "1"
 
 
-def test_open_backend_rejects_unknown_kinds() -> None:
+def test_clickhouse_config_rejects_unknown_kinds_and_an_embedded_engine_without_a_path() -> None:
     with pytest.raises(ValueError, match="unknown ClickHouse backend"):
-        open_backend("sqlite")
-    with pytest.raises(ValueError, match="path="):
-        open_backend("embedded")
+        ClickHouseConfig(backend="sqlite")
+    with pytest.raises(ValueError, match="chdb_path"):
+        ClickHouseConfig(backend="embedded")
+    assert "secret" not in repr(ClickHouseConfig(backend="server", password="secret"))
 
 
 # --- embedded only ------------------------------------------------------------------------------
