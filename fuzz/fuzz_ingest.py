@@ -34,17 +34,9 @@ if str(ROOT) not in sys.path:
 
 with atheris.instrument_imports(include=["streams", "schemas", "sinks"]):
     from schemas import SUBJECT_RECORDS, Codec
-    from streams.ingest import (
-        ALERT_RECORD,
-        DEADLETTER_RECORD,
-        MESSAGE_BUDGET,
-        BatchProcessor,
-        GroupedProcessor,
-        Message,
-        Outcome,
-        alert_key,
-    )
+    from streams.messages import ALERT_RECORD, DEADLETTER_RECORD, MESSAGE_BUDGET, Message, Outcome, alert_key
     from streams.privacy import Pseudonymizer, Sealer
+    from streams.processors import BatchProcessor, GroupedProcessor
     from streams.rules import load_knowledge
     from streams.rules.engine import SettlementEngine
     from streams.rules.grouped import GroupedEngine

@@ -44,6 +44,9 @@ from dataclasses import dataclass
 from schemas.calendar import CHINA_TZ_NAME
 
 LC = "LowCardinality(String)"
+#: Tables several source topics share (each row names its source).
+DEAD_LETTER_TABLE = "dead_letters"
+ALERTS_TABLE = "alerts"
 TZ = CHINA_TZ_NAME
 DT = f"DateTime('{TZ}')"
 MONEY = "Decimal(16, 2)"

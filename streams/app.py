@@ -28,8 +28,9 @@ from sinks.base import Backend
 
 from . import metrics
 from .config import KafkaConfig, WorkerConfig
-from .ingest import BatchProcessor, GroupedProcessor, Ingestor
+from .ingest import Ingestor
 from .privacy import Pseudonymizer, Sealer, load_key
+from .processors import BatchProcessor, GroupedProcessor
 from .rules import RuleBook
 from .rules.rulebook import follow_rules_topic
 from .topics import RULES_TOPIC, STREAMS, ensure_topics

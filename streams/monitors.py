@@ -412,7 +412,7 @@ def alert_columns(datums: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:
     """Rows of the ``alerts`` table for these datums, as the ingestors build them."""
     from schemas import Codec
 
-    from .ingest import alert_plan
+    from .messages import alert_plan
     from .privacy import Pseudonymizer
 
     plan = alert_plan(Codec())

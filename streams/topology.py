@@ -24,8 +24,8 @@ from schemas import Codec
 from . import procurement, settlement, supervision
 from .base import Subsystem
 from .config import RulesConfig, ValidationConfig
-from .ingest import BatchProcessor, GroupedProcessor
 from .privacy import Pseudonymizer, Sealer
+from .processors import BatchProcessor, GroupedProcessor
 from .rules import RULES_FILE, RuleBook, check_rule, load_knowledge, load_rules_file
 from .rules.engine import SettlementEngine
 from .rules.grouped import GroupedEngine

@@ -105,12 +105,12 @@ import os, signal, sys
 import streams.ingest as ingest
 _orig = ingest.Ingestor._commit
 _calls = 0
-async def _commit(self, batch):
+async def _commit(self, offsets):
     global _calls
     _calls += 1
     if _calls >= int(os.environ["YIBAO_TEST_CRASH_AT_COMMIT"]):
         os.kill(os.getpid(), signal.SIGKILL)
-    return await _orig(self, batch)
+    return await _orig(self, offsets)
 ingest.Ingestor._commit = _commit
 from yibao.cli import main
 sys.argv = ["yibao", "worker", "--no-migrate"]

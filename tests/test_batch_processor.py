@@ -19,12 +19,11 @@ import pytest
 from schemas import SUBJECT_RECORDS, Codec
 from sinks.tables import TABLES
 from streams.base import Subsystem
-from streams.ingest import (
+from streams.landed import LandedIndex
+from streams.messages import (
     DEAD_LETTER_TABLE,
     DEADLETTER_RECORD,
     MESSAGE_BUDGET,
-    BatchProcessor,
-    LandedIndex,
     Message,
     Outcome,
     clip,
@@ -32,6 +31,7 @@ from streams.ingest import (
     fit_for_topic,
 )
 from streams.privacy import Pseudonymizer, Sealer
+from streams.processors import BatchProcessor
 from streams.topology import MODULES
 from streams.validation import Limits
 from yibao.corrupt import FRAME_CORRUPTIONS, SETTLEMENT_CORRUPTIONS

@@ -375,7 +375,7 @@ def alerts_backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
 
 
 def test_alerts_from_the_clickhouse_table(alerts_backend: Any) -> None:
-    from streams.ingest import alert_plan
+    from streams.messages import alert_plan
     from streams.privacy import Pseudonymizer
     from yibao.evaluate import alerts_from_backend
 

@@ -30,8 +30,9 @@ import pytest
 from schemas import Codec
 from sinks import connect
 from sinks.base import SinkUnavailable
+from sinks.landed import without_existing
 from sinks.migrate import migrate
-from streams.ingest import Ingestor, without_existing
+from streams.ingest import Ingestor
 from yibao.corrupt import corrupt
 from yibao.localinfra import (
     ClickHouseEndpoint,

@@ -36,7 +36,7 @@ from schemas import Codec
 from sinks import connect
 from sinks.base import Backend
 from sinks.migrate import migrate
-from streams.ingest import DEAD_LETTER_TABLE
+from streams.messages import DEAD_LETTER_TABLE
 from streams.settlement import MONEY
 from streams.validation import PROVINCES
 from yibao import corrupt as corruptions

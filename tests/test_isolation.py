@@ -18,15 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sinks.base import SinkError, SinkUnavailable
-from streams.ingest import (
-    SPLIT_WAYS,
-    EmitTooLarge,
-    Ingestor,
-    Message,
-    ProcessingFailed,
-    describe,
-    message_failure,
-)
+from streams.ingest import SPLIT_WAYS, Ingestor, ProcessingFailed, describe, message_failure
+from streams.messages import EmitTooLarge, Message
 
 
 class Rig:

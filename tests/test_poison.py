@@ -28,7 +28,7 @@ from schemas import SUBJECT_RECORDS, Codec
 from sinks import connect
 from sinks.base import Backend
 from sinks.migrate import migrate
-from streams.ingest import DEAD_LETTER_TABLE, MESSAGE_BUDGET
+from streams.messages import DEAD_LETTER_TABLE, MESSAGE_BUDGET
 from yibao.localinfra import ClickHouseEndpoint, KafkaEndpoint
 from yibao.settings import Settings
 from yibao.simulate import SETTLEMENT, SimConfig, SimEvent, TrafficGenerator
@@ -180,7 +180,7 @@ DEFECTIVE_WORKER = r"""
 import sys
 import schemas.codec as codec_mod
 import sinks.server as server
-import streams.ingest as ingest
+import streams.processors as processors
 import streams.rules.engine as engine
 from sinks.base import SinkError
 from streams.validation import Predicate
@@ -196,14 +196,14 @@ def decode(self, data, *a, **kw):
     return _decode(self, data, *a, **kw)
 codec_mod.Codec.decode = decode
 
-_checks = ingest.record_checks
+_checks = processors.record_checks
 def record_checks(spec, schema, rules=None):
     def ok(d):
         if "DEFECT-VALIDATE" in str(d.get("setl_id")):
             leak(d, "validate")
         return True
     return (*_checks(spec, schema, rules), Predicate("X", "setl_id", "x", ok))
-ingest.record_checks = record_checks
+processors.record_checks = record_checks
 
 _settle = engine.SettlementEngine._settlement
 def settle(self, ev, *a):

@@ -23,8 +23,9 @@ from hypothesis import strategies as st
 from schemas import SUBJECT_RECORDS, Codec
 from streams.base import Subsystem, record_checks
 from streams.fields import FieldRules, Required, load_field_rules
-from streams.ingest import BatchProcessor, Message
+from streams.messages import Message
 from streams.privacy import Pseudonymizer, Sealer
+from streams.processors import BatchProcessor
 from streams.topology import build_subsystems
 from streams.validation import (
     CODE_PATTERNS,

@@ -64,8 +64,9 @@ def stage_costs(settings: Settings, frames: list[OutEvent], backend: Any) -> dic
     import dataclasses
 
     from streams.app import tune_gc
-    from streams.ingest import BatchProcessor, Message
+    from streams.messages import Message
     from streams.privacy import Pseudonymizer, Sealer
+    from streams.processors import BatchProcessor
     from streams.rules.engine import SettlementEngine
     from streams.topology import build_pipeline
 

@@ -311,8 +311,9 @@ def run_events(events: Iterable[Any], settings: Settings | None = None, planted_
     ``tables`` (fund income through the supervision ``BatchProcessor``), for :func:`monitor_alerts`."""
     import dataclasses
 
-    from streams.ingest import BatchProcessor, Message
+    from streams.messages import Message
     from streams.privacy import Pseudonymizer, Sealer
+    from streams.processors import BatchProcessor
     from streams.topology import build_pipeline
 
     s = settings or load_settings()

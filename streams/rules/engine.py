@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 from bisect import insort
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -26,30 +25,13 @@ from ..privacy import Pseudonymizer
 from ..settlement import age_at
 from .alerts import alert_datum, alert_id, fired_datum, next_generation, remember, retract
 from .detectors import INPATIENT, KINDS, Facts, Finding, entry_of, gather
+from .events import EngineEvent, EngineOutput
 from .knowledge import Knowledge
 from .rulebook import RuleBook
 from .state import Store
 
 SETTLEMENT = "Settlement"
 REVERSAL = "SettlementReversal"
-
-
-@dataclass(frozen=True)
-class EngineEvent:
-    record: str  # short record name
-    datum: dict[str, Any]
-    partition: int
-    offset: int
-    age: int | None = None
-
-
-@dataclass
-class EngineOutput:
-    alerts: list[tuple[dict[str, Any], int, int]] = field(default_factory=list)  # datum, partition, offset
-    emits: list[tuple[str, bytes, bytes]] = field(default_factory=list)  # stream, key, value
-    late: int = 0
-    skipped: int = 0
-    capped: int = 0
 
 
 #: Most settlements a person's timeline keeps within the rules' horizon (the oldest go first). A

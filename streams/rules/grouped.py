@@ -15,26 +15,18 @@ import math
 import statistics
 from bisect import bisect_left, insort
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
-
-import orjson
 
 from schemas.calendar import month_bounds, month_of, prev_month
 
 from .alerts import alert_datum, alert_id, fired_datum, next_generation, remember, retract
 from .detectors import Finding
+from .events import EngineEvent, EngineOutput
 from .rulebook import RuleBook
 from .state import Store
 
 HIGH_SEVERITY = frozenset({"1", "3"})  # CHS-DRG: 1 with MCC, 3 with CC, 5 without, 9 not split
 SAMPLE = 600
-
-
-@dataclass
-class GroupedOutput:
-    alerts: list[tuple[dict[str, Any], int, int]] = field(default_factory=list)
-    skipped: int = 0
 
 
 class GroupedEngine:
@@ -43,6 +35,7 @@ class GroupedEngine:
     def __init__(self, book: RuleBook, store: Store, by: str) -> None:
         self.book = book
         self.store = store
+        self.stores = [store]
         self.by = by
         self.alert_kinds = frozenset({"drg_upcoding" if by == "hospital" else "high_cost"})
 
@@ -52,19 +45,20 @@ class GroupedEngine:
     def forget(self, partitions: Sequence[int]) -> None:
         self.store.forget(partitions)
 
-    def process(self, msgs: Sequence[tuple[bytes | None, bytes | None, int, int]]) -> GroupedOutput:
-        out = GroupedOutput()
+    def process(self, events: Sequence[EngineEvent]) -> EngineOutput:
+        """Apply re-keyed stays (``record`` "Stay", the stay summary as ``datum``, keyed by hospital
+        or DRG group in ``key``) in order; a stay without a key has nothing to be grouped by."""
+        out = EngineOutput()
         kind = "drg_upcoding" if self.by == "hospital" else "high_cost"
         rules = self.book.current.enabled(kind)
-        for key, value, partition, offset in msgs:
-            if key is None or value is None:
+        for ev in events:
+            k, rec, partition, offset = ev.key, ev.datum, ev.partition, ev.offset
+            if k is None:
                 continue
-            k = key.decode()
             st = self.store.get(partition, k) or {"o": -1, "seen": {}, "f": {}, "months": {}, "costs": []}
             if offset <= st["o"]:
                 out.skipped += 1
                 continue
-            rec = orjson.loads(value)
             st["o"] = offset
             if self.by == "hospital":
                 self._hospital(rec, st, rules, partition, offset, out)
@@ -75,7 +69,7 @@ class GroupedEngine:
 
     # --- DRG upcoding: a hospital's CC/MCC share this month against its own past months ----------
     def _hospital(self, rec: dict[str, Any], st: dict[str, Any], rules: list[Any], partition: int,
-                  offset: int, out: GroupedOutput) -> None:
+                  offset: int, out: EngineOutput) -> None:
         s = rec["s"]
         months = st["months"]
         if rec["rev"]:
@@ -110,7 +104,7 @@ class GroupedEngine:
             self._upcoding(rule, rec["h"], m, st, partition, offset, out, detected_at=rec["t"])
 
     def _upcoding(self, rule: Any, h: str, m: int, st: dict[str, Any], partition: int, offset: int,
-                  out: GroupedOutput, detected_at: int | None = None, retract_at: int | None = None) -> None:
+                  out: EngineOutput, detected_at: int | None = None, retract_at: int | None = None) -> None:
         min_cases = int(rule.param("min_cases"))
         months = st["months"]
         cur = months.get(str(m))
@@ -157,7 +151,7 @@ class GroupedEngine:
 
     # --- abnormal high cost: a stay costing more than k × its DRG group's median ---------------
     def _drg(self, rec: dict[str, Any], st: dict[str, Any], rules: list[Any], partition: int, offset: int,
-             out: GroupedOutput) -> None:
+             out: EngineOutput) -> None:
         s = rec["s"]
         costs: list[int] = st["costs"]
         if rec["rev"]:

@@ -35,13 +35,13 @@ from __future__ import annotations
 import datetime as dt
 import heapq
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from schemas.calendar import CHINA, DAY_MS, china_day, day_start_ms, month_bounds, month_of
 
 from .alerts import alert_datum
 from .detectors import Finding
+from .events import EngineEvent, EngineOutput
 from .model import Rule
 from .rulebook import RuleBook
 from .state import Store
@@ -62,24 +62,6 @@ KIND_TRACE = "trace_duplicate"
 KIND_VOLUME = "volume_lag"
 KIND_PAYMENT = "payment_overdue"
 PROCUREMENT_KINDS = (KIND_OVERSELL, KIND_TRACE, KIND_VOLUME, KIND_PAYMENT)
-
-
-@dataclass(frozen=True)
-class ProcEvent:
-    """One valid procurement event in partition order (``record`` is the short record name)."""
-
-    record: str
-    datum: dict[str, Any]
-    partition: int
-    offset: int
-
-
-@dataclass
-class ProcOutput:
-    alerts: list[tuple[dict[str, Any], int, int]] = field(default_factory=list)  # datum, partition, offset
-    emits: list[tuple[str, bytes, bytes]] = field(default_factory=list)  # none: kept for the processor
-    capped: int = 0  # none: per-key state here is bounded by retention
-    skipped: int = 0
 
 
 class ProcurementEngine:
@@ -125,9 +107,9 @@ class ProcurementEngine:
             self._trace.pop(p, None)
 
     # --- the batch -----------------------------------------------------------------------------
-    def process(self, events: Sequence[Any]) -> ProcOutput:
-        """Apply ``events`` (anything with record, datum, partition, offset) in order."""
-        out = ProcOutput()
+    def process(self, events: Sequence[EngineEvent]) -> EngineOutput:
+        """Apply ``events`` in order (emits nothing: procurement state is keyed like its stream)."""
+        out = EngineOutput()
         rules = self.book.current
         by_kind = {k: rules.enabled(k) for k in PROCUREMENT_KINDS}
         for ev in events:
@@ -176,12 +158,12 @@ class ProcurementEngine:
 
     def _alert(self, rule: Rule, key: str, inst: str, st: dict[str, Any], start: int, end: int,
                setl_ids: Sequence[str], amount: int, evidence: dict[str, str], at: int, ev: Any,
-               out: ProcOutput) -> None:
+               out: EngineOutput) -> None:
         fd = Finding(rule, key, inst, start, end, tuple(setl_ids), (), amount, evidence, at)
         out.alerts.append((alert_datum(fd, SUBSYSTEM, inst, None, st.get("r") or None), ev.partition, ev.offset))
 
     # --- 进销存: inventory balance and traceability codes --------------------------------------
-    def _movement(self, ev: Any, st: dict[str, Any], by_kind: dict[str, list[Rule]], out: ProcOutput) -> None:
+    def _movement(self, ev: Any, st: dict[str, Any], by_kind: dict[str, list[Rule]], out: EngineOutput) -> None:
         d = ev.datum
         drug = d["med_list_codg"]
         kind = d["mov_type"]
@@ -207,7 +189,7 @@ class ProcurementEngine:
         if by_kind[KIND_TRACE] and (kind in ("SALE_OUT", "SALE_RETURN")) and d.get("drug_trac_codg"):
             self._traces(by_kind[KIND_TRACE][0], by_kind[KIND_TRACE], ev, st, out)
 
-    def _oversell(self, rule: Rule, ev: Any, st: dict[str, Any], row: list[Any], out: ProcOutput) -> None:
+    def _oversell(self, rule: Rule, ev: Any, st: dict[str, Any], row: list[Any], out: EngineOutput) -> None:
         """Cumulative sales beyond opening stock + net purchases by more than ``tolerance_pm`` of the
         inflow: one alert per episode (until the next stock-take re-baselines the drug)."""
         balance, inflow, episode = row
@@ -225,7 +207,7 @@ class ProcurementEngine:
                         "opening_plus_purchases_cnt": f"{inflow / CNT:g}",
                     }, t, ev, out)
 
-    def _traces(self, rule: Rule, rules: list[Rule], ev: Any, st: dict[str, Any], out: ProcOutput) -> None:
+    def _traces(self, rule: Rule, rules: list[Rule], ev: Any, st: dict[str, Any], out: EngineOutput) -> None:
         """Remember sold codes (per day bucket); a code sold again while remembered is a duplicate."""
         d = ev.datum
         inst = d["fixmedins_code"]
@@ -301,7 +283,7 @@ class ProcurementEngine:
         if c is not None:
             c[4] += int(d["purc_cnt"])
 
-    def _volume(self, ev: Any, st: dict[str, Any], rules: list[Rule], t: int, out: ProcOutput) -> None:
+    def _volume(self, ev: Any, st: dict[str, Any], rules: list[Rule], t: int, out: EngineOutput) -> None:
         """Completion (purchased ÷ agreed) against the elapsed share of the cycle, at this event's
         time, for every contract of the institution in its cycle; one alert per contract and month.
 
@@ -341,7 +323,7 @@ class ProcurementEngine:
         st["d"][d["dlv_id"]] = [acpt, int(d["dlv_amt"]), d["splr_code"]]
         heapq.heappush(self._timers.setdefault(ev.partition, []), (acpt, d["fixmedins_code"], d["dlv_id"]))
 
-    def _payment(self, ev: Any, st: dict[str, Any], rules: list[Rule], out: ProcOutput) -> None:
+    def _payment(self, ev: Any, st: dict[str, Any], rules: list[Rule], out: EngineOutput) -> None:
         d = ev.datum
         pending = st["d"].pop(d["dlv_id"], None)
         if pending is None:
@@ -354,7 +336,7 @@ class ProcurementEngine:
                 self._overdue(rule, ev, st, d["fixmedins_code"], d["dlv_id"], acpt, amt, splr, pay, True, out)
                 break
 
-    def _fire_timers(self, ev: Any, rules: list[Rule], out: ProcOutput) -> None:
+    def _fire_timers(self, ev: Any, rules: list[Rule], out: EngineOutput) -> None:
         """Deliveries still unpaid when the partition's event time passes acceptance + ``days``."""
         timers = self._timers.get(ev.partition)
         if not timers or not rules:
@@ -374,7 +356,7 @@ class ProcurementEngine:
             self.store.put(ev.partition, inst, st)
 
     def _overdue(self, rule: Rule, ev: Any, st: dict[str, Any], inst: str, dlv_id: str, acpt: int, amt: int,
-                 splr: str, at: int, paid: bool, out: ProcOutput) -> None:
+                 splr: str, at: int, paid: bool, out: EngineOutput) -> None:
         days = int(rule.param("days"))
         self._alert(rule, dlv_id, inst, st, acpt, at, [], amt, {
             "ref": dlv_id, "splr_code": splr, "accepted": dt.datetime.fromtimestamp(acpt / 1000, CHINA).isoformat(),
@@ -383,4 +365,4 @@ class ProcurementEngine:
         }, at, ev, out)
 
 
-__all__ = ["PROCUREMENT_KINDS", "ProcEvent", "ProcOutput", "ProcurementEngine"]
+__all__ = ["PROCUREMENT_KINDS", "ProcurementEngine"]

@@ -15,9 +15,11 @@ from decimal import Decimal
 from typing import Any
 
 from streams.privacy import Pseudonymizer
+from streams.processors import STAY
 from streams.rules import RULES_FILE, RuleBook, check_rule, load_knowledge, load_rules_file
-from streams.rules.engine import EngineEvent, EngineOutput, SettlementEngine
-from streams.rules.grouped import GroupedEngine, GroupedOutput
+from streams.rules.engine import SettlementEngine
+from streams.rules.events import EngineEvent, EngineOutput
+from streams.rules.grouped import GroupedEngine
 from streams.rules.state import Store
 
 DAY_MS = 86_400_000
@@ -201,7 +203,7 @@ class Rig:
         return out
 
 
-def only(out: EngineOutput | GroupedOutput, rule: str | None) -> list[dict[str, Any]]:
+def only(out: EngineOutput, rule: str | None) -> list[dict[str, Any]]:
     return [a for a, _, _ in out.alerts if rule is None or a["rule_id"] == rule]
 
 
@@ -227,14 +229,14 @@ class GroupedRig:
         self.by = by
         self.offset = 0
 
-    def send(self, *values: bytes, offset: int | None = None, partition: int = 0) -> GroupedOutput:
-        msgs = []
+    def send(self, *values: bytes, offset: int | None = None, partition: int = 0) -> EngineOutput:
+        events = []
         for v in values:
             rec = json.loads(v)
             o = offset if offset is not None else self.offset
             self.offset = max(self.offset, o + 1)
-            msgs.append(((rec["h"] if self.by == "hospital" else rec["drg"]).encode(), v, partition, o))
-        return self.engine.process(msgs)
+            events.append(EngineEvent(STAY, rec, partition, o, key=rec["h"] if self.by == "hospital" else rec["drg"]))
+        return self.engine.process(events)
 
     def alerts(self, *values: bytes, rule: str | None = None, **kw: Any) -> list[dict[str, Any]]:
         return only(self.send(*values, **kw), rule)

@@ -16,7 +16,7 @@ import pytest
 from schemas import Codec
 from streams.base import record_checks
 from streams.rules import KINDS
-from streams.rules.engine import EngineEvent
+from streams.rules.events import EngineEvent
 from streams.settlement import build
 from streams.validation import Limits, compile_checks
 from yibao.settings import load_settings

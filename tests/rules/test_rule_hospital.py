@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from streams.rules.alerts import alert_id
-from streams.rules.engine import EngineOutput
+from streams.rules.events import EngineOutput
 
 from .builders import (
     CBC,

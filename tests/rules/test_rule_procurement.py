@@ -8,7 +8,8 @@ from typing import Any
 
 import orjson
 
-from streams.rules.procurement import ProcEvent, ProcurementEngine
+from streams.rules.events import EngineEvent
+from streams.rules.procurement import ProcurementEngine
 from streams.rules.state import Store
 
 from .builders import date, hospital, ms, rule_update, seed_book
@@ -66,7 +67,7 @@ class ProcRig:
         evs = []
         for record, datum in events:
             o = self.offset if offset is None else offset
-            evs.append(ProcEvent(record, datum, 0, o))
+            evs.append(EngineEvent(record, datum, 0, o))
             if offset is None:
                 self.offset += 1
             else:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from sinks.base import Backend
+from sinks.landed import existing_rows
 from sinks.migrate import migrate
-from streams.ingest import existing_rows
 from tests.sinks.test_bi_aggregates import insert
 
 

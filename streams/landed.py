@@ -1,0 +1,48 @@
+"""The in-memory side of the exactly-once lookup: what the tables said they hold, per partition,
+until the consumer has moved past it (the SQL is sinks.landed)."""
+
+from __future__ import annotations
+
+
+class LandedIndex:
+    """Events at or beyond the committed position that tables already hold, per partition.
+
+    Filled when a partition is (re)assigned, from the tables themselves: for each table, source
+    offset → identity of the event stored there. Emptied as the consumer moves past the highest
+    such offset. Usually empty: it only matters after a crash between a write and its commit.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[int, dict[str, dict[int, set[str]]]] = {}
+        self._horizon: dict[int, int] = {}
+
+    def load(self, partition: int, per_table: dict[str, dict[int, set[str]]]) -> None:
+        nonempty = {t: s for t, s in per_table.items() if s}
+        if nonempty:
+            self._seen[partition] = nonempty
+            self._horizon[partition] = max(max(s) for s in nonempty.values())
+        else:
+            self.forget(partition)
+
+    def forget(self, partition: int) -> None:
+        self._seen.pop(partition, None)
+        self._horizon.pop(partition, None)
+
+    def active(self) -> bool:
+        return bool(self._seen)
+
+    def __call__(self, table: str, partition: int, offset: int, ident: str) -> bool:
+        seen = self._seen.get(partition)
+        if not seen:
+            return False
+        idents = seen.get(table, {}).get(offset)
+        return idents is not None and ident in idents
+
+    def tables_at(self, partition: int, offset: int) -> list[str]:
+        """Tables holding rows of whatever event was at this position."""
+        return [t for t, by_offset in self._seen.get(partition, {}).items() if offset in by_offset]
+
+    def advance(self, partition: int, last_offset: int) -> None:
+        h = self._horizon.get(partition)
+        if h is not None and last_offset >= h:
+            self.forget(partition)

@@ -1,0 +1,196 @@
+"""What a batch is made of and what it makes: messages in, an :class:`Outcome` out (rows per table,
+dead letters, alerts, re-keyed records), and the bounds on everything the worker sends.
+
+Everything here is pure: the processors (streams.processors) build outcomes, the checkpoint
+(streams.checkpoint) makes them durable.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from schemas import Codec
+from sinks.tables import ALERTS_TABLE, DEAD_LETTER_TABLE
+
+from .base import ColumnPlan, Columns, Datum, TableMapping, compile_plan, merge_columns
+from .privacy import Pseudonymizer, Sealer
+
+__all__ = ["ALERTS_TABLE", "ALERT_RECORD", "DEADLETTER_RECORD", "DEAD_LETTER_TABLE", "MESSAGE_BUDGET", "AlreadyLanded",
+           "DeadLetters", "EmitTooLarge", "Failure", "Message", "Outcome", "add_alerts", "alert_key", "alert_plan",
+           "clip", "dead_letter_id", "fit_for_topic"]
+
+DEADLETTER_RECORD = "cn.nhsa.yibao.pipeline.DeadLetter"
+ALERT_RECORD = "cn.nhsa.yibao.pipeline.AnomalyAlert"
+_DL_NAMESPACE = uuid.UUID("6d1f0c36-2d0e-4f0f-9a53-8c1f5b0e7a11")
+
+
+@dataclass(frozen=True)
+class Message:
+    """The parts of a Kafka record the pipeline uses."""
+
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+def dead_letter_id(topic: str, partition: int, offset: int) -> str:
+    """Deterministic: the same source position always yields the same dead-letter id."""
+    return str(uuid.uuid5(_DL_NAMESPACE, f"{topic}/{partition}/{offset}"))
+
+
+@dataclass
+class Outcome:
+    """What one batch produced: rows per table, dead letters, counts for metrics and tests."""
+
+    tables: dict[str, Columns] = field(default_factory=dict)
+    dead: list[Datum] = field(default_factory=list)
+    dead_keys: list[bytes] = field(default_factory=list)
+    landed: Counter[str] = field(default_factory=Counter)
+    reasons: Counter[str] = field(default_factory=Counter)
+    skipped_rows: Counter[str] = field(default_factory=Counter)
+    events: int = 0
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    alerts: list[Datum] = field(default_factory=list)
+    emits: list[tuple[str, bytes, bytes]] = field(default_factory=list)  # stream, key, value
+    state_capped: int = 0  # events after which a key's state was cut to its bound
+
+    def rows(self, table: str) -> int:
+        cols = self.tables.get(table)
+        return len(next(iter(cols.values()))) if cols else 0
+
+
+#: ``already(table, partition, offset, ident)``: that table holds rows of that event at that position.
+AlreadyLanded = Callable[[str, int, int, str], bool]
+
+
+#: A message that cannot land: (message, reason code, detail, field, schema id, event type).
+Failure = tuple[Message, str, str, str | None, int | None, str | None]
+
+
+class DeadLetters:
+    """Dead letters of one source topic: rows for the dead_letters table (the original sealed
+    whole) and their topic copies (bounded, :func:`fit_for_topic`)."""
+
+    def __init__(self, topic: str, codec: Codec, sealer: Sealer, pseudonymizer: Pseudonymizer) -> None:
+        self.topic = topic
+        self.sealer = sealer
+        self.pseudonymizer = pseudonymizer
+        self._plan = compile_plan(TableMapping(DEAD_LETTER_TABLE), codec.record_schema(DEADLETTER_RECORD))
+
+    def add(self, failed: Sequence[Failure], already: AlreadyLanded | None, out: Outcome) -> None:
+        now_ms = int(time.time() * 1000)
+        data: list[Datum] = []
+        parts: list[int] = []
+        offs: list[int] = []
+        for m, code, detail, fld, schema_id, event_type in failed:
+            out.reasons[code] += 1
+            digest = self.sealer.digest(m.value or b"")
+            if already is not None and already(DEAD_LETTER_TABLE, m.partition, m.offset, digest):
+                out.skipped_rows[DEAD_LETTER_TABLE] += 1
+                continue
+            datum: Datum = {
+                "event_id": dead_letter_id(self.topic, m.partition, m.offset),
+                "reason_code": code,
+                "reason_detail": clip(detail),
+                "field": fld,
+                "source_topic": self.topic,
+                "source_partition": m.partition,
+                "source_offset": m.offset,
+                "source_key": self.sealer.seal(m.key) if m.key is not None else None,
+                "schema_id": schema_id,
+                "event_type": event_type,
+                "payload": self.sealer.seal(m.value or b""),
+                "payload_digest": digest,
+                "failed_at": now_ms,
+            }
+            data.append(datum)
+            parts.append(m.partition)
+            offs.append(m.offset)
+            out.dead_keys.append(f"{self.topic}/{m.partition}".encode())
+        if data:
+            merge_columns(out.tables, DEAD_LETTER_TABLE, self._plan.build(data, parts, offs, self.pseudonymizer))
+        out.dead.extend(fit_for_topic(d) for d in data)
+
+
+#: Bytes of key + value that any message the worker sends may take. Producers and brokers refuse
+#: messages over ~1 MB by default (max_request_size, message.max.bytes); one message over it would
+#: fail its batch on every restart and stop the partition for good. The margin covers record and
+#: batch headers.
+MESSAGE_BUDGET = 900_000
+#: Characters of a dead letter's readable detail (validators quote values; a value may be huge).
+DETAIL_MAX_CHARS = 2_000
+#: What a dead letter takes besides its payload, key and detail (ids, topic, codes, times).
+_DEAD_LETTER_OVERHEAD = 2_000
+
+
+def clip(text: str, most: int = DETAIL_MAX_CHARS) -> str:
+    """``text`` cut to ``most`` characters, with a marker saying how much was cut."""
+    if len(text) <= most:
+        return text
+    return f"{text[:most]}… [{len(text) - most:,} more characters]"
+
+
+def fit_for_topic(datum: Datum) -> Datum:
+    """The topic copy of a dead letter, within :data:`MESSAGE_BUDGET` as a whole: the sealed
+    payload is dropped first, then the sealed key. The table keeps every byte, which is what
+    ``yibao dlq`` reads; the topic copy says what it left out."""
+    size = (len(datum.get("payload") or b"") + len(datum.get("source_key") or b"")
+            + 4 * len(datum["reason_detail"]) + _DEAD_LETTER_OVERHEAD)
+    dropped: list[str] = []
+    for f in ("payload", "source_key"):
+        if size <= MESSAGE_BUDGET:
+            break
+        if datum.get(f):
+            size -= len(datum[f])
+            dropped.append(f)
+    if not dropped:
+        return datum
+    return {**datum, **{f: (b"" if f == "payload" else None) for f in dropped},
+            "reason_detail": f"{datum['reason_detail']} [sealed {' and '.join(dropped)} too large for the topic: "
+                             f"kept in the dead_letters table only]"}
+
+
+class EmitTooLarge(Exception):
+    """A message the worker built is over :data:`MESSAGE_BUDGET` even after bounding: it is the
+    event that produced it that cannot be processed (the batch is split until it is found)."""
+
+
+def alert_key(alert: Datum) -> bytes:
+    """Key of an alert on the alerts topic: the institution, else the person's token, else its id."""
+    return str(alert["fixmedins_code"] or alert["psn_token"] or alert["alert_id"]).encode()
+
+
+def alert_plan(codec: Codec) -> ColumnPlan:
+    """Alert rows: the evidence map becomes two parallel arrays (keys sorted)."""
+
+    def keys(ds: Sequence[Datum], ctx: object) -> list[object]:
+        return [sorted(d["evidence"]) for d in ds]
+
+    def values(ds: Sequence[Datum], ctx: object) -> list[object]:
+        return [[d["evidence"][k] for k in sorted(d["evidence"])] for d in ds]
+
+    return compile_plan(TableMapping(ALERTS_TABLE, overrides={"evidence_keys": keys, "evidence_values": values}),
+                        codec.record_schema(ALERT_RECORD))
+
+
+def add_alerts(out: Outcome, alerts: Sequence[tuple[Datum, int, int]], already: AlreadyLanded | None,
+               plan: ColumnPlan, pseudonymizer: Pseudonymizer) -> None:
+    """Alerts not already landed go to the alerts topic and the alerts table (by triggering position)."""
+    data: list[Datum] = []
+    parts: list[int] = []
+    offs: list[int] = []
+    for datum, p, o in alerts:
+        if already is not None and already(ALERTS_TABLE, p, o, datum["event_id"]):
+            out.skipped_rows[ALERTS_TABLE] += 1
+            continue
+        data.append(datum)
+        parts.append(p)
+        offs.append(o)
+    if data:
+        out.alerts.extend(data)
+        merge_columns(out.tables, ALERTS_TABLE, plan.build(data, parts, offs, pseudonymizer))
