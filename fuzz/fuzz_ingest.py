@@ -45,7 +45,7 @@ with atheris.instrument_imports(include=["streams", "schemas", "sinks"]):
     from streams.topology import MODULES, build_rulebook
     from streams.validation import Limits
     from yibao.settings import load_settings
-    from yibao.simulate import SimConfig, TrafficGenerator
+    from yibao.sim.generator import SimConfig, TrafficGenerator
 
 KEY = b"fuzz-key-of-thirty-two-bytes-000"
 STREAMS = ("settlement", "procurement", "supervision")

@@ -34,9 +34,9 @@ from streams.privacy import Pseudonymizer, Sealer
 from streams.processors import BatchProcessor
 from streams.topology import MODULES
 from streams.validation import Limits
-from yibao.corrupt import FRAME_CORRUPTIONS, SETTLEMENT_CORRUPTIONS
 from yibao.settings import Settings, load_settings
-from yibao.simulate import (
+from yibao.sim.corrupt import FRAME_CORRUPTIONS, SETTLEMENT_CORRUPTIONS
+from yibao.sim.generator import (
     EVENT_TIME_FIELD,
     FILING,
     ORDER,

@@ -231,9 +231,9 @@ def test_monitors_and_credit_view_on_two_shards_find_what_one_server_finds(
     the cluster and on one server give the same alerts, and the credit view the same scores."""
     from streams.monitors import evaluate, write_alerts
     from streams.topology import build_rulebook
-    from yibao.anomalies import Planting
-    from yibao.evaluate import MONITOR_RULE_IDS, prepare_monitor_database, run_events
-    from yibao.simulate import SimConfig
+    from yibao.sim.evaluate import MONITOR_RULE_IDS, prepare_monitor_database, run_events
+    from yibao.sim.generator import SimConfig
+    from yibao.sim.planters import Planting
 
     planting = Planting(sorted(MONITOR_RULE_IDS), rates={
         "YB-FUND-CAPACITY": 0.3, "YB-FUND-NEGATIVE": 0.3, "YB-PSI-SETTLED-OVER-SOLD": 0.02, "YB-SUP-CREDIT-LOW": 0.5})

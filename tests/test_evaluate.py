@@ -30,8 +30,8 @@ from schemas import Codec
 from streams.base import record_checks
 from streams.rules import RULES_FILE, load_rules_file
 from streams.validation import compile_checks
-from yibao.anomalies import PLANTERS, REVERSAL_MONEY, PlantError, Planting, copy_settlement, rebalance
-from yibao.evaluate import (
+from yibao.settings import load_settings
+from yibao.sim.evaluate import (
     InProcessRun,
     compare,
     latest_alerts,
@@ -40,8 +40,8 @@ from yibao.evaluate import (
     run_in_process,
     write_alerts,
 )
-from yibao.settings import load_settings
-from yibao.simulate import REVERSAL, SETTLEMENT, SimConfig, TrafficGenerator
+from yibao.sim.generator import REVERSAL, SETTLEMENT, SimConfig, TrafficGenerator
+from yibao.sim.planters import PLANTERS, REVERSAL_MONEY, PlantError, Planting, copy_settlement, rebalance
 
 CHINA = ZoneInfo("Asia/Shanghai")
 RULE_IDS = [r.id for r in load_rules_file(RULES_FILE)]
@@ -76,7 +76,7 @@ def monitor_db(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """A chDB database per run for the monitors (the suite's shared chDB data dir: one per process)."""
     pytest.importorskip("chdb")
     from sinks import ClickHouseConfig, connect
-    from yibao.evaluate import prepare_monitor_database
+    from yibao.sim.evaluate import prepare_monitor_database
 
     made: list[Any] = []
 
@@ -377,7 +377,7 @@ def alerts_backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
 def test_alerts_from_the_clickhouse_table(alerts_backend: Any) -> None:
     from streams.messages import alert_plan
     from streams.privacy import Pseudonymizer
-    from yibao.evaluate import alerts_from_backend
+    from yibao.sim.evaluate import alerts_from_backend
 
     t0 = int(datetime(2026, 9, 3, 10, tzinfo=CHINA).timestamp() * 1000)
     base = {"event_id": "00000000-0000-4000-8000-000000000001", "alert_id": "a1", "status": "FIRED",

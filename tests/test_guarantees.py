@@ -33,7 +33,6 @@ from sinks.base import SinkUnavailable
 from sinks.landed import without_existing
 from sinks.migrate import migrate
 from streams.ingest import Ingestor
-from yibao.corrupt import corrupt
 from yibao.localinfra import (
     ClickHouseEndpoint,
     ClickHouseServer,
@@ -44,7 +43,8 @@ from yibao.localinfra import (
 )
 from yibao.producer import OutEvent
 from yibao.settings import Settings
-from yibao.simulate import SimConfig, TrafficGenerator
+from yibao.sim.corrupt import corrupt
+from yibao.sim.generator import SimConfig, TrafficGenerator
 
 from .conftest import require_infra
 from .harness import (

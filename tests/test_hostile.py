@@ -39,10 +39,10 @@ from sinks.migrate import migrate
 from streams.messages import DEAD_LETTER_TABLE
 from streams.settlement import MONEY
 from streams.validation import PROVINCES
-from yibao import corrupt as corruptions
 from yibao.localinfra import ClickHouseEndpoint, KafkaEndpoint
 from yibao.settings import Settings
-from yibao.simulate import SimConfig, SimEvent, TrafficGenerator
+from yibao.sim import corrupt as corruptions
+from yibao.sim.generator import SimConfig, SimEvent, TrafficGenerator
 
 from .harness import PRIMARY_TABLE, SETTLEMENT, Sent, WorkerProcess, produce_events, run_cli, settings_for, worker_env
 

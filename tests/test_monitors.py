@@ -23,7 +23,7 @@ from sinks.tables import TABLES, unwrap_nullable
 from streams.monitors import evaluate, month_bounds, run_monitors, write_alerts
 from streams.rules import RULES_FILE, check_rule, load_rules_file
 from streams.rules.model import Rule
-from yibao.evaluate import alerts_from_backend
+from yibao.sim.evaluate import alerts_from_backend
 
 CHINA = ZoneInfo("Asia/Shanghai")
 RULES = [r for r in load_rules_file(RULES_FILE, check_rule)]

@@ -37,12 +37,12 @@ from sinks import connect
 from sinks.base import Backend
 from sinks.migrate import migrate
 from streams.topics import STREAMS, ensure_topics
-from yibao.corrupt import corrupt
 from yibao.demo import PRIMARY_TABLE
 from yibao.localinfra import ClickHouseEndpoint, KafkaEndpoint, free_port
 from yibao.producer import OutEvent, produce
 from yibao.settings import Settings, load_settings
-from yibao.simulate import SimConfig, TrafficGenerator
+from yibao.sim.corrupt import corrupt
+from yibao.sim.generator import SimConfig, TrafficGenerator
 
 pytestmark = pytest.mark.integration
 
@@ -355,7 +355,7 @@ def test_monitors_run_on_the_one_worker_holding_supervision_partition_0(
 ) -> None:
     """With two workers, the ClickHouse monitors run in one of them (the holder of supervision
     partition 0) every YIBAO_MONITOR_INTERVAL_S, and their alerts land in the alerts table."""
-    from yibao.anomalies import Planting
+    from yibao.sim.planters import Planting
 
     s, backend, workers = ops
     pair = [Worker(s, tmp_path, name, YIBAO_MONITOR_INTERVAL_S="1", YIBAO_LOG_LEVEL="INFO") for name in "ab"]

@@ -29,12 +29,12 @@ from sinks import connect
 from sinks.base import Backend
 from sinks.migrate import migrate
 from streams.app import create_app
-from yibao.corrupt import corrupt
 from yibao.demo import PRIMARY_TABLE
 from yibao.localinfra import ClickHouseEndpoint, KafkaEndpoint
 from yibao.producer import OutEvent, produce
 from yibao.settings import Settings, load_settings
-from yibao.simulate import SimConfig, TrafficGenerator
+from yibao.sim.corrupt import corrupt
+from yibao.sim.generator import SimConfig, TrafficGenerator
 
 pytestmark = pytest.mark.integration
 

@@ -31,7 +31,7 @@ from sinks.migrate import migrate
 from streams.messages import DEAD_LETTER_TABLE, MESSAGE_BUDGET
 from yibao.localinfra import ClickHouseEndpoint, KafkaEndpoint
 from yibao.settings import Settings
-from yibao.simulate import SETTLEMENT, SimConfig, SimEvent, TrafficGenerator
+from yibao.sim.generator import SETTLEMENT, SimConfig, SimEvent, TrafficGenerator
 
 from .harness import (
     PRIMARY_TABLE,

@@ -31,11 +31,11 @@ from schemas import Codec
 from sinks.base import Backend
 from streams.privacy import PrivacyError, Sealer, load_old_keys
 from streams.topics import STREAMS
-from yibao.corrupt import corrupt
 from yibao.localinfra import ClickHouseEndpoint, KafkaEndpoint
 from yibao.producer import OutEvent
 from yibao.settings import Settings
-from yibao.simulate import SimConfig, TrafficGenerator
+from yibao.sim.corrupt import corrupt
+from yibao.sim.generator import SimConfig, TrafficGenerator
 
 from .harness import PSEUDO_KEY, ROOT, WorkerProcess, produce_events, run_cli, settings_for, wait_committed, worker_env
 

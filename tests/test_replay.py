@@ -13,7 +13,7 @@ import pytest
 
 from schemas import SUBJECT_RECORDS, Codec
 from yibao.replay import LineError, read_jsonl
-from yibao.simulate import (
+from yibao.sim.generator import (
     INCOME,
     ORDER,
     SETTLEMENT,

@@ -696,8 +696,8 @@ def stores(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 
     The two workers run at the same time (the slow part is their start-up and the rules).
     """
-    from yibao.anomalies import Planting
-    from yibao.simulate import SimConfig
+    from yibao.sim.generator import SimConfig
+    from yibao.sim.planters import Planting
 
     from .harness import WorkerProcess, produce_events, settings_for, wait_committed, worker_env
 

@@ -30,7 +30,7 @@ from sinks.migrate import migrate
 from yibao.localinfra import ClickHouseEndpoint, KafkaEndpoint
 from yibao.producer import OutEvent, produce
 from yibao.settings import Settings, load_settings
-from yibao.simulate import SimConfig, TrafficGenerator
+from yibao.sim.generator import SimConfig, TrafficGenerator
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -23,7 +23,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from schemas import SUBJECT_RECORDS, Codec
-from yibao.simulate import (
+from yibao.sim.generator import (
     AUTO,
     CATALOGUE,
     CONTRACT,
@@ -191,7 +191,7 @@ def test_same_bytes_in_another_process_with_other_hash_seed(codec: Codec) -> Non
     script = (
         "import hashlib, sys\n"
         "from schemas import Codec\n"
-        "from yibao.simulate import SimConfig, TrafficGenerator\n"
+        "from yibao.sim.generator import SimConfig, TrafficGenerator\n"
         "c = Codec(); h = hashlib.sha256()\n"
         "for ev in TrafficGenerator(SimConfig(settlements=1500, days=3, seed=11)).events():\n"
         "    h.update(ev.record.encode()); h.update(ev.key.encode()); h.update(c.encode(ev.record, ev.datum))\n"

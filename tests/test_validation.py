@@ -51,9 +51,9 @@ from streams.validation import (
     compile_checks,
     run_checks,
 )
-from yibao.corrupt import SETTLEMENT_CORRUPTIONS
 from yibao.settings import load_settings
-from yibao.simulate import SETTLEMENT, SimConfig, SimEvent, TrafficGenerator
+from yibao.sim.corrupt import SETTLEMENT_CORRUPTIONS
+from yibao.sim.generator import SETTLEMENT, SimConfig, SimEvent, TrafficGenerator
 
 CN = ZoneInfo("Asia/Shanghai")
 DAY_MS = 86_400_000
@@ -746,7 +746,7 @@ def test_settlement_corruptions_are_dead_lettered_for_their_reason(
 def test_settlement_corruption_fields(subsystems: dict[str, Subsystem], stream: list[SimEvent],
                                       codec: Codec) -> None:
     """The dead letter names the field that broke the rule, with the fee line's index."""
-    from yibao.corrupt import bad_institution, bad_item_code, unknown_region
+    from yibao.sim.corrupt import bad_institution, bad_item_code, unknown_region
 
     key = bytes(range(32))
     proc = BatchProcessor(subsystems["settlement"], codec, Pseudonymizer(key, "t1"), Sealer(key, "t1"),

@@ -43,10 +43,7 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
 from xml.sax.saxutils import escape
-
-import typer
 
 from sinks.base import Backend, check_identifier, literal
 from sinks.tables import TABLES
@@ -425,89 +422,3 @@ def _copy_aggregate(backend: Backend, database: str, src: str, dst: str, existin
         backend.execute(ddl.replace(f" TO {src} ", f" TO {dst} ", 1))
         done.append(f"view {copy} feeds {dst}")
     return done
-
-
-# --- commands -----------------------------------------------------------------------------------
-access_app = typer.Typer(help="ClickHouse users, roles, column rights and regional row filters from a roles file.",
-                         no_args_is_help=True)
-RolesOpt = Annotated[Path, typer.Option("--roles", help="Roles file (TOML); `yibao access example` prints one")]
-
-
-def _prepare(roles_path: Path) -> tuple[Any, Roles, Backend, Rendered]:
-    from sinks import connect
-
-    from .cli import settings_from
-
-    s = settings_from()
-    roles = load_roles(roles_path, s.ch_database)
-    backend = connect(s.clickhouse())
-    catalog = Catalog.read(backend, roles.database)
-    if not catalog.tables:
-        backend.close()
-        raise AccessError(f"database {roles.database} has no tables: run `yibao migrate` first")
-    return s, roles, backend, render(roles, catalog, backend.version())
-
-
-@access_app.command("example")
-def example_cmd() -> None:
-    """Print an example roles file."""
-    print(EXAMPLE, end="")
-
-
-@access_app.command("render")
-def render_cmd(
-    roles_path: RolesOpt,
-    out_dir: Annotated[Path | None, typer.Option("--out-dir", help="Write users.xml / access.sql here")] = None,
-) -> None:
-    """Print (or write) what `apply` would install: SQL, and on 18.16 the users.xml for users.d/."""
-    from .cli import _guard, fail
-
-    def run() -> None:
-        try:
-            _, _, backend, rendered = _prepare(roles_path)
-        except AccessError as exc:
-            fail(str(exc))
-        backend.close()
-        sql = ";\n".join(rendered.sql) + ";\n"
-        if out_dir is not None:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "access.sql").write_text(sql, encoding="utf-8")
-            if not rendered.modern:
-                (out_dir / "yibao-access-users.xml").write_text(rendered.users_document(), encoding="utf-8")
-            return
-        print(sql, end="")
-        if not rendered.modern:
-            print(rendered.users_document(), end="")
-
-    _guard(run)
-
-
-@access_app.command("apply")
-def apply_cmd(
-    roles_path: RolesOpt,
-    users_d: Annotated[Path | None, typer.Option("--users-d", help="18.16: write the users file into this "
-                                                 "users.d/ directory (the server reloads it)")] = None,
-) -> None:
-    """Create the users, rights and (18.16) reader databases on the configured server."""
-    from .cli import _guard, console, fail
-
-    def run() -> None:
-        try:
-            _, roles, backend, rendered = _prepare(roles_path)
-        except AccessError as exc:
-            fail(str(exc))
-        try:
-            for line in apply(backend, rendered, roles.database):
-                console.print(f"  {line}")
-        finally:
-            backend.close()
-        if not rendered.modern:
-            if users_d is not None:
-                users_d.mkdir(parents=True, exist_ok=True)
-                (users_d / "yibao-access.xml").write_text(rendered.users_document(), encoding="utf-8")
-                console.print(f"wrote {users_d / 'yibao-access.xml'}")
-            else:
-                console.print("[yellow]18.16: users are defined in users.xml; pass --users-d "
-                              "/etc/clickhouse-server/users.d (or install `yibao access render` output)[/yellow]")
-
-    _guard(run)

@@ -37,7 +37,7 @@ def _settlements(n: int, seed: int, mean_lines: float) -> tuple[list[OutEvent], 
     reference load is ≈10 lines per settlement, so settlements are taken in stream order and
     skipped only when keeping them would pull the running mean away from the reference.
     """
-    from .simulate import SimConfig, TrafficGenerator
+    from .sim.generator import SimConfig, TrafficGenerator
 
     out: list[OutEvent] = []
     codec = Codec()

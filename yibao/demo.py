@@ -43,14 +43,14 @@ def table_counts(backend: Any, tables: list[str]) -> dict[str, int]:
 def _events(settings: Settings, codec: Codec, events: int, input_file: Path | None, seed: int,
             invalid_rate: float, expected_reasons: Counter[str], errors: list[Any],
             planting: Any | None, broken: set[str]) -> Iterator[Any]:
-    from .corrupt import corrupt
+    from .sim.corrupt import corrupt
 
     if input_file is not None:
         from .replay import read_jsonl
 
         yield from read_jsonl(input_file, codec, errors)
         return
-    from .simulate import SimConfig, TrafficGenerator
+    from .sim.generator import SimConfig, TrafficGenerator
 
     rng = random.Random(seed + 1)
     config = SimConfig(seed=seed, settlements=events)
@@ -104,7 +104,7 @@ async def _demo(settings: Settings, events: int, input_file: Path | None, seed: 
         planting = None
         broken: set[str] = set()
         if plant_rate and input_file is None and s.rules_enabled:
-            from .anomalies import Planting
+            from .sim.planters import Planting
 
             planting = Planting("all", rate=plant_rate)
         t0 = time.monotonic()
@@ -184,7 +184,7 @@ def _evaluation(backend: Any, planting: Any, broken: set[str]) -> dict[str, Any]
     An anomaly one of whose events the demo also broke on purpose (so it was dead-lettered, not
     seen by the rules) is left out: no detector could have found it.
     """
-    from .evaluate import alerts_from_backend, compare, rule_ids, upcoding_rules
+    from .sim.evaluate import alerts_from_backend, compare, rule_ids, upcoding_rules
 
     truth = [t for t in planting.truth() if not broken.intersection(t.get("event_ids", ()))]
     result: dict[str, Any] = compare(alerts_from_backend(backend), truth, rule_ids(), by_month=upcoding_rules())
@@ -249,7 +249,7 @@ def _print_summary(console: Console, s: dict[str, Any], expected_reasons: Counte
             d.add_row(r, f"{n:,}")
         console.print(d)
     if s.get("evaluation"):
-        from .evaluate import report_table
+        from .sim.evaluate import report_table
 
         console.print(report_table(s["evaluation"]))
     elif s["alerts_by_rule"]:

@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Any
 
 import structlog
 import typer
@@ -39,12 +38,7 @@ PERSONAL_FIELDS = frozenset(
 )
 MASK = "***"
 
-dlq_app = typer.Typer(help="Dead letters: counts by reason, one in detail, replay after a fix.",
-                      no_args_is_help=True)
 
-BackendOpt = Annotated[str | None, typer.Option("--backend", help="embedded|server [YIBAO_CH_BACKEND]")]
-DataDirOpt = Annotated[str | None, typer.Option("--data-dir", help="chDB data and local state [YIBAO_DATA_DIR]")]
-DatabaseOpt = Annotated[str | None, typer.Option("--database", help="ClickHouse database [YIBAO_CH_DATABASE]")]
 
 
 # --- reading the table --------------------------------------------------------------------------
@@ -266,118 +260,3 @@ def parse_since(text: str) -> dt.datetime:
 
 
 # --- commands -----------------------------------------------------------------------------------
-def _open(s: Settings) -> Backend:
-    from sinks import connect
-
-    backend = connect(s.clickhouse())
-    exists = backend.query(f"SELECT count() FROM system.tables WHERE database = {literal(s.ch_database)} "
-                           "AND name = 'dead_letters'").scalar()
-    if not exists:
-        backend.close()
-        from .cli import fail
-
-        fail(f"no dead_letters table in {s.ch_database} on the {s.ch_backend.value} backend",
-             "run `yibao migrate` first, or pass --database/--data-dir")
-    return backend
-
-
-@dlq_app.command("list")
-def list_cmd(
-    fmt: Annotated[str, typer.Option("--format", "-f", help="table|json")] = "table",
-    backend: BackendOpt = None, data_dir: DataDirOpt = None, database: DatabaseOpt = None,
-) -> None:
-    """Dead letters by reason and source topic, with counts and first/last failure times."""
-    from .cli import _guard, console, settings_from
-
-    def run() -> None:
-        s = settings_from(backend=backend, data_dir=data_dir, database=database)
-        b = _open(s)
-        try:
-            rows = reason_counts(b)
-        finally:
-            b.close()
-        if fmt == "json":
-            for r in rows:
-                print(json.dumps(r, ensure_ascii=False))
-            return
-        from rich.table import Table
-
-        t = Table("reason", "source topic", "count", "first failed", "last failed")
-        for r in rows:
-            t.add_row(r["reason_code"], r["source_topic"], str(r["count"]), r["first_failed_at"], r["last_failed_at"])
-        console.print(t)
-        console.print(f"[dim]{sum(r['count'] for r in rows)} dead letter(s)[/dim]")
-
-    _guard(run)
-
-
-@dlq_app.command("show")
-def show_cmd(
-    event_id: Annotated[str, typer.Argument(help="Dead letter event_id (see `yibao dlq list`/the table)")],
-    reveal: Annotated[bool, typer.Option("--reveal", help="Show personal fields in clear (logged)")] = False,
-    backend: BackendOpt = None, data_dir: DataDirOpt = None, database: DatabaseOpt = None,
-) -> None:
-    """One dead letter: reason, field, detail, source position and the original event as JSON."""
-    from schemas import Codec
-
-    from .cli import _guard, fail, settings_from
-
-    def run() -> None:
-        s = settings_from(backend=backend, data_dir=data_dir, database=database)
-        sealer = make_sealer(s)
-        b = _open(s)
-        try:
-            found = select(b, ids=[event_id])
-        finally:
-            b.close()
-        if not found:
-            fail(f"no dead letter with event_id {event_id}", "list them with `yibao dlq list`")
-        if reveal:
-            log.warning("revealing personal data of a dead letter", event_id=event_id)
-        print(json.dumps(describe(found[0], sealer, Codec(), reveal=reveal), ensure_ascii=False, indent=2,
-                         default=str))
-
-    _guard(run)
-
-
-@dlq_app.command("replay")
-def replay_cmd(
-    reason: Annotated[str | None, typer.Option("--reason", help="Only dead letters with this reason_code")] = None,
-    since: Annotated[str | None, typer.Option("--since", help="Only those failed at/after this time (ISO 8601)")
-                     ] = None,
-    ids: Annotated[list[str] | None, typer.Option("--ids", help="Only these event_ids (repeat or comma-separate)")
-                   ] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would be replayed, produce nothing")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Replay even events whose id has landed since")] = False,
-    backend: BackendOpt = None, data_dir: DataDirOpt = None, database: DatabaseOpt = None,
-) -> None:
-    """Re-produce the original events (unsealed) to their source topics, after the cause is fixed."""
-    from schemas import Codec
-
-    from .cli import _guard, console, fail, settings_from
-
-    def run() -> None:
-        if not (reason or since or ids):
-            fail("say which dead letters to replay", "use --reason, --since and/or --ids")
-        s = settings_from(backend=backend, data_dir=data_dir, database=database)
-        sealer = make_sealer(s)
-        codec = Codec()
-        id_list = [i.strip() for x in (ids or []) for i in x.split(",") if i.strip()]
-        b = _open(s)
-        try:
-            dls = select(b, ids=id_list, reason=reason, since=parse_since(since) if since else None)
-            todo, report = plan_replay(b, dls, sealer, codec, primary_tables(s), force=force)
-        finally:
-            b.close()
-        if not dry_run and todo:
-            asyncio.run(produce_raw(s, todo))
-        verb = "would replay" if dry_run else "replayed"
-        console.print(f"{verb} {len(report.produced)} dead letter(s); skipped {len(report.already_landed)} "
-                      f"whose event has landed since; {len(report.unopenable)} could not be opened "
-                      "(key missing: see YIBAO_PSEUDO_OLD_KEYS_FILE)")
-        print(json.dumps({"replayed" if not dry_run else "would_replay": report.produced,
-                          "already_landed": report.already_landed, "unopenable": report.unopenable}))
-        if report.unopenable:
-            raise typer.Exit(1)
-
-    _guard(run)

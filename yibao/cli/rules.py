@@ -13,7 +13,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .settings import Settings
+from ..settings import Settings
+from .common import fail, guard, settings_from
 
 rules_app = typer.Typer(help="The monitoring rule base: list what is active, push changes.", no_args_is_help=True)
 console = Console()
@@ -92,7 +93,6 @@ def rules_list(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per rule")] = False,
 ) -> None:
     """Show the rules workers apply now: the seed file plus every change pushed to the rules topic."""
-    from .cli import _guard, settings_from
 
     def run() -> None:
         s = settings_from(bootstrap=bootstrap)
@@ -107,7 +107,7 @@ def rules_list(
                       r.severity.value, r.name_zh, json.dumps(r.params, ensure_ascii=False), source[r.id])
         console.print(t)
 
-    _guard(run)
+    guard(run)
 
 
 @rules_app.command("push")
@@ -118,7 +118,6 @@ def rules_push(
     """Validate FILE and publish its rules; running workers apply them at their next batch."""
     from streams.rules import check_rule, load_rules_file
 
-    from .cli import _guard, settings_from
 
     def run() -> None:
         s = settings_from(bootstrap=bootstrap)
@@ -128,14 +127,13 @@ def rules_push(
         for r in rules:
             old = by_id.get(r.id)
             if old is not None and r.version < old.version:
-                from .cli import fail
 
                 fail(f"{r.id}: version {r.version} is older than the active version {old.version}",
                      "bump `version` when you change a rule: alerts name the version that produced them")
         n = asyncio.run(push_rules(s, rules))
         console.print(f"pushed {n} rule(s) to {s.topic('rules')}")
 
-    _guard(run)
+    guard(run)
 
 
 # --- alerts ----------------------------------------------------------------------------------------
@@ -162,7 +160,6 @@ def alerts_command(
     backend: Annotated[str | None, typer.Option("--backend", help="embedded|server")] = None,
 ) -> None:
     """Recent alerts from ClickHouse, or --follow the alerts topic; filter by rule and severity."""
-    from .cli import _guard, fail, settings_from
 
     def run() -> None:
         if severity is not None and severity.upper() not in SEVERITY_ORDER:
@@ -184,7 +181,7 @@ def alerts_command(
         for a in recent_alerts(s, codec, limit, rules, min_sev):
             console.print(format_alert(a, codec), highlight=False)
 
-    _guard(run)
+    guard(run)
 
 
 async def _follow(s: Settings, codec: Any, wanted: Any, from_beginning: bool) -> None:

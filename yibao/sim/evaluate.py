@@ -33,9 +33,9 @@ from schemas import Codec
 from schemas.calendar import CHINA, DAY_MS, month_of
 from streams.rules import RULES_FILE, check_rule, load_rules_file
 
-from .anomalies import Planting
-from .settings import Settings, load_settings
-from .simulate import AUTO, EVENT_TIME_FIELD, INCOME, PENALTY, SETTLEMENT, SimConfig, SimEvent
+from ..settings import Settings, load_settings
+from .generator import AUTO, EVENT_TIME_FIELD, INCOME, PENALTY, SETTLEMENT, SimConfig, SimEvent
+from .planters import Planting
 
 UPCODING_KIND = "drg_upcoding"
 SETTLEMENT_NS = "cn.nhsa.yibao.settlement."
@@ -485,7 +485,7 @@ def monitor_database(settings: Settings) -> Iterator[Any]:
 
 
 def _plain(config: SimConfig) -> Any:
-    from .simulate import TrafficGenerator
+    from .generator import TrafficGenerator
 
     return TrafficGenerator(config)
 

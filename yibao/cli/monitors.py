@@ -14,6 +14,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .common import fail, guard, settings_from
+
 monitors_app = typer.Typer(help="Fund-operation and cross-table monitors evaluated from ClickHouse.",
                            no_args_is_help=True)
 console = Console()
@@ -32,7 +34,6 @@ def monitors_run(
     bootstrap: Annotated[str | None, typer.Option("--bootstrap", help="Kafka [YIBAO_KAFKA_BOOTSTRAP]")] = None,
 ) -> None:
     """Run every enabled monitor rule once; alerts go to the alerts table (and topic)."""
-    from .cli import _guard, fail, settings_from
 
     def run() -> None:
         from sinks import connect
@@ -61,4 +62,4 @@ def monitors_run(
             t.add_row(rid, str(n), str(counts.get(f"{rid}:FIRED", 0)), str(counts.get(f"{rid}:RETRACTED", 0)))
         console.print(t)
 
-    _guard(run)
+    guard(run)

@@ -48,8 +48,8 @@ from typing import Any
 from schemas.calendar import DAY_MS, china_day, month_of
 from streams.rules.alerts import alert_id
 
-from .anomalies import Anomaly, EventPlanter, Planter
-from .simulate import INCOME, INSPECTION, INVENTORY, PENALTY, HookContext, SimEvent
+from .generator import INCOME, INSPECTION, INVENTORY, PENALTY, HookContext, SimEvent
+from .planting import Anomaly, EventPlanter, Planter
 
 CNT = 10_000
 INSUTYPES = ("310", "390")

@@ -14,7 +14,7 @@ from typing import Any
 
 from schemas import Codec
 
-from .producer import OutEvent
+from ..producer import OutEvent
 
 SETTLEMENT = "cn.nhsa.yibao.settlement.Settlement"
 

@@ -11,19 +11,35 @@ import itertools
 import json
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from ..settings import Settings, load_settings
 from .access import access_app
+from .common import (
+    BackendOpt,
+    Bootstrap,
+    ChHost,
+    ChPort,
+    Database,
+    DataDir,
+    UserError,
+    configure_logging,
+    console,
+    err,
+    fail,
+    guard,
+    settings_from,
+)
 from .dlq import dlq_app
-from .monitors_cli import monitors_app
-from .rules_cli import alerts_command, rules_app
-from .settings import Settings, SettingsError, load_settings
+from .monitors import monitors_app
+from .rules import alerts_command, rules_app
+
+__all__ = ["UserError", "app", "configure_logging", "console", "err", "fail", "guard", "main", "settings_from"]
 
 app = typer.Typer(
     name="yibao",
@@ -44,73 +60,8 @@ app.add_typer(access_app, name="access")
 app.add_typer(monitors_app, name="monitors")
 app.command("alerts")(alerts_command)
 
-console = Console()
-err = Console(stderr=True)
-
-T = TypeVar("T")
-
 # --- shared options ---------------------------------------------------------------------------
-Bootstrap = Annotated[str | None, typer.Option("--bootstrap", help="Kafka bootstrap servers [YIBAO_KAFKA_BOOTSTRAP]")]
-BackendOpt = Annotated[str | None, typer.Option("--backend", help="embedded|server [YIBAO_CH_BACKEND]")]
-DataDir = Annotated[Path | None, typer.Option("--data-dir", help="chDB data and local state [YIBAO_DATA_DIR]")]
-ChHost = Annotated[str | None, typer.Option("--ch-host", help="ClickHouse server host [YIBAO_CH_HOST]")]
-ChPort = Annotated[int | None, typer.Option("--ch-port", help="ClickHouse native port [YIBAO_CH_PORT]")]
-Database = Annotated[str | None, typer.Option("--database", help="ClickHouse database [YIBAO_CH_DATABASE]")]
 
-
-class UserError(Exception):
-    """A problem the user can fix; printed as one line plus a hint."""
-
-    def __init__(self, message: str, hint: str | None = None) -> None:
-        super().__init__(message)
-        self.hint = hint
-
-
-def fail(message: str, hint: str | None = None) -> NoReturn:
-    raise UserError(message, hint)
-
-
-def configure_logging(level: str, fmt: str = "console") -> None:
-    """Structured, redacted logs to the current stderr at ``level``, ours and the libraries' (yibao.logs)."""
-    from .logs import configure
-
-    configure(level, fmt)
-
-
-def settings_from(**flags: Any) -> Settings:
-    mapping = {
-        "bootstrap": "kafka_bootstrap", "backend": "ch_backend", "data_dir": "data_dir",
-        "ch_host": "ch_host", "ch_port": "ch_port", "database": "ch_database",
-    }
-    s = load_settings(**{mapping.get(k, k): v for k, v in flags.items()})
-    configure_logging(s.log_level, s.log_format.value)
-    return s
-
-
-def _guard(fn: Callable[[], T]) -> T:
-    """Turn known, fixable failures into one clear line; let real bugs show their traceback."""
-    from schemas import RegistryError
-    from sinks.base import SinkError, SinkUnavailable
-    from streams.privacy import PrivacyError
-    from streams.rules import KnowledgeError, RuleError
-
-    try:
-        return fn()
-    except UserError as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        if exc.hint:
-            err.print(f"[dim]hint: {exc.hint}[/dim]")
-    except SettingsError as exc:
-        err.print(f"[red]error:[/red] {exc}")
-    except SinkUnavailable as exc:
-        err.print(f"[red]error:[/red] ClickHouse is unreachable: {exc}")
-        err.print("[dim]hint: check YIBAO_CH_HOST/YIBAO_CH_PORT, or use --backend embedded[/dim]")
-    except (SinkError, RegistryError, PrivacyError, RuleError, KnowledgeError) as exc:
-        err.print(f"[red]error:[/red] {exc}")
-    except KeyboardInterrupt:
-        err.print("interrupted")
-        raise typer.Exit(130) from None
-    raise typer.Exit(2)
 
 
 # --- worker -------------------------------------------------------------------------------------
@@ -131,12 +82,12 @@ def worker(
     def run() -> None:
         s = settings_from(bootstrap=bootstrap, backend=backend, data_dir=data_dir, ch_host=ch_host,
                           ch_port=ch_port, database=database, processes=processes, web_port=web_port)
-        from .worker import run_worker
+        from ..worker import run_worker
 
         code = run_worker(s, migrate_first=migrate_first)
         raise typer.Exit(code)
 
-    _guard(run)
+    guard(run)
 
 
 # --- migrate ------------------------------------------------------------------------------------
@@ -163,7 +114,7 @@ def migrate(
         console.print(f"[green]migrated[/green] {s.ch_backend.value} database {s.ch_database}: "
                       f"{len(done)} step(s)" if done else "[green]up to date[/green]")
 
-    _guard(run)
+    guard(run)
 
 
 # --- simulate -----------------------------------------------------------------------------------
@@ -186,8 +137,9 @@ def simulate(
     def run() -> None:
         from schemas import Codec
 
-        from .anomalies import PlantError, Planting
-        from .simulate import SimConfig, TrafficGenerator, write_jsonl
+        from ..sim.generator import SimConfig, TrafficGenerator, write_jsonl
+        from ..sim.planters import Planting
+        from ..sim.planting import PlantError
 
         planting = None
         if plant is not None:
@@ -215,7 +167,7 @@ def simulate(
             gone = sum(1 for a in planting.truth() if a["reversed"])
             console.print(f"planted {n} anomalies ({gone} later reversed by the base traffic); ground truth in {truth}")
 
-    _guard(run)
+    guard(run)
 
 
 # --- evaluate -----------------------------------------------------------------------------------
@@ -240,8 +192,8 @@ def evaluate(
     """Precision and recall of the rules per rule: alerts against planted anomalies."""
 
     def run() -> None:
-        from .anomalies import read_truth
-        from .evaluate import alerts_from_backend, compare, read_alerts, report_table, rule_ids, upcoding_rules
+        from ..sim.evaluate import alerts_from_backend, compare, read_alerts, report_table, rule_ids, upcoding_rules
+        from ..sim.planters import read_truth
 
         s = settings_from(backend=backend, data_dir=data_dir, ch_host=ch_host, ch_port=ch_port, database=database)
         for f in (truth, alerts_file, events_file):
@@ -257,8 +209,8 @@ def evaluate(
         if events_file is not None:
             from schemas import Codec
 
-            from .evaluate import run_events
-            from .replay import LineError, read_jsonl
+            from ..replay import LineError, read_jsonl
+            from ..sim.evaluate import run_events
 
             errors: list[LineError] = []
             ran = run_events(read_jsonl(events_file, Codec(), errors), s, collect_tables=monitors)
@@ -266,7 +218,7 @@ def evaluate(
                 fail(f"{events_file}:{errors[0].line}: {errors[0].message}", f"{len(errors)} invalid line(s)")
             alerts = ran.alerts
             if monitors:
-                from .evaluate import monitor_alerts, monitor_database
+                from ..sim.evaluate import monitor_alerts, monitor_database
 
                 with monitor_database(s) as mon_db:
                     alerts = [*alerts, *monitor_alerts(ran, mon_db, s)]
@@ -294,7 +246,7 @@ def evaluate(
             return
         console.print(report_table(result))
 
-    _guard(run)
+    guard(run)
 
 
 # --- replay -------------------------------------------------------------------------------------
@@ -309,7 +261,7 @@ def replay(
     def run() -> None:
         from schemas import Codec
 
-        from .replay import LineError, read_jsonl
+        from ..replay import LineError, read_jsonl
 
         if not file.exists():
             fail(f"{file}: no such file")
@@ -326,7 +278,7 @@ def replay(
         if errors and not stats.sent:
             raise typer.Exit(1)
 
-    _guard(run)
+    guard(run)
 
 
 # --- query --------------------------------------------------------------------------------------
@@ -368,7 +320,7 @@ def query(
         console.print(t)
         console.print(f"[dim]{len(res.rows)} row(s)[/dim]")
 
-    _guard(run)
+    guard(run)
 
 
 # --- report -------------------------------------------------------------------------------------
@@ -394,7 +346,7 @@ def report(
         s = settings_from(backend=backend, data_dir=data_dir, ch_host=ch_host, ch_port=ch_port, database=database)
         from sinks import connect
 
-        from .report import ReportError, load, render
+        from ..report import ReportError, load, render
 
         names = _rule_names(s)
         be = connect(s.clickhouse())
@@ -421,7 +373,7 @@ def report(
         console.print(f"[green]wrote[/green] {out} ({len(text.encode('utf-8')) / 1024:.0f} KiB) from the "
                       f"{s.ch_backend.value} database {s.ch_database}")
 
-    _guard(run)
+    guard(run)
 
 
 def _rule_names(s: Settings) -> dict[str, str]:
@@ -457,7 +409,7 @@ def demo(
             fail("--invalid-rate must be in [0, 1)")
         s = settings_from(data_dir=data_dir, backend="embedded")
         configure_logging("WARNING", s.log_format.value)  # the summary is the demo's output; warnings still show
-        from .demo import run_demo
+        from ..demo import run_demo
 
         if not 0 <= plant_rate <= 1:
             fail("--plant-rate must be in [0, 1]")
@@ -469,7 +421,7 @@ def demo(
         if not summary["accounted"]:
             raise typer.Exit(1)
 
-    _guard(run)
+    guard(run)
 
 
 # --- bench --------------------------------------------------------------------------------------
@@ -482,13 +434,13 @@ def bench(
     """Measure end-to-end settlements/s (broker → worker → ClickHouse server) and per-stage cost."""
 
     def run() -> None:
-        from .bench import run_bench
+        from ..bench import run_bench
 
         figures = run_bench(events=events, processes=processes, console=console if not as_json else err)
         if as_json:
             print(json.dumps(figures, ensure_ascii=False))
 
-    _guard(run)
+    guard(run)
 
 
 # --- schemas ------------------------------------------------------------------------------------
@@ -516,7 +468,7 @@ def schemas_check() -> None:
             raise typer.Exit(1)
         console.print(f"[green]✓[/green] {len(reg.subjects())} subjects registered, no drift")
 
-    _guard(run)
+    guard(run)
 
 
 @schemas_app.command("register")
@@ -534,7 +486,7 @@ def schemas_register() -> None:
             else:
                 console.print(f"{subject}: unchanged")
 
-    _guard(run)
+    guard(run)
 
 
 @schemas_app.command("show")
@@ -561,7 +513,7 @@ def schemas_show(
             return
         print(json.dumps(sv.schema, ensure_ascii=False, indent=2))
 
-    _guard(run)
+    guard(run)
 
 
 @config_app.command("show")
@@ -575,7 +527,7 @@ def config_show() -> None:
             t.add_row(k, f"YIBAO_{k.upper()}", str(v))
         console.print(t)
 
-    _guard(run)
+    guard(run)
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -615,7 +567,7 @@ def _tick(it: Any, bar: _Bar, every: int = 1000) -> Any:
 
 
 def _produce_with_progress(s: Settings, events: Any, codec: Any, label: str) -> Any:
-    from .producer import produce
+    from ..producer import produce
 
     with _progress(label) as bar:
         return asyncio.run(produce(s, events, codec, progress=bar.advance))

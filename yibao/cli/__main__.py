@@ -1,0 +1,5 @@
+"""``python -m yibao.cli``: the same command as ``yibao``."""
+
+from . import main
+
+main()
