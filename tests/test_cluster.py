@@ -28,11 +28,12 @@ from sinks.tables import TABLES
 from streams import metrics
 from streams.app import create_app
 from streams.topics import STREAMS
-from yibao.localinfra import ClickHouseServer, KafkaEndpoint, MissingBinaryError, ZooKeeperServer, free_port
+from yibao.localinfra import ClickHouseServer, KafkaEndpoint, MissingBinaryError, free_port
 from yibao.producer import produce
 from yibao.settings import Settings, load_settings
 
 from .conftest import require_infra
+from .servers import ZooKeeperServer
 from .test_ops import ALL_TABLES, PRIMARY_TABLES, SETTLEMENT, expected_rows, mixed_traffic
 
 pytestmark = pytest.mark.integration

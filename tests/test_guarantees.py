@@ -38,7 +38,6 @@ from yibao.localinfra import (
     ClickHouseServer,
     KafkaEndpoint,
     MissingBinaryError,
-    S3Server,
     TansuBroker,
 )
 from yibao.producer import OutEvent
@@ -64,6 +63,7 @@ from .harness import (
     wait_landed,
     worker_env,
 )
+from .servers import S3Server
 
 REDELIVERY_LOG = "redelivered offsets already landed"
 

@@ -19,13 +19,13 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 
 from tests.conftest import require_infra
+from tests.servers import S3Server
 from yibao.localinfra import (
     ClickHouseEndpoint,
     ClickHouseServer,
     InfraError,
     KafkaEndpoint,
     MissingBinaryError,
-    S3Server,
     TansuBroker,
     docker_available,
     tansu_binary,
