@@ -25,6 +25,7 @@ from sinks.tables import TABLES, decimal_precision, unwrap_nullable
 
 from .fields import FieldRules, load_field_rules
 from .privacy import Pseudonymizer
+from .records import RECORDS
 from .validation import CheckBase as Check
 from .validation import Each, EventId, Fits
 
@@ -73,19 +74,31 @@ class TableMapping:
 
 @dataclass(frozen=True)
 class RecordSpec:
-    """One record type of a subsystem: its checks and the tables it lands in."""
+    """One record type of a subsystem: its checks and the tables it lands in (its key, event time
+    and primary table are facts of the record, declared in streams.records)."""
 
     record: str
-    event_time: str
     checks: tuple[Check, ...]
     tables: tuple[TableMapping, ...]
-    key_field: str
 
     def __post_init__(self) -> None:
+        if self.record not in RECORDS:
+            raise ValueError(f"{self.record}: not an input record of streams.records")
         if not self.tables:
             raise ValueError(f"{self.record}: needs at least one table")
         if self.tables[0].lines is not None:
             raise ValueError(f"{self.record}: the primary table must take the event itself, not its lines")
+        if self.tables[0].table != RECORDS[self.record].primary_table:
+            raise ValueError(f"{self.record}: its first table must be its primary table, "
+                             f"{RECORDS[self.record].primary_table}")
+
+    @property
+    def key_field(self) -> str:
+        return RECORDS[self.record].key_field
+
+    @property
+    def event_time(self) -> str:
+        return RECORDS[self.record].event_time
 
     @property
     def primary_table(self) -> str:

@@ -22,7 +22,7 @@ def build(validation: ValidationConfig, limits: Callable[[], Limits]) -> Subsyst
         return Code("fixmedins_code", "institution"), Region("admdvs")
 
     contract = RecordSpec(
-        record=f"{NS}.ProcurementContract", event_time="sign_time", key_field="fixmedins_code",
+        record=f"{NS}.ProcurementContract",
         checks=(
             not_blank("cntr_id"), *inst(), Code("med_list_codg", "product"), Code("splr_code", "credit_code"),
             quantity("agreed_volume", "win_pric", "base_pric"),
@@ -31,7 +31,7 @@ def build(validation: ValidationConfig, limits: Callable[[], Limits]) -> Subsyst
         tables=(TableMapping("proc_contracts"),),
     )
     order = RecordSpec(
-        record=f"{NS}.ProcurementOrder", event_time="ord_time", key_field="fixmedins_code",
+        record=f"{NS}.ProcurementOrder",
         checks=(
             not_blank("ord_id"), *inst(), Code("med_list_codg", "product"), Code("splr_code", "credit_code"),
             quantity("purc_cnt"), money("purc_pric", "purc_amt"),
@@ -40,7 +40,7 @@ def build(validation: ValidationConfig, limits: Callable[[], Limits]) -> Subsyst
         tables=(TableMapping("proc_orders"),),
     )
     delivery = RecordSpec(
-        record=f"{NS}.DeliveryAcceptance", event_time="acpt_time", key_field="fixmedins_code",
+        record=f"{NS}.DeliveryAcceptance",
         checks=(
             not_blank("dlv_id"), not_blank("ord_id"), *inst(), Code("med_list_codg", "product"),
             Code("splr_code", "credit_code"), quantity("dlv_cnt"), money("dlv_amt"), when("acpt_time", limits),
@@ -48,7 +48,7 @@ def build(validation: ValidationConfig, limits: Callable[[], Limits]) -> Subsyst
         tables=(TableMapping("proc_deliveries"),),
     )
     movement = RecordSpec(
-        record=f"{NS}.InventoryMovement", event_time="mov_time", key_field="fixmedins_code",
+        record=f"{NS}.InventoryMovement",
         checks=(
             not_blank("mov_id"), *inst(), Code("med_list_codg", "product"),
             EachString("drug_trac_codg", "trace_code"),
@@ -57,7 +57,7 @@ def build(validation: ValidationConfig, limits: Callable[[], Limits]) -> Subsyst
         tables=(TableMapping("inventory_movements"),),
     )
     payment = RecordSpec(
-        record=f"{NS}.SupplierPayment", event_time="pay_time", key_field="fixmedins_code",
+        record=f"{NS}.SupplierPayment",
         checks=(
             not_blank("pay_id"), not_blank("dlv_id"), *inst(), Code("splr_code", "credit_code"),
             quantity("pay_amt"), when("pay_time", limits),

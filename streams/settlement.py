@@ -80,8 +80,6 @@ def build(validation: ValidationConfig, limits: Callable[[], Limits]) -> Subsyst
     )
     settlement = RecordSpec(
         record=f"{NS}.Settlement",
-        event_time="setl_time",
-        key_field="psn_no",
         checks=(
             not_blank("setl_id"), not_blank("mdtrt_id"), not_blank("psn_no"), not_blank("psn_cert_no"),
             Code("fixmedins_code", "institution"),
@@ -119,8 +117,6 @@ def build(validation: ValidationConfig, limits: Callable[[], Limits]) -> Subsyst
     )
     reversal = RecordSpec(
         record=f"{NS}.SettlementReversal",
-        event_time="setl_time",
-        key_field="psn_no",
         checks=(
             not_blank("setl_id"), not_blank("init_setl_id"), not_blank("psn_no"),
             Code("fixmedins_code", "institution"),
@@ -143,8 +139,6 @@ def build(validation: ValidationConfig, limits: Callable[[], Limits]) -> Subsyst
     )
     filing = RecordSpec(
         record=f"{NS}.CrossProvinceFiling",
-        event_time="dcla_time",
-        key_field="psn_no",
         checks=(
             not_blank("trt_dcla_detl_sn"), not_blank("psn_no"), not_blank("psn_cert_no"),
             Region("insu_admdvs"), Region("mdtrt_area_admdvs"),

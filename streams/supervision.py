@@ -31,30 +31,30 @@ def build(validation: ValidationConfig, limits: Callable[[], Limits]) -> Subsyst
         return Code("fixmedins_code", "institution"), Region("admdvs")
 
     inspection = RecordSpec(
-        record=f"{NS}.Inspection", event_time="insp_time", key_field="fixmedins_code",
+        record=f"{NS}.Inspection",
         checks=(not_blank("insp_id"), *inst(), money("viol_amt"), DateOrder("begndate", "enddate"),
                 when("insp_time", limits)),
         tables=(TableMapping("inspections"),),
     )
     tip = RecordSpec(
-        record=f"{NS}.Tip", event_time="recv_time", key_field="fixmedins_code",
+        record=f"{NS}.Tip",
         checks=(not_blank("tip_id"), Region("admdvs"), Code("fixmedins_code", "institution", optional=True),
                 not_blank("tip_cat"), not_blank("rptr_name"), money("inv_amt", "reward_amt"),
                 when("recv_time", limits)),
         tables=(TableMapping("tips", overrides={"rptr_token": _reporter_token}),),
     )
     penalty = RecordSpec(
-        record=f"{NS}.Penalty", event_time="pnsh_time", key_field="fixmedins_code",
+        record=f"{NS}.Penalty",
         checks=(not_blank("pnsh_id"), *inst(), money("fine_amt"), when("pnsh_time", limits)),
         tables=(TableMapping("penalties"),),
     )
     recovery = RecordSpec(
-        record=f"{NS}.FundRecovery", event_time="rcvr_time", key_field="fixmedins_code",
+        record=f"{NS}.FundRecovery",
         checks=(not_blank("rcvr_id"), *inst(), quantity("rcvr_amt"), when("rcvr_time", limits)),
         tables=(TableMapping("fund_recoveries"),),
     )
     income = RecordSpec(
-        record=f"{NS}.FundIncome", event_time="book_time", key_field="insu_admdvs",
+        record=f"{NS}.FundIncome",
         checks=(not_blank("income_id"), Region("insu_admdvs"), OneOf("insutype", insutypes),
                 money("income_amt"), when("book_time", limits)),
         tables=(TableMapping("fund_income"),),

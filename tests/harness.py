@@ -35,6 +35,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from schemas import Codec
 from sinks.base import Backend
 from sinks.tables import MONEY, TABLES
+from streams.records import PRIMARY_TABLE
 from streams.settlement import REVERSAL_MONEY
 from streams.topics import STREAMS
 from yibao.settings import Settings, load_settings
@@ -43,16 +44,6 @@ ROOT = Path(__file__).resolve().parent.parent
 SETTLEMENT = "cn.nhsa.yibao.settlement.Settlement"
 REVERSAL = "cn.nhsa.yibao.settlement.SettlementReversal"
 
-#: Table of each record's main row (a settlement's fee lines go to fee_details as well).
-PRIMARY_TABLE = {
-    "Settlement": "settlements", "SettlementReversal": "settlements",
-    "CrossProvinceFiling": "cross_province_filings",
-    "ProcurementContract": "proc_contracts", "ProcurementOrder": "proc_orders",
-    "DeliveryAcceptance": "proc_deliveries", "InventoryMovement": "inventory_movements",
-    "SupplierPayment": "supplier_payments",
-    "Inspection": "inspections", "Tip": "tips", "Penalty": "penalties", "FundRecovery": "fund_recoveries",
-    "FundIncome": "fund_income",
-}
 PSEUDO_KEY = "ab" * 32
 
 

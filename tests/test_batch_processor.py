@@ -32,6 +32,7 @@ from streams.messages import (
 )
 from streams.privacy import Pseudonymizer, Sealer
 from streams.processors import BatchProcessor
+from streams.records import PRIMARY_TABLE as PRIMARY
 from streams.topology import MODULES
 from streams.validation import Limits
 from yibao.settings import Settings, load_settings
@@ -57,16 +58,6 @@ LIMITS = Limits(now_ms=CONFIG.end_ms + DAY_MS, max_future_skew_ms=300_000,
                 min_event_ms=int(dt.datetime(2018, 1, 1, tzinfo=CN).timestamp() * 1000))
 FAR_FUTURE = CONFIG.end_ms + 400 * DAY_MS
 
-#: The primary table of every input record (one row per valid event).
-PRIMARY = {
-    "Settlement": "settlements", "SettlementReversal": "settlements",
-    "CrossProvinceFiling": "cross_province_filings",
-    "ProcurementContract": "proc_contracts", "ProcurementOrder": "proc_orders",
-    "DeliveryAcceptance": "proc_deliveries", "InventoryMovement": "inventory_movements",
-    "SupplierPayment": "supplier_payments",
-    "Inspection": "inspections", "Tip": "tips", "Penalty": "penalties", "FundRecovery": "fund_recoveries",
-    "FundIncome": "fund_income",
-}
 SENSITIVE = ("psn_no", "psn_cert_no", "psn_name", "tel", "rptr_name", "rptr_cert_no", "rptr_tel")
 STREAMS = ("settlement", "procurement", "supervision")
 

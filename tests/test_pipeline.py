@@ -29,7 +29,7 @@ from sinks import connect
 from sinks.base import Backend
 from sinks.migrate import migrate
 from streams.app import create_app
-from yibao.demo import PRIMARY_TABLE
+from streams.records import PRIMARY_TABLE
 from yibao.localinfra import ClickHouseEndpoint, KafkaEndpoint
 from yibao.producer import OutEvent, produce
 from yibao.settings import Settings, load_settings

@@ -19,20 +19,12 @@ from rich.console import Console
 from rich.table import Table
 
 from schemas import Codec
+from streams.records import PRIMARY_TABLE
 
 from .producer import OutEvent, produce
 from .settings import Settings
 
 #: Record → the table holding exactly one row per landed event of that record.
-PRIMARY_TABLE = {
-    "Settlement": "settlements", "SettlementReversal": "settlements",
-    "CrossProvinceFiling": "cross_province_filings",
-    "ProcurementContract": "proc_contracts", "ProcurementOrder": "proc_orders",
-    "DeliveryAcceptance": "proc_deliveries", "InventoryMovement": "inventory_movements",
-    "SupplierPayment": "supplier_payments",
-    "Inspection": "inspections", "Tip": "tips", "Penalty": "penalties", "FundRecovery": "fund_recoveries",
-    "FundIncome": "fund_income",
-}
 
 
 def table_counts(backend: Any, tables: list[str]) -> dict[str, int]:

@@ -11,30 +11,17 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from schemas import Codec, ConversionError
+from streams.records import key_of
 
 from .producer import OutEvent
-
-#: Which field is the Kafka key of each record (see streams/topics.py for why).
-KEY_FIELDS = {
-    "Settlement": "psn_no", "SettlementReversal": "psn_no", "CrossProvinceFiling": "psn_no",
-    "FundIncome": "insu_admdvs", "Tip": "fixmedins_code",
-}
 
 
 @dataclass(frozen=True)
 class LineError:
     line: int
     message: str
-
-
-def key_of(record: str, datum: dict[str, Any]) -> str:
-    short = record.rsplit(".", 1)[-1]
-    fld = KEY_FIELDS.get(short, "fixmedins_code")
-    key = datum.get(fld) or datum.get("admdvs") or datum.get("insu_admdvs") or ""
-    return str(key)
 
 
 def read_jsonl(path: Path, codec: Codec, errors: list[LineError]) -> Iterator[OutEvent]:

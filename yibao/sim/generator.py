@@ -52,6 +52,7 @@ from typing import Any, Protocol
 
 from schemas import Codec
 from schemas.calendar import CHINA, CHINA_OFFSET_MS, DAY_MS, EPOCH_ORDINAL, HOUR_MS, day_start_ms, ymd
+from streams.records import RECORDS
 
 NS = "cn.nhsa.yibao"
 SETTLEMENT = f"{NS}.settlement.Settlement"
@@ -68,22 +69,8 @@ PENALTY = f"{NS}.supervision.Penalty"
 RECOVERY = f"{NS}.supervision.FundRecovery"
 INCOME = f"{NS}.supervision.FundIncome"
 
-#: Field holding the event time of each record the generator produces.
-EVENT_TIME_FIELD: dict[str, str] = {
-    SETTLEMENT: "setl_time",
-    REVERSAL: "setl_time",
-    FILING: "dcla_time",
-    CONTRACT: "sign_time",
-    ORDER: "ord_time",
-    DELIVERY: "acpt_time",
-    INVENTORY: "mov_time",
-    PAYMENT: "pay_time",
-    INSPECTION: "insp_time",
-    TIP: "recv_time",
-    PENALTY: "pnsh_time",
-    RECOVERY: "rcvr_time",
-    INCOME: "book_time",
-}
+#: Field holding the event time of each record the generator produces (streams.records).
+EVENT_TIME_FIELD: dict[str, str] = {r: f.event_time for r, f in RECORDS.items()}
 
 DEFAULT_START = datetime(2026, 10, 1, tzinfo=CHINA)
 AUTO = -1
