@@ -12,7 +12,8 @@ def amount_matches(amount: str, qty: str, price: str) -> CheckBase:
     return AmountMatches(amount, qty, price)
 
 
-def money(*fields: str) -> CheckBase:
+def non_negative(*fields: str) -> CheckBase:
+    """Amounts (and other values) that may be zero but never below it."""
     return NonNegative(tuple(fields))
 
 

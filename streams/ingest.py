@@ -107,7 +107,7 @@ class Ingestor(ConsumerRebalanceListener):  # type: ignore[misc]
         topic_of: Callable[[str], str] = lambda stream: stream,
         restore_kwargs: dict[str, Any] | None = None,
     ) -> None:
-        self.p = processor
+        self.processor = processor
         self.topic_of = topic_of
         self.restore_kwargs = restore_kwargs or {}
         self.topic = processor.topic
@@ -143,7 +143,7 @@ class Ingestor(ConsumerRebalanceListener):  # type: ignore[misc]
         self.assigned.difference_update(gone)
         if self._pending:
             await self.flush()
-        self.p.forget(gone)
+        self.processor.forget(gone)
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         parts = [tp.partition for tp in assigned if tp.topic == self.topic]
@@ -161,7 +161,7 @@ class Ingestor(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def _restore_state(self, parts: list[int]) -> None:
         """Rule state of ``parts`` as the changelog has it (what completed batches wrote)."""
-        for store in self.p.stores:
+        for store in self.processor.stores:
             try:
                 await restore(store, parts, self.producer, self.restore_kwargs)
             except Exception as exc:
@@ -172,7 +172,7 @@ class Ingestor(ConsumerRebalanceListener):  # type: ignore[misc]
                           "(windows opened before now are forgotten)", store=store.name, partitions=parts,
                           error=f"{type(exc).__name__}: {scrub(str(exc))[:300]}")
         for p in parts:
-            self.p.restored(p)
+            self.processor.restored(p)
 
     # --- main loop ------------------------------------------------------------------------------
     async def run(self, stopping: asyncio.Event) -> None:
@@ -246,7 +246,7 @@ class Ingestor(ConsumerRebalanceListener):  # type: ignore[misc]
         await self._load_landed(batch)
         already = self.landed_index if self.landed_index.active() else None
         try:
-            out = self.p.process(batch, already)
+            out = self.processor.process(batch, already)
         except Exception as exc:
             raise ProcessingFailed(f"{self.topic}: processing a batch of {len(batch)} raised") from exc
         t0 = time.perf_counter()
@@ -259,7 +259,7 @@ class Ingestor(ConsumerRebalanceListener):  # type: ignore[misc]
         partitions is restored from the changelog (only completed batches write it), and the
         tables are asked again which of its events landed (a failure may follow an insert)."""
         parts = sorted({m.partition for m in batch})
-        self.p.forget(parts)
+        self.processor.forget(parts)
         await self._restore_state(parts)
         self._needs_check.update(parts)
         for p in parts:
@@ -272,7 +272,7 @@ class Ingestor(ConsumerRebalanceListener):  # type: ignore[misc]
         partly = [t for t in self.landed_index.tables_at(m.partition, m.offset) if t != DEAD_LETTER_TABLE]
         landed = (f"its rows in {', '.join(partly)} had landed before the failure and stay" if partly
                   else "nothing of it landed")
-        out = self.p.quarantine(m, reason, f"{describe(exc)} (isolated from its batch; {landed})",
+        out = self.processor.quarantine(m, reason, f"{describe(exc)} (isolated from its batch; {landed})",
                                 self.landed_index if self.landed_index.active() else None)
         if partly:
             log.error("a quarantined message had partly landed: rows of one event in several tables are not "
@@ -293,7 +293,7 @@ class Ingestor(ConsumerRebalanceListener):  # type: ignore[misc]
             per_table: dict[str, dict[int, set[str]]] = {}
             for table in self._tables:
                 topic = self.topic if table == DEAD_LETTER_TABLE else None
-                rule_ids = self.p.alert_rule_ids() if table == ALERTS_TABLE else None
+                rule_ids = self.processor.alert_rule_ids() if table == ALERTS_TABLE else None
                 per_table[table] = await self._with_retry(
                     functools.partial(existing_rows, self.backend, table, partition, from_offset, topic, rule_ids)
                 )
@@ -397,7 +397,7 @@ class Ingestor(ConsumerRebalanceListener):  # type: ignore[misc]
         for a in out.alerts:
             if a["status"] == "FIRED":
                 metrics.ALERTS.labels(a["rule_id"], a["severity"]).inc()
-        for store in self.p.stores:
+        for store in self.processor.stores:
             metrics.WINDOW_STATE_KEYS.labels(store.name).set(store.keys())
         if out.state_capped:
             metrics.STATE_CAPPED.labels(self.topic).inc(out.state_capped)

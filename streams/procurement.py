@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .base import RecordSpec, Subsystem, TableMapping
-from .checks_common import amount_matches, money, not_blank, quantity, when
+from .checks_common import amount_matches, non_negative, not_blank, quantity, when
 from .config import ValidationConfig
 from .validation import Code, DateOrder, EachString, Limits, Region
 
@@ -34,7 +34,7 @@ def build(validation: ValidationConfig, limits: Callable[[], Limits]) -> Subsyst
         record=f"{NS}.ProcurementOrder",
         checks=(
             not_blank("ord_id"), *inst(), Code("med_list_codg", "product"), Code("splr_code", "credit_code"),
-            quantity("purc_cnt"), money("purc_pric", "purc_amt"),
+            quantity("purc_cnt"), non_negative("purc_pric", "purc_amt"),
             amount_matches("purc_amt", "purc_cnt", "purc_pric"), when("ord_time", limits),
         ),
         tables=(TableMapping("proc_orders"),),
@@ -43,7 +43,7 @@ def build(validation: ValidationConfig, limits: Callable[[], Limits]) -> Subsyst
         record=f"{NS}.DeliveryAcceptance",
         checks=(
             not_blank("dlv_id"), not_blank("ord_id"), *inst(), Code("med_list_codg", "product"),
-            Code("splr_code", "credit_code"), quantity("dlv_cnt"), money("dlv_amt"), when("acpt_time", limits),
+            Code("splr_code", "credit_code"), quantity("dlv_cnt"), non_negative("dlv_amt"), when("acpt_time", limits),
         ),
         tables=(TableMapping("proc_deliveries"),),
     )
@@ -52,7 +52,7 @@ def build(validation: ValidationConfig, limits: Callable[[], Limits]) -> Subsyst
         checks=(
             not_blank("mov_id"), *inst(), Code("med_list_codg", "product"),
             EachString("drug_trac_codg", "trace_code"),
-            money("cnt", "pric"), when("mov_time", limits),
+            non_negative("cnt", "pric"), when("mov_time", limits),
         ),
         tables=(TableMapping("inventory_movements"),),
     )

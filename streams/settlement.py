@@ -25,7 +25,7 @@ from .base import (
     parent_token,
     token_of,
 )
-from .checks_common import amount_matches, money, not_blank, quantity, when
+from .checks_common import amount_matches, non_negative, not_blank, quantity, when
 from .config import ValidationConfig
 from .validation import (
     AtMost,
@@ -74,7 +74,7 @@ def build(validation: ValidationConfig, limits: Callable[[], Limits]) -> Subsyst
         Code("med_list_codg", "list_item"),
         Code("bilg_dr_code", "practitioner", optional=True),
         quantity("cnt"),
-        money("pric", "det_item_fee_sumamt"),
+        non_negative("pric", "det_item_fee_sumamt"),
         amount_matches("det_item_fee_sumamt", "cnt", "pric"),
         when("fee_ocur_time", limits),
     )
@@ -87,7 +87,7 @@ def build(validation: ValidationConfig, limits: Callable[[], Limits]) -> Subsyst
             OneOf("insutype", insutypes), OneOf("med_type", med_types),
             when("setl_time", limits),
             BirthDate("brdy", "setl_time"),
-            money(*MONEY),
+            non_negative(*MONEY),
             SumsTo("medfee_sumamt", ("fund_pay_sumamt", "acct_pay", "psn_cash_pay")),
             SumsTo("fund_pay_sumamt", FUND_PARTS),
             AtMost("inscp_amt", "medfee_sumamt"),
@@ -124,7 +124,7 @@ def build(validation: ValidationConfig, limits: Callable[[], Limits]) -> Subsyst
             OneOf("insutype", insutypes), OneOf("med_type", med_types),
             when("setl_time", limits), when("init_setl_time", limits),
             DateOrder("init_setl_time", "setl_time", earlier_is_date=False, later_is_date=False),
-            money(*REVERSAL_MONEY),
+            non_negative(*REVERSAL_MONEY),
             SumsTo("medfee_sumamt", ("fund_pay_sumamt", "acct_pay", "psn_cash_pay")),
             SumsTo("fund_pay_sumamt", FUND_PARTS),
             AtMost("inscp_amt", "medfee_sumamt"),

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .base import RecordSpec, RowContext, Subsystem, TableMapping
-from .checks_common import money, not_blank, quantity, when
+from .checks_common import non_negative, not_blank, quantity, when
 from .config import ValidationConfig
 from .validation import Code, DateOrder, Limits, OneOf, Region
 
@@ -32,20 +32,20 @@ def build(validation: ValidationConfig, limits: Callable[[], Limits]) -> Subsyst
 
     inspection = RecordSpec(
         record=f"{NS}.Inspection",
-        checks=(not_blank("insp_id"), *inst(), money("viol_amt"), DateOrder("begndate", "enddate"),
+        checks=(not_blank("insp_id"), *inst(), non_negative("viol_amt"), DateOrder("begndate", "enddate"),
                 when("insp_time", limits)),
         tables=(TableMapping("inspections"),),
     )
     tip = RecordSpec(
         record=f"{NS}.Tip",
         checks=(not_blank("tip_id"), Region("admdvs"), Code("fixmedins_code", "institution", optional=True),
-                not_blank("tip_cat"), not_blank("rptr_name"), money("inv_amt", "reward_amt"),
+                not_blank("tip_cat"), not_blank("rptr_name"), non_negative("inv_amt", "reward_amt"),
                 when("recv_time", limits)),
         tables=(TableMapping("tips", overrides={"rptr_token": _reporter_token}),),
     )
     penalty = RecordSpec(
         record=f"{NS}.Penalty",
-        checks=(not_blank("pnsh_id"), *inst(), money("fine_amt"), when("pnsh_time", limits)),
+        checks=(not_blank("pnsh_id"), *inst(), non_negative("fine_amt"), when("pnsh_time", limits)),
         tables=(TableMapping("penalties"),),
     )
     recovery = RecordSpec(
@@ -56,7 +56,7 @@ def build(validation: ValidationConfig, limits: Callable[[], Limits]) -> Subsyst
     income = RecordSpec(
         record=f"{NS}.FundIncome",
         checks=(not_blank("income_id"), Region("insu_admdvs"), OneOf("insutype", insutypes),
-                money("income_amt"), when("book_time", limits)),
+                non_negative("income_amt"), when("book_time", limits)),
         tables=(TableMapping("fund_income"),),
     )
     return Subsystem(

@@ -47,11 +47,11 @@ class Facts:
 
     setl_id: str
     mdtrt_id: str
-    t: int
-    day: int
-    h: str
-    lv: int
-    mt: str
+    setl_time: int
+    day: int  # China calendar day of setl_time
+    fixmedins_code: str
+    hosp_lv: int
+    med_type: str
     inpatient: bool
     age: int
     gend: str
@@ -59,7 +59,7 @@ class Facts:
     insu_province: str
     adm: int | None
     dscg: int | None
-    dx: str
+    maindiag: str  # category (first three characters) of the main discharge diagnosis
     ops: int
     drg: str
     medfee: int
@@ -81,10 +81,10 @@ def gather(s: dict[str, Any], age: int, k: Knowledge, dup_codes: frozenset[str],
     mt = s["med_type"]
     lv = int(s["hosp_lv"]) if s["hosp_lv"].isdigit() else 9
     f = Facts(
-        setl_id=s["setl_id"], mdtrt_id=s["mdtrt_id"], t=s["setl_time"], day=china_day(s["setl_time"]),
-        h=s["fixmedins_code"], lv=lv, mt=mt, inpatient=mt in INPATIENT, age=age, gend=s["gend"],
+        setl_id=s["setl_id"], mdtrt_id=s["mdtrt_id"], setl_time=s["setl_time"], day=china_day(s["setl_time"]),
+        fixmedins_code=s["fixmedins_code"], hosp_lv=lv, med_type=mt, inpatient=mt in INPATIENT, age=age, gend=s["gend"],
         province=s["mdtrt_admdvs"][:2], insu_province=s["insu_admdvs"][:2],
-        adm=s.get("adm_date"), dscg=s.get("dscg_date"), dx=(s.get("dscg_maindiag_code") or "")[:3],
+        adm=s.get("adm_date"), dscg=s.get("dscg_date"), maindiag=(s.get("dscg_maindiag_code") or "")[:3],
         ops=len(s.get("oprn_codes") or ()), drg=s.get("drg_code") or "", medfee=s["medfee_sumamt"],
     )
     info_of = k.line_info().get
@@ -142,11 +142,19 @@ def gather(s: dict[str, Any], age: int, k: Knowledge, dup_codes: frozenset[str],
 
 
 def entry_of(f: Facts, excluded_dx: frozenset[str], k: Knowledge) -> dict[str, Any]:
-    """The compact timeline entry kept for person-history rules (JSON-able, no personal data)."""
+    """The compact timeline entry kept for person-history rules (JSON-able, no personal data).
+
+    Keys (short: the stored format, see streams/rules/engine.py): ``s`` setl_id, ``m`` mdtrt_id,
+    ``t`` setl_time, ``h`` fixmedins_code, ``p`` province of treatment, ``mt`` med_type, ``a`` / ``d``
+    admission / discharge date, ``dx`` main diagnosis category, ``ex`` 1 when that diagnosis is
+    excluded from split-stay rules (chemo-, radio-, dialysis), ``drg``, ``amt`` medfee_sumamt, ``rx``
+    drugs [generic, class, days x 1000, fee, long-term], ``tests`` [item, time, fee], ``dup``
+    duplicate-pair items [item, time, fee].
+    """
     return {
-        "s": f.setl_id, "m": f.mdtrt_id, "t": f.t, "h": f.h, "p": f.province, "mt": f.mt,
-        "a": f.adm, "d": f.dscg, "dx": f.dx, "ex": int(f.dx in excluded_dx or any(
-            f.dx.startswith(x) for x in excluded_dx)), "drg": f.drg, "amt": f.medfee,
+        "s": f.setl_id, "m": f.mdtrt_id, "t": f.setl_time, "h": f.fixmedins_code, "p": f.province, "mt": f.med_type,
+        "a": f.adm, "d": f.dscg, "dx": f.maindiag, "ex": int(f.maindiag in excluded_dx or any(
+            f.maindiag.startswith(x) for x in excluded_dx)), "drg": f.drg, "amt": f.medfee,
         "rx": [[g, c, d, fee, lt] for g, c, d, fee, lt in f.drugs],
         "tests": [[c, t, fee] for c, t, fee in f.tests],
         "dup": [[c, t, fee] for c, t, fee in f.dup],
@@ -177,8 +185,8 @@ class Kind:
 
 def _one(rule: Rule, f: Facts, key: str, amount: int, evidence: dict[str, str],
          start: int | None = None, end: int | None = None) -> Finding:
-    return Finding(rule, key, f.h, start if start is not None else f.t, end if end is not None else f.t,
-                   (f.setl_id,), (f.mdtrt_id,), amount, evidence, f.t)
+    return Finding(rule, key, f.fixmedins_code, f.setl_time if start is None else start,
+                   f.setl_time if end is None else end, (f.setl_id,), (f.mdtrt_id,), amount, evidence, f.setl_time)
 
 
 def item_restriction(rule: Rule, f: Facts, k: Knowledge) -> list[Finding]:
@@ -188,7 +196,7 @@ def item_restriction(rule: Rule, f: Facts, k: Knowledge) -> list[Finding]:
         return []
     return [_one(rule, f, f.setl_id, sum(h[2] for h in hits), {
         "items": ",".join(sorted({h[0] for h in hits})), "detail": "; ".join(sorted({h[3] for h in hits})),
-        "age": str(f.age), "gend": f.gend, "hosp_lv": str(f.lv), "med_type": f.mt,
+        "age": str(f.age), "gend": f.gend, "hosp_lv": str(f.hosp_lv), "med_type": f.med_type,
     })]
 
 
@@ -225,7 +233,7 @@ def low_threshold(rule: Rule, f: Facts, k: Knowledge) -> list[Finding]:
     if los <= int(rule.param("max_los_days")) and share_pm >= int(rule.param("min_test_share_pm")):
         return [_one(rule, f, f.setl_id, f.medfee, {
             "los_days": str(los), "test_share": f"{share_pm / 10:.1f}%", "operations": "0",
-        }, start=day_start_ms(f.adm), end=f.t)]
+        }, start=day_start_ms(f.adm), end=f.setl_time)]
     return []
 
 
@@ -254,7 +262,7 @@ def bed_hanging(rule: Rule, f: Facts, k: Knowledge) -> list[Finding]:
         return [_one(rule, f, f.setl_id, idle_fee, {
             "idle_days": str(best), "last_idle_day": str(best_end),
             "categories": ",".join(sorted(only)),
-        }, start=day_start_ms(f.adm or f.day), end=f.t)]
+        }, start=day_start_ms(f.adm or f.day), end=f.setl_time)]
     return []
 
 

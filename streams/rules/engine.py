@@ -8,6 +8,18 @@ the last source offset applied (so a redelivered event is not applied twice, see
 Reversals retract: a full reversal removes its settlement from the timeline; every alert that
 rested on it is re-evaluated without it and, when it no longer holds, re-published as RETRACTED.
 Inpatient stays are also re-keyed to the hospital and DRG streams for the hospital-month rules.
+
+A person's state is the changelog's value for their token; its keys are short because they are
+written for every person on every batch, and they are the stored format (renaming one would make
+a restarted worker misread the state an older one wrote):
+
+| key | holds |
+|---|---|
+| ``o`` | the last source offset applied to this person |
+| ``tl`` | the timeline: one entry per settlement within the rules' horizon, by event time |
+|  | (its keys: :func:`~streams.rules.detectors.entry_of`) |
+| ``f`` | the alerts fired, by alert id (keys: streams/rules/alerts.py) |
+| ``ep`` | open episodes (rule and episode key) and the event time until which each lasts |
 """
 
 from __future__ import annotations
@@ -54,8 +66,9 @@ def stay_record(f: Facts, token: str, admdvs: str, rev: bool, setl_id: str | Non
     """Compact stay summary for the hospital/DRG streams (no personal data beyond the token)."""
     sev = f.drg[-1:] if f.drg else ""
     return orjson.dumps({
-        "s": bounded_id(setl_id or f.setl_id), "m": bounded_id(f.mdtrt_id), "h": bounded_id(f.h),
-        "drg": bounded_id(f.drg), "sev": sev, "amt": f.medfee, "t": f.t, "tok": token, "r": admdvs, "rev": int(rev),
+        "s": bounded_id(setl_id or f.setl_id), "m": bounded_id(f.mdtrt_id), "h": bounded_id(f.fixmedins_code),
+        "drg": bounded_id(f.drg), "sev": sev, "amt": f.medfee, "t": f.setl_time, "tok": token, "r": admdvs,
+        "rev": int(rev),
     })
 
 
@@ -138,7 +151,7 @@ class SettlementEngine:
         for rule, kind in stateless:  # already filtered to this settlement's scenario
             findings.extend(kind.stateless(rule, f, self.k))
         wm = self.watermark.get(ev.partition, 0)
-        late = f.t < wm - self.lateness_ms
+        late = f.setl_time < wm - self.lateness_ms
         if late:
             out.late += 1
         else:
@@ -151,7 +164,7 @@ class SettlementEngine:
                 out.skipped += 1
                 return
             insort(tl, entry, key=lambda e: e["t"])
-            newest = max(wm, f.t)
+            newest = max(wm, f.setl_time)
             self.watermark[ev.partition] = newest
             while tl and tl[0]["t"] < newest - horizon:
                 tl.pop(0)
@@ -162,12 +175,12 @@ class SettlementEngine:
                 findings.extend(kind.historic(rule, entry, tl, self.k))
         for fd in findings:
             self._fire(fd, token, admdvs, st, ev, out)
-        self._prune_fired(st, self.watermark.get(ev.partition, f.t))
+        self._prune_fired(st, self.watermark.get(ev.partition, f.setl_time))
         st["o"] = ev.offset
         self.person.put(ev.partition, token, st)
         if f.inpatient and f.drg:
             rec = stay_record(f, token, admdvs, rev=False)
-            out.emits.append(("internal.stays-by-hospital", bounded_id(f.h).encode(), rec))
+            out.emits.append(("internal.stays-by-hospital", bounded_id(f.fixmedins_code).encode(), rec))
             out.emits.append(("internal.stays-by-drg", bounded_id(f.drg).encode(), rec))
 
     def _fire(self, fd: Finding, token: str, admdvs: str, st: dict[str, Any], ev: EngineEvent,

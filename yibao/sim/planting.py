@@ -215,12 +215,13 @@ class Verifier:
             f = gather(dict(s), age_at(s["brdy"], s["setl_time"]), self.k, self.cat.dup_codes)
             xprov = s["insu_admdvs"][:2] != s["mdtrt_admdvs"][:2]
             for rule, kind in self.stateless:
-                if rule.applies_to(f.mt, xprov) and kind.stateless is not None and kind.stateless(rule, f, self.k):
+                if (rule.applies_to(f.med_type, xprov) and kind.stateless is not None
+                        and kind.stateless(rule, f, self.k)):
                     out.add(rule.id)
             entry = entry_of(f, self.excluded, self.k)
             bisect.insort(tl, entry, key=lambda e: int(e["t"]))
             for rule, kind in self.historic:
-                if rule.applies_to(f.mt, xprov) and kind.historic is not None \
+                if rule.applies_to(f.med_type, xprov) and kind.historic is not None \
                         and kind.historic(rule, entry, tl, self.k):
                     out.add(rule.id)
         return out
