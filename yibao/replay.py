@@ -7,7 +7,6 @@ reported with their line numbers and skipped; good lines still go through.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 from schemas import Codec, ConversionError
 from streams.records import key_of
 
+from .jsonl import json_lines
 from .producer import OutEvent
 
 
@@ -26,38 +26,29 @@ class LineError:
 
 def read_jsonl(path: Path, codec: Codec, errors: list[LineError]) -> Iterator[OutEvent]:
     """Yield events from ``path``; append a LineError for every line that cannot be used."""
-    with path.open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh, start=1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                errors.append(LineError(n, f"not JSON: {exc.msg} at column {exc.colno}"))
-                continue
-            if not isinstance(obj, dict):
-                errors.append(LineError(n, "not a JSON object"))
-                continue
-            et = obj.get("event_type")
-            if not isinstance(et, str):
-                errors.append(LineError(n, "missing event_type"))
-                continue
-            try:
-                record = codec.resolve_record(et)
-            except KeyError:
-                errors.append(LineError(n, f"unknown event_type {et!r}"))
-                continue
-            if codec.subject_of(record) not in ("settlement", "procurement", "supervision"):
-                errors.append(LineError(n, f"{et} is not an input event"))
-                continue
-            try:
-                datum = codec.from_json(record, obj)
-                value = codec.encode(record, datum)
-            except ConversionError as exc:
-                errors.append(LineError(n, str(exc).replace(record + ".", "", 1)))
-                continue
-            except Exception as exc:
-                errors.append(LineError(n, f"cannot encode: {exc}"[:300]))
-                continue
-            yield OutEvent(record, key_of(record, datum), datum, value)
+    for n, obj in json_lines(path):
+        if isinstance(obj, str):
+            errors.append(LineError(n, obj))
+            continue
+        et = obj.get("event_type")
+        if not isinstance(et, str):
+            errors.append(LineError(n, "missing event_type"))
+            continue
+        try:
+            record = codec.resolve_record(et)
+        except KeyError:
+            errors.append(LineError(n, f"unknown event_type {et!r}"))
+            continue
+        if codec.subject_of(record) not in ("settlement", "procurement", "supervision"):
+            errors.append(LineError(n, f"{et} is not an input event"))
+            continue
+        try:
+            datum = codec.from_json(record, obj)
+            value = codec.encode(record, datum)
+        except ConversionError as exc:
+            errors.append(LineError(n, str(exc).replace(record + ".", "", 1)))
+            continue
+        except Exception as exc:
+            errors.append(LineError(n, f"cannot encode: {exc}"[:300]))
+            continue
+        yield OutEvent(record, key_of(record, datum), datum, value)

@@ -33,6 +33,7 @@ from schemas import Codec
 from schemas.calendar import CHINA, DAY_MS, month_of
 from streams.rules import RULES_FILE, check_rule, load_rules_file
 
+from ..jsonl import read_objects
 from ..settings import Settings, load_settings
 from .generator import AUTO, EVENT_TIME_FIELD, INCOME, PENALTY, SETTLEMENT, SimConfig, SimEvent
 from .planters import Planting
@@ -141,20 +142,10 @@ def alerts_from_backend(backend: Any) -> list[dict[str, Any]]:
 
 def read_alerts(path: Path) -> list[dict[str, Any]]:
     """Alerts from JSON lines (raw AnomalyAlert datums, or rows of the ``alerts`` table)."""
-    out = []
-    with path.open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                if not isinstance(row, dict) or not {"alert_id", "rule_id", "status"} <= row.keys():
-                    raise ValueError("not an alert object (needs alert_id, rule_id, status)")
-            except ValueError as exc:
-                raise ValueError(f"{path}:{n}: {exc}") from None
-            if isinstance(row.get("setl_ids"), str):
-                row["setl_ids"] = json.loads(row["setl_ids"].replace("'", '"'))
-            out.append(row)
+    out = read_objects(path, frozenset({"alert_id", "rule_id", "status"}), "an alert object")
+    for row in out:
+        if isinstance(row.get("setl_ids"), str):
+            row["setl_ids"] = json.loads(row["setl_ids"].replace("'", '"'))
     return out
 
 

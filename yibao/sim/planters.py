@@ -66,6 +66,7 @@ from schemas.calendar import CHINA_OFFSET_MS, DAY_MS, HOUR_MS, china_day, day_st
 from streams.rules import RULES_FILE, Knowledge, Rule, check_rule, load_knowledge, load_rules_file
 from streams.settlement import age_at
 
+from ..jsonl import read_objects
 from .generator import (
     CATALOGUE,
     CATALOGUE_INDEX,
@@ -1005,19 +1006,7 @@ def parse_rules(spec: Iterable[str] | str, known: Mapping[str, Any] | Iterable[s
 
 def read_truth(path: Path) -> list[dict[str, Any]]:
     """Ground truth written by :meth:`Planting.write_truth` (JSON lines)."""
-    out = []
-    with path.open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                if not isinstance(row, dict) or "rule_id" not in row:
-                    raise ValueError("not an object with rule_id")
-            except ValueError as exc:
-                raise ValueError(f"{path}:{n}: {exc}") from None
-            out.append(row)
-    return out
+    return read_objects(path, frozenset({"rule_id"}), "a planted anomaly")
 
 
 __all__ = ["PLANTERS", "REVERSAL_MONEY", "Anomaly", "Catalogue", "PlantError", "Planting", "Verifier",
