@@ -1,4 +1,4 @@
-"""`yibao report` (yibao/report.py) and the Grafana BI dashboard over the same views.
+"""`yibao report` (yibao/report/) and the Grafana BI dashboard over the same views.
 
 Unit tests feed the query layer and the renderer fake rows (no engine): the contract of the BI
 views, escaping, the self-contained page, every chart's "no data" state, the clear error when a

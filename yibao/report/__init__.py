@@ -23,7 +23,6 @@ point) carries ``class="mark"``: the browser test counts them in the DOM.
 
 from __future__ import annotations
 
-import html
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -33,6 +32,28 @@ from decimal import Decimal
 from typing import Any, Protocol
 
 from sinks.base import QueryResult, literal
+
+from .svg import (
+    LATE_COLOR,
+    OK_COLOR,
+    OTHER_COLOR,
+    PALETTE,
+    PENDING_COLOR,
+    WARN_COLOR,
+    WIDTH,
+    Chart,
+    clip,
+    color_map,
+    esc,
+    fmt_cny,
+    fmt_num,
+    legend_html,
+    nice_ticks,
+    svg_doc,
+    text,
+    x_axis,
+    y_axis,
+)
 
 #: The BI views and the columns the report reads from each (the contract with 0003_bi_aggregates.sql).
 VIEWS: dict[str, tuple[str, ...]] = {
@@ -56,18 +77,6 @@ LAG_WARNING_POINTS = 10.0
 CAPACITY_AXIS_CAP = 36.0
 
 INSUTYPE_NAMES = {"310": "employee", "390": "resident"}
-
-# Tableau 10: distinguishable, print- and colour-blind-friendlier than rainbow palettes.
-PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7",
-           "#9c755f", "#bab0ac")
-OTHER_COLOR = "#9aa0a6"
-WARN_COLOR = "#d62728"
-OK_COLOR = "#2ca02c"
-LATE_COLOR = "#f2a93b"
-PENDING_COLOR = "#c9ced6"
-
-WIDTH = 960
-
 
 class ReportError(Exception):
     """The report cannot be made from this database; ``hint`` says what to do."""
@@ -336,123 +345,6 @@ def as_date(v: Any) -> date:
     return date.fromisoformat(text[:10] if len(text) >= 10 else f"{text[:7]}-01")
 
 
-# --- rendering helpers --------------------------------------------------------------------------
-
-def esc(v: object) -> str:
-    """Text for HTML and inline SVG: every value from the database passes through here."""
-    return html.escape(str(v), quote=True)
-
-
-def fmt_num(v: float, digits: int = 1) -> str:
-    """Compact number: 1,234 / 12.3k / 4.5M / 1.2B (amounts span fen to billions)."""
-    a = abs(v)
-    for limit, unit, suffix in ((1e9, 1e9, "B"), (1e6, 1e6, "M"), (1e4, 1e3, "k")):
-        if a >= limit:
-            return f"{v / unit:,.{digits}f}{suffix}"
-    if float(v).is_integer() or a >= 100:
-        return f"{v:,.0f}"
-    return f"{v:,.{digits}f}"
-
-
-def fmt_cny(v: float) -> str:
-    return f"¥{fmt_num(v)}"
-
-
-def nice_ticks(hi: float, n: int = 5, lo: float = 0.0) -> list[float]:
-    """Round tick values covering [lo, hi] (steps of 1, 2, 2.5 or 5 × 10^k)."""
-    if not math.isfinite(hi) or hi <= lo:
-        hi = lo + 1.0
-    raw = (hi - lo) / n
-    mag = 10 ** math.floor(math.log10(raw))
-    step = mag
-    for m in (1.0, 2.0, 2.5, 5.0, 10.0):
-        step = m * mag
-        if (hi - lo) / step <= n:
-            break
-    start = math.floor(lo / step) * step
-    count = math.ceil((hi - start) / step - 1e-9)
-    return [round(start + i * step, 10) for i in range(count + 1)]
-
-
-def color_map(names: Sequence[str]) -> dict[str, str]:
-    return {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(names)}
-
-
-def _text(x: float, y: float, content: str, *, anchor: str = "start", cls: str = "", extra: str = "") -> str:
-    c = f' class="{cls}"' if cls else ""
-    return f'<text x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}"{c}{extra}>{esc(content)}</text>'
-
-
-def clip(text: str, n: int = 28) -> str:
-    """Shorten a label drawn in a fixed margin (the full text stays in the mark's tooltip)."""
-    return text if len(text) <= n else text[: n - 1] + "…"
-
-
-def _svg(height: int, body: Iterable[str], label: str) -> str:
-    return (f'<svg viewBox="0 0 {WIDTH} {height}" width="100%" role="img" aria-label="{esc(label)}" '
-            f'preserveAspectRatio="xMidYMin meet">' + "".join(body) + "</svg>")
-
-
-def _legend(items: Iterable[tuple[str, str, str]]) -> str:
-    """HTML legend of (label, colour, shape: box|line|dash|outline|dot)."""
-    out = []
-    for label, color, shape in items:
-        out.append(f'<li><span class="sw sw-{shape}" style="--c:{esc(color)}"></span>{esc(label)}</li>')
-    return '<ul class="legend">' + "".join(out) + "</ul>"
-
-
-@dataclass
-class Chart:
-    """One figure of the report: id, title, subtitle, the SVG (or None when there is no data)."""
-
-    key: str
-    title: str
-    subtitle: str
-    svg: str | None
-    legend: str = ""
-    empty_reason: str = "no data"
-
-    def html(self) -> str:
-        state = "ok" if self.svg is not None else "empty"
-        body = self.svg if self.svg is not None else _empty_svg(self.empty_reason)
-        return (f'<figure class="chart" id="chart-{esc(self.key)}" data-chart="{esc(self.key)}" '
-                f'data-state="{state}"><figcaption><h2>{esc(self.title)}</h2>'
-                f'<p class="sub">{esc(self.subtitle)}</p></figcaption>{body}{self.legend}</figure>')
-
-
-def _empty_svg(reason: str) -> str:
-    return _svg(120, [
-        '<rect x="1" y="1" width="958" height="118" rx="6" class="empty-frame"/>',
-        _text(WIDTH / 2, 56, "No data", anchor="middle", cls="empty-title"),
-        _text(WIDTH / 2, 82, reason, anchor="middle", cls="empty-reason"),
-    ], f"no data: {reason}")
-
-
-def _x_axis(ticks: Sequence[float], x: Callable[[float], float], y0: float, y1: float,
-            label: str, fmt: Callable[[float], str] = fmt_num) -> list[str]:
-    """Vertical grid lines with values below, and the axis title."""
-    out = []
-    for t in ticks:
-        out.append(f'<line x1="{x(t):.1f}" y1="{y0:.1f}" x2="{x(t):.1f}" y2="{y1:.1f}" class="grid"/>')
-        out.append(_text(x(t), y1 + 16, fmt(t), anchor="middle", cls="tick"))
-    mid = (x(ticks[0]) + x(ticks[-1])) / 2
-    out.append(_text(mid, y1 + 36, label, anchor="middle", cls="axis-title"))
-    return out
-
-
-def _y_axis(ticks: Sequence[float], y: Callable[[float], float], x0: float, x1: float,
-            label: str, fmt: Callable[[float], str] = fmt_num) -> list[str]:
-    """Horizontal grid lines with values on the left, and the (rotated) axis title."""
-    out = []
-    for t in ticks:
-        out.append(f'<line x1="{x0:.1f}" y1="{y(t):.1f}" x2="{x1:.1f}" y2="{y(t):.1f}" class="grid"/>')
-        out.append(_text(x0 - 8, y(t) + 4, fmt(t), anchor="end", cls="tick"))
-    mid = (y(ticks[0]) + y(ticks[-1])) / 2
-    out.append(f'<text x="16" y="{mid:.1f}" text-anchor="middle" class="axis-title" '
-               f'transform="rotate(-90 16 {mid:.1f})">{esc(label)}</text>')
-    return out
-
-
 # --- the charts ---------------------------------------------------------------------------------
 
 def fund_chart(items: Sequence[FundCapacity], threshold: float = CAPACITY_WARNING_MONTHS, limit: int = 30) -> Chart:
@@ -485,13 +377,13 @@ def fund_chart(items: Sequence[FundCapacity], threshold: float = CAPACITY_WARNIN
         return left + plot_w * (max(ticks[0], min(v, ticks[-1])) - ticks[0]) / (ticks[-1] - ticks[0])
 
     bottom = top + len(shown) * (bar_h + gap)
-    body = _x_axis(ticks, x, top - 4, bottom, "months of payout capacity")
+    body = x_axis(ticks, x, top - 4, bottom, "months of payout capacity")
     for i, f in enumerate(shown):
         y = top + i * (bar_h + gap)
         label = f"{f.region} · {insutype_label(f.insutype)}"
-        body.append(_text(left - 8, y + bar_h - 4, clip(label, 25), anchor="end", cls="label"))
+        body.append(text(left - 8, y + bar_h - 4, clip(label, 25), anchor="end", cls="label"))
         if f.months_capacity is None:
-            body.append(_text(x(0) + 6, y + bar_h - 4, "n/a: no spending this year", cls="note"))
+            body.append(text(x(0) + 6, y + bar_h - 4, "n/a: no spending this year", cls="note"))
             continue
         v = f.months_capacity
         warn = v < threshold
@@ -504,18 +396,18 @@ def fund_chart(items: Sequence[FundCapacity], threshold: float = CAPACITY_WARNIN
         clipped = " ›" if v > ticks[-1] else " ‹" if v < ticks[0] else ""
         value = f"{v:.1f}{clipped}" + (" ⚠ deficit" if v < 0 else " ⚠" if warn else "")
         if v >= 0:
-            body.append(_text(x(v) + 5, y + bar_h - 4, value, cls="value warn" if warn else "value"))
+            body.append(text(x(v) + 5, y + bar_h - 4, value, cls="value warn" if warn else "value"))
         elif x1 - x0 > 7.5 * len(value):  # inside a long deficit bar, by the zero line
-            body.append(_text(x1 - 5, y + bar_h - 4, value, anchor="end", cls="value-in"))
+            body.append(text(x1 - 5, y + bar_h - 4, value, anchor="end", cls="value-in"))
         else:
-            body.append(_text(x0 - 5, y + bar_h - 4, value, anchor="end", cls="value warn"))
+            body.append(text(x0 - 5, y + bar_h - 4, value, anchor="end", cls="value warn"))
     tx = x(threshold)
     body.append(f'<line x1="{tx:.1f}" y1="{top - 18}" x2="{tx:.1f}" y2="{bottom:.1f}" class="threshold"/>')
-    body.append(_text(tx + 4, top - 10, f"{threshold:g}-month warning line", cls="threshold-label"))
-    legend = _legend([*((insutype_label(t), colors[t], "box") for t in types),
+    body.append(text(tx + 4, top - 10, f"{threshold:g}-month warning line", cls="threshold-label"))
+    legend = legend_html([*((insutype_label(t), colors[t], "box") for t in types),
                       (f"below {threshold:g} months (warning)", WARN_COLOR, "outline"),
                       (f"{threshold:g}-month warning line", WARN_COLOR, "dash")])
-    return Chart("fund", title, sub, _svg(int(height), body, title), legend)
+    return Chart("fund", title, sub, svg_doc(int(height), body, title), legend)
 
 
 def insutype_label(code: str) -> str:
@@ -558,13 +450,13 @@ def alerts_chart(rows: Sequence[AlertCount], days: int, rule_names: Mapping[str,
     def y(v: float) -> float:
         return top + plot_h - plot_h * v / ticks[-1]
 
-    body = _y_axis(ticks, y, left, left + plot_w, "alerts per day")
+    body = y_axis(ticks, y, left, left + plot_w, "alerts per day")
     step = max(1, math.ceil(n_days / 8))
     for i in range(0, n_days, step):
         d = first + timedelta(days=i)
         body.append(f'<line x1="{x(i):.1f}" y1="{top + plot_h}" x2="{x(i):.1f}" y2="{top + plot_h + 5}" class="axis"/>')
-        body.append(_text(x(i), top + plot_h + 20, f"{d:%m-%d}", anchor="middle", cls="tick"))
-    body.append(_text(left + plot_w / 2, top + plot_h + 42, f"day ({first:%Y-%m-%d} to {last:%Y-%m-%d})",
+        body.append(text(x(i), top + plot_h + 20, f"{d:%m-%d}", anchor="middle", cls="tick"))
+    body.append(text(left + plot_w / 2, top + plot_h + 42, f"day ({first:%Y-%m-%d} to {last:%Y-%m-%d})",
                       anchor="middle", cls="axis-title"))
     for k, values in series.items():
         label = k if k == other else f"{k}: {names[k]}" if k in names else k
@@ -576,8 +468,8 @@ def alerts_chart(rows: Sequence[AlertCount], days: int, rule_names: Mapping[str,
         pts = " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in enumerate(values))
         body.append(f'<polyline class="mark line" points="{pts}" fill="none" stroke="{colors[k]}" '
                     f'stroke-width="2"><title>{esc(tip)}</title></polyline>')
-    legend = _legend((f"{k} ({sum(v):,})", colors[k], "line") for k, v in series.items())
-    return Chart("alerts", title, sub, _svg(top + plot_h + 56, body, title), legend)
+    legend = legend_html((f"{k} ({sum(v):,})", colors[k], "line") for k, v in series.items())
+    return Chart("alerts", title, sub, svg_doc(top + plot_h + 56, body, title), legend)
 
 
 def flows_chart(flows: Sequence[Flow], pairs: int) -> Chart:
@@ -598,11 +490,11 @@ def flows_chart(flows: Sequence[Flow], pairs: int) -> Chart:
     def x(v: float) -> float:
         return left + plot_w * v / ticks[-1]
 
-    body = _x_axis(ticks, x, top - 4, bottom, "settlements / filings (count)")
+    body = x_axis(ticks, x, top - 4, bottom, "settlements / filings (count)")
     for i, f in enumerate(flows):
         y = top + i * (2 * bar_h + gap)
         label = f"{f.insu_admdvs} → {f.mdtrt_admdvs}"
-        body.append(_text(left - 8, y + bar_h + 4, clip(label, 30), anchor="end", cls="label"))
+        body.append(text(left - 8, y + bar_h + 4, clip(label, 30), anchor="end", cls="label"))
         tip = (f"insured in {f.insu_admdvs}, treated in {f.mdtrt_admdvs}: {f.settlements:,} settlements, "
                f"medical fees {fmt_cny(f.medfee)}, fund paid {fmt_cny(f.fund_pay)}; {f.filings:,} filings")
         for j, (v, color) in enumerate(((f.settlements, PALETTE[0]), (f.filings, PALETTE[1]))):
@@ -610,10 +502,10 @@ def flows_chart(flows: Sequence[Flow], pairs: int) -> Chart:
                 body.append(f'<rect class="mark bar" x="{left}" y="{y + j * bar_h}" '
                             f'width="{max(1.0, x(v) - left):.1f}" height="{bar_h - 1}" fill="{color}">'
                             f'<title>{esc(tip)}</title></rect>')
-        body.append(_text(x(max(f.settlements, f.filings)) + 5, y + bar_h + 4,
+        body.append(text(x(max(f.settlements, f.filings)) + 5, y + bar_h + 4,
                           f"fund {fmt_cny(f.fund_pay)}", cls="value"))
-    legend = _legend([("settlements", PALETTE[0], "box"), ("cross-province filings", PALETTE[1], "box")])
-    return Chart("flows", title, sub, _svg(int(bottom + 48), body, title), legend)
+    legend = legend_html([("settlements", PALETTE[0], "box"), ("cross-province filings", PALETTE[1], "box")])
+    return Chart("flows", title, sub, svg_doc(int(bottom + 48), body, title), legend)
 
 
 def completion_chart(items: Sequence[Completion], contracts: int, lag: float = LAG_WARNING_POINTS) -> Chart:
@@ -638,8 +530,8 @@ def completion_chart(items: Sequence[Completion], contracts: int, lag: float = L
     def y(v: float) -> float:
         return top + plot_h - plot_h * max(0.0, min(v, y_ticks[-1])) / y_ticks[-1]
 
-    body = _y_axis(y_ticks, y, left, left + plot_w, "completion of agreed volume (%)", fmt=lambda v: f"{v:g}%")
-    body += _x_axis(x_ticks, x, top, top + plot_h, "elapsed share of the contract cycle (%)", fmt=lambda v: f"{v:g}%")
+    body = y_axis(y_ticks, y, left, left + plot_w, "completion of agreed volume (%)", fmt=lambda v: f"{v:g}%")
+    body += x_axis(x_ticks, x, top, top + plot_h, "elapsed share of the contract cycle (%)", fmt=lambda v: f"{v:g}%")
     body.append(f'<line x1="{x(0):.1f}" y1="{y(0):.1f}" x2="{x(100):.1f}" y2="{y(100):.1f}" class="ref-line"/>')
     body.append(f'<line x1="{x(lag):.1f}" y1="{y(0):.1f}" x2="{x(100):.1f}" y2="{y(100 - lag):.1f}" '
                 'class="threshold"/>')
@@ -649,9 +541,9 @@ def completion_chart(items: Sequence[Completion], contracts: int, lag: float = L
                f"{c.elapsed_pct:.1f}% of the cycle elapsed ({c.lag_points:+.1f} points lag)")
         body.append(f'<circle class="mark dot" cx="{x(c.elapsed_pct):.1f}" cy="{y(c.completion_pct):.1f}" r="4" '
                     f'fill="{WARN_COLOR if warn else OK_COLOR}" fill-opacity="0.75"><title>{esc(tip)}</title></circle>')
-    legend = _legend([("on schedule or ahead", OK_COLOR, "dot"), (f"lagging > {lag:g} points", WARN_COLOR, "dot"),
+    legend = legend_html([("on schedule or ahead", OK_COLOR, "dot"), (f"lagging > {lag:g} points", WARN_COLOR, "dot"),
                       ("completion = elapsed", "#555", "line"), (f"{lag:g}-point lag line", WARN_COLOR, "dash")])
-    return Chart("procurement", title, sub, _svg(top + plot_h + 52, body, title), legend)
+    return Chart("procurement", title, sub, svg_doc(top + plot_h + 52, body, title), legend)
 
 
 def payments_chart(items: Sequence[Payments], hospitals: int) -> Chart:
@@ -676,10 +568,10 @@ def payments_chart(items: Sequence[Payments], hospitals: int) -> Chart:
     def x(v: float) -> float:
         return left + plot_w * v / ticks[-1]
 
-    body = _x_axis(ticks, x, top - 4, bottom, "accepted deliveries (count)")
+    body = x_axis(ticks, x, top - 4, bottom, "accepted deliveries (count)")
     for i, p in enumerate(items):
         y = top + i * (bar_h + gap)
-        body.append(_text(left - 8, y + bar_h - 3, clip(p.fixmedins_code, 20), anchor="end", cls="label"))
+        body.append(text(left - 8, y + bar_h - 3, clip(p.fixmedins_code, 20), anchor="end", cls="label"))
         acc = 0
         for name, color, get in parts:
             v = get(p)
@@ -690,10 +582,10 @@ def payments_chart(items: Sequence[Payments], hospitals: int) -> Chart:
                         f'height="{bar_h}" fill="{color}"><title>{esc(tip)}</title></rect>')
             acc += v
         rate = f"{100 * p.on_time / p.paid:.0f}% on time" if p.paid else "nothing paid"
-        body.append(_text(x(acc) + 5, y + bar_h - 3, f"{p.overdue_unpaid:,} overdue · {rate}",
+        body.append(text(x(acc) + 5, y + bar_h - 3, f"{p.overdue_unpaid:,} overdue · {rate}",
                           cls="value warn" if p.overdue_unpaid else "value"))
-    legend = _legend((name, color, "box") for name, color, _ in parts)
-    return Chart("payments", title, sub, _svg(int(bottom + 48), body, title), legend)
+    legend = legend_html((name, color, "box") for name, color, _ in parts)
+    return Chart("payments", title, sub, svg_doc(int(bottom + 48), body, title), legend)
 
 
 def recoveries_chart(items: Sequence[Recovery], max_regions: int = 6) -> Chart:
@@ -727,7 +619,7 @@ def recoveries_chart(items: Sequence[Recovery], max_regions: int = 6) -> Chart:
     def y(v: float) -> float:
         return top + plot_h - plot_h * v / ticks[-1]
 
-    body = _y_axis(ticks, y, left, left + plot_w, "recovered (CNY)", fmt=fmt_cny)
+    body = y_axis(ticks, y, left, left + plot_w, "recovered (CNY)", fmt=fmt_cny)
     label_every = max(1, math.ceil(len(months) / 12))
     for i, m in enumerate(months):
         cx = left + slot * (i + 0.5)
@@ -742,12 +634,12 @@ def recoveries_chart(items: Sequence[Recovery], max_regions: int = 6) -> Chart:
                         f'<title>{esc(tip)}</title></rect>')
             acc += v
         if i % label_every == 0:
-            body.append(_text(cx, top + plot_h + 18, f"{m:%Y-%m}", anchor="middle", cls="tick"))
-    body.append(_text(left + plot_w / 2, top + plot_h + 40, "month", anchor="middle", cls="axis-title"))
+            body.append(text(cx, top + plot_h + 18, f"{m:%Y-%m}", anchor="middle", cls="tick"))
+    body.append(text(left + plot_w / 2, top + plot_h + 40, "month", anchor="middle", cls="axis-title"))
     sums = {k: by_region[k] for k in keep}
     sums[other] = total - sum(sums.values())
-    legend = _legend((f"{k} ({fmt_cny(sums[k])})", colors[k], "box") for k in order)
-    return Chart("recoveries", title, sub, _svg(top + plot_h + 54, body, title), legend)
+    legend = legend_html((f"{k} ({fmt_cny(sums[k])})", colors[k], "box") for k in order)
+    return Chart("recoveries", title, sub, svg_doc(top + plot_h + 54, body, title), legend)
 
 
 def charts(data: ReportData, threshold: float = CAPACITY_WARNING_MONTHS) -> list[Chart]:
