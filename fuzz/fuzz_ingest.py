@@ -11,7 +11,7 @@ reaches validation, row building and the rule engines, not only the decoder. A r
 exception, and on any broken invariant of :func:`check`: every message accounted for exactly
 once (landed or dead-lettered), every column as long as its table's others, every message the
 worker would send within ``MESSAGE_BUDGET``, every changelog record within ``CHUNK_BYTES``.
-A crasher found here becomes a regression test (tests/test_fuzz_regressions.py replays
+A crasher found here becomes a regression test (tests/fuzz/test_fuzz_regressions.py replays
 ``fuzz/crashers/`` and ``tests/data/fuzz/``).
 """
 

@@ -1,5 +1,5 @@
 """Servers only the tests start: moto's S3 under a durable Tansu broker (the broker-restart tests) and
-ZooKeeper for ClickHouse cluster mode (tests/test_cluster.py). They build on yibao.localinfra's
+ZooKeeper for ClickHouse cluster mode (tests/system/test_cluster.py). They build on yibao.localinfra's
 LocalServer like the broker and ClickHouse servers the demo and the benchmark use too.
 """
 

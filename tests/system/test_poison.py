@@ -33,7 +33,7 @@ from yibao.localinfra import ClickHouseEndpoint, KafkaEndpoint
 from yibao.settings import Settings
 from yibao.sim.generator import SETTLEMENT, SimConfig, SimEvent, TrafficGenerator
 
-from .harness import (
+from ..harness import (
     PRIMARY_TABLE,
     Sent,
     WorkerProcess,

@@ -12,7 +12,7 @@ from types import ModuleType
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CRASHERS = sorted([*(ROOT / "tests" / "data" / "fuzz").glob("*"), *(ROOT / "fuzz" / "crashers").glob("crash-*")])
 SEED = 20261206
 

@@ -45,8 +45,8 @@ from yibao.settings import Settings
 from yibao.sim.corrupt import corrupt
 from yibao.sim.generator import SimConfig, TrafficGenerator
 
-from .conftest import require_infra
-from .harness import (
+from ..conftest import require_infra
+from ..harness import (
     BackgroundProducer,
     Expected,
     Sent,
@@ -63,7 +63,7 @@ from .harness import (
     wait_landed,
     worker_env,
 )
-from .servers import S3Server
+from ..servers import S3Server
 
 REDELIVERY_LOG = "redelivered offsets already landed"
 

@@ -32,8 +32,8 @@ from yibao.localinfra import ClickHouseServer, KafkaEndpoint, MissingBinaryError
 from yibao.producer import produce
 from yibao.settings import Settings, load_settings
 
-from .conftest import require_infra
-from .servers import ZooKeeperServer
+from ..conftest import require_infra
+from ..servers import ZooKeeperServer
 from .test_ops import ALL_TABLES, PRIMARY_TABLES, SETTLEMENT, expected_rows, mixed_traffic
 
 pytestmark = pytest.mark.integration

@@ -190,7 +190,7 @@ def test_rule_pushed_to_a_running_worker_applies_without_restart(env: tuple[Sett
                     YIBAO_CH_PASSWORD=s.ch_password.get_secret_value(), YIBAO_DATA_DIR=str(s.data_dir),
                     YIBAO_WEB_PORT="0", YIBAO_SESSION_TIMEOUT_MS="6000", YIBAO_PSEUDO_KEY="cd" * 32,
                     YIBAO_BATCH_MAX_SECONDS="0.3")
-    rules = (Path(__file__).resolve().parents[1] / "streams/rules/data/rules.toml").read_text(encoding="utf-8")
+    rules = (Path(__file__).resolve().parents[2] / "streams/rules/data/rules.toml").read_text(encoding="utf-8")
     start = rules.index('id = "YB-PSN-SHOP-1D"')
     block = rules[rules.rindex("[[rule]]", 0, start): rules.index("[[rule]]", start)]
     changed = block.replace("version = 1", "version = 2").replace("min_institutions = 3", "min_institutions = 2")

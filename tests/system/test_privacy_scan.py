@@ -37,7 +37,7 @@ from yibao.settings import Settings
 from yibao.sim.corrupt import corrupt
 from yibao.sim.generator import SimConfig, TrafficGenerator
 
-from .harness import PSEUDO_KEY, ROOT, WorkerProcess, produce_events, run_cli, settings_for, wait_committed, worker_env
+from ..harness import PSEUDO_KEY, ROOT, WorkerProcess, produce_events, run_cli, settings_for, wait_committed, worker_env
 
 CLEAR_FIELDS = ("psn_no", "psn_cert_no", "psn_name", "tel", "rptr_name", "rptr_cert_no", "rptr_tel")
 
@@ -103,7 +103,7 @@ _EMBEDDED_SCAN = """
 import json, sys
 sys.path.insert(0, sys.argv[3])
 from sinks.embedded import EmbeddedBackend
-from tests.test_privacy_scan import scan_backend
+from tests.system.test_privacy_scan import scan_backend
 needles = set(json.load(open(sys.argv[4], encoding="utf-8")))
 b = EmbeddedBackend(sys.argv[1], database=sys.argv[2])
 try:

@@ -51,7 +51,7 @@ from yibao.sim.generator import (
     write_jsonl,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DAY_MS = 86_400_000
 TZ_MS = 8 * 3_600_000
 

@@ -42,8 +42,8 @@ from sinks.server import ServerBackend
 from yibao.localinfra import ClickHouseServer, MissingBinaryError, TansuBroker, free_port
 from yibao.settings import Settings, load_settings
 
-from .conftest import require_infra
-from .harness import (
+from ..conftest import require_infra
+from ..harness import (
     WorkerProcess,
     expected_from,
     produce_events,

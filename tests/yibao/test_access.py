@@ -29,8 +29,8 @@ from yibao.access import AccessError, Catalog, load_roles, render
 from yibao.access import apply as apply_access
 from yibao.localinfra import ClickHouseServer, MissingBinaryError
 
-from .conftest import require_infra
-from .harness import ROOT, run_cli
+from ..conftest import require_infra
+from ..harness import ROOT, run_cli
 
 INGEST_PW, BI_PW, ZJ_PW, BJ_PW = "ingest-Pw-1x9", "bi-Pw-7q2", "zj-Pw-3k8", "bj-Pw-5m4"
 DB = "acc"

@@ -30,9 +30,9 @@ from prometheus_client.metrics_core import Metric
 from streams import metrics
 from yibao.settings import Settings, load_settings
 
-from .conftest import require_infra
+from ..conftest import require_infra
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 COMPOSE = DEPLOY / "compose"
 K8S = DEPLOY / "k8s"

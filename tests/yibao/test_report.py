@@ -59,9 +59,9 @@ from yibao.report import (
     resolve_views,
 )
 
-from .conftest import require_infra
+from ..conftest import require_infra
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BI_DASHBOARDS = ROOT / "deploy" / "compose" / "grafana" / "dashboards" / "bi"
 DATASOURCES = ROOT / "deploy" / "compose" / "grafana" / "provisioning" / "datasources" / "datasources.yaml"
 MIGRATION = ROOT / "sinks" / "ddl" / "0003_bi_aggregates.sql"
@@ -699,7 +699,7 @@ def stores(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     from yibao.sim.generator import SimConfig
     from yibao.sim.planters import Planting
 
-    from .harness import WorkerProcess, produce_events, settings_for, wait_committed, worker_env
+    from ..harness import WorkerProcess, produce_events, settings_for, wait_committed, worker_env
 
     broker = request.getfixturevalue("broker")
     ch = request.getfixturevalue("clickhouse_server")
@@ -767,7 +767,7 @@ def chromium() -> str:
 @pytest.mark.parametrize("kind", ["server", "embedded"])
 def test_report_from_real_data_renders_every_chart_in_chromium(kind: str, chromium: str, stores: dict[str, Store],
                                                              tmp_path: Path) -> None:
-    from .harness import run_cli
+    from ..harness import run_cli
 
     store = stores[kind]
     out = tmp_path / f"report-{kind}.html"
@@ -790,7 +790,7 @@ def test_report_on_a_database_without_the_views_says_to_migrate(stores: dict[str
     from sinks.migrate import migrate
     from yibao.settings import load_settings
 
-    from .harness import run_cli
+    from ..harness import run_cli
 
     env = dict(stores["server"].env, YIBAO_CH_DATABASE=f"{stores['server'].database}_bare")
     res = run_cli(["report", "--out", str(tmp_path / "r.html")], env, tmp_path)

@@ -25,7 +25,7 @@ from streams.rules.knowledge import DATA
 from streams.rules.model import Rule
 
 SEED = RULES_FILE.read_text(encoding="utf-8")
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def line_of(text: str, needle: str, after: int = 0) -> int:

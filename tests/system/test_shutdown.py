@@ -21,7 +21,7 @@ from sinks.migrate import migrate
 from yibao.localinfra import ClickHouseEndpoint, KafkaEndpoint
 from yibao.settings import Settings
 
-from .harness import (
+from ..harness import (
     PRIMARY_TABLE,
     BackgroundProducer,
     WorkerProcess,

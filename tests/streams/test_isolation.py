@@ -4,7 +4,7 @@ rest of the batch lands in order; a failure that is not about a message stops th
 The three steps around it are replaced by recording stubs: ``_flush_batch`` fails for any batch
 holding a poison message (as a real flush does when one event's processing, emit or insert
 fails), ``_roll_back`` and ``_quarantine`` record their calls. The integration tests
-(tests/test_poison.py) show the same with a real worker, broker and ClickHouse.
+(tests/system/test_poison.py) show the same with a real worker, broker and ClickHouse.
 """
 
 from __future__ import annotations

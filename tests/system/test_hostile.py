@@ -44,7 +44,7 @@ from yibao.settings import Settings
 from yibao.sim import corrupt as corruptions
 from yibao.sim.generator import SimConfig, SimEvent, TrafficGenerator
 
-from .harness import PRIMARY_TABLE, SETTLEMENT, Sent, WorkerProcess, produce_events, run_cli, settings_for, worker_env
+from ..harness import PRIMARY_TABLE, SETTLEMENT, Sent, WorkerProcess, produce_events, run_cli, settings_for, worker_env
 
 pytestmark = pytest.mark.integration
 

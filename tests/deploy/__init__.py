@@ -1,0 +1,1 @@
+"""Tests of what operators run (deploy/): compose, Kubernetes, systemd, alert rules and dashboards."""

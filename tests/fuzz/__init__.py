@@ -1,0 +1,1 @@
+"""The fuzz harness (fuzz/) and the inputs it found, replayed."""

@@ -1,0 +1,1 @@
+"""Tests of the Avro contracts, the registry manifest and the codec (schemas/)."""

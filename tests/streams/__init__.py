@@ -1,0 +1,1 @@
+"""Tests of the stream processing (streams/): validation, processors, privacy, the checkpoint, monitors, rules."""

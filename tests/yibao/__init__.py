@@ -1,0 +1,2 @@
+"""Tests of the application layer (yibao/): the CLI, simulator and evaluation, report, logging,
+access, local servers."""
