@@ -68,8 +68,6 @@ from streams.settlement import age_at
 
 from ..jsonl import read_objects
 from .generator import (
-    CATALOGUE,
-    CATALOGUE_INDEX,
     INVENTORY,
     MAX_TRACES,
     REVERSAL,
@@ -109,6 +107,7 @@ from .planting import (
     rebalance,
     settle_new,
 )
+from .reference import CATALOGUE, CATALOGUE_INDEX
 
 
 def _hospital_outpatient(d: Mapping[str, Any]) -> bool:

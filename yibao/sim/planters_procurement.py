@@ -28,8 +28,17 @@ from collections.abc import Sequence
 
 from schemas.calendar import DAY_MS, HOUR_MS, day_start_ms
 
-from .generator import CATALOGUE_INDEX, CONTRACT, DELIVERY, INVENTORY, PAYMENT, EventHook, HookContext, SimEvent
+from .generator import (
+    CONTRACT,
+    DELIVERY,
+    INVENTORY,
+    PAYMENT,
+    EventHook,
+    HookContext,
+    SimEvent,
+)
 from .planting import Anomaly, EventPlanter, Planter
+from .reference import CATALOGUE_INDEX
 
 CNT = 10_000
 PLANTED_MOV_SERIAL = 900_000_000_000  # mov_id serials of planted movements (base ones count up from 1)

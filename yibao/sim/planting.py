@@ -21,11 +21,11 @@ if TYPE_CHECKING:  # the planting that drives every planter; it imports them
     from .planters import Planting
 
 from .generator import (
-    CATALOGUE,
     EventHook,
     HookContext,
     SimEvent,
 )
+from .reference import CATALOGUE
 
 MIN_MS = 60_000
 CNT = 10_000  # quantity scale 4
