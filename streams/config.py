@@ -37,12 +37,14 @@ class KafkaConfig:
 
 @dataclass(frozen=True)
 class ValidationConfig:
-    """The code lists and time limits events are checked against."""
+    """The code lists and time limits events are checked against, and how long an event's identity
+    is remembered to recognise a re-send (streams.identity)."""
 
     known_insutypes: frozenset[str]
     known_med_types: frozenset[str]
     max_future_skew_s: int
     min_event_year: int
+    dedup_horizon_days: int = 7
 
 
 @dataclass(frozen=True)

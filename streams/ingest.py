@@ -392,11 +392,15 @@ class Ingestor(ConsumerRebalanceListener):  # type: ignore[misc]
             metrics.DEAD_LETTERS.labels(self.topic, reason).inc(n)
         for table, n in out.skipped_rows.items():
             metrics.DUPLICATES_SKIPPED.labels(table).inc(n)
+        for rec, n in out.duplicates.items():
+            metrics.DUPLICATES_RECOGNISED.labels(self.topic, rec).inc(n)
         for stage, s in out.stage_seconds.items():
             metrics.STAGE_SECONDS.labels(self.topic, stage).inc(s)
         for a in out.alerts:
             if a["status"] == "FIRED":
                 metrics.ALERTS.labels(a["rule_id"], a["severity"]).inc()
+        if self.processor.identities is not None:
+            metrics.IDENTITIES.labels(self.topic).set(self.processor.identities.remembered())
         for store in self.processor.stores:
             metrics.WINDOW_STATE_KEYS.labels(store.name).set(store.keys())
         if out.state_capped:
@@ -405,5 +409,6 @@ class Ingestor(ConsumerRebalanceListener):  # type: ignore[misc]
                         topic=self.topic, events=out.state_capped)
         self.stats["events"] += len(batch)
         self.stats["dead_letters"] += sum(out.reasons.values())
+        self.stats["duplicates"] += sum(out.duplicates.values())
         self.stats["batches"] += 1
         self.last_flush_at = time.time()

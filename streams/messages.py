@@ -58,6 +58,9 @@ class Outcome:
     alerts: list[Datum] = field(default_factory=list)
     emits: list[tuple[str, bytes, bytes]] = field(default_factory=list)  # stream, key, value
     state_capped: int = 0  # events after which a key's state was cut to its bound
+    #: re-sent events recognised by their identity (same ``event_id``, same content, new offset):
+    #: neither landed nor dead-lettered; consumed = landed + dead-lettered + duplicates
+    duplicates: Counter[str] = field(default_factory=Counter)
 
     def rows(self, table: str) -> int:
         cols = self.tables.get(table)

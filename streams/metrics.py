@@ -19,6 +19,18 @@ DUPLICATES_SKIPPED = Counter(
     ["table"],
     registry=REGISTRY,
 )
+DUPLICATES_RECOGNISED = Counter(
+    "yibao_duplicates_recognised_total",
+    "Re-sent events recognised by their event_id (same content, new offset): neither landed nor dead-lettered",
+    ["topic", "event_type"],
+    registry=REGISTRY,
+)
+IDENTITIES = Gauge(
+    "yibao_identities_remembered",
+    "Event identities held to recognise re-sends (about 24 bytes each), per topic",
+    ["topic"],
+    registry=REGISTRY,
+)
 ROWS_WRITTEN = Counter("yibao_rows_written_total", "Rows written to ClickHouse", ["table"], registry=REGISTRY)
 SINK_SECONDS = Histogram(
     "yibao_sink_batch_seconds",

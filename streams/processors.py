@@ -15,9 +15,10 @@ from typing import Protocol
 
 import orjson
 
-from schemas import Codec, DecodeError
+from schemas import Codec, Decoded, DecodeError
 
 from .base import ColumnPlan, Datum, Subsystem, compile_plan, merge_columns, record_checks
+from .identity import CONFLICT_REASON, Identities, Verdict
 from .messages import (
     ALERTS_TABLE,
     DEAD_LETTER_TABLE,
@@ -54,6 +55,8 @@ class Processor(Protocol):
     stores: list[Store]
     #: tables this processor writes, looked up after a (re)assignment for what already landed
     tables: list[str]
+    #: the event identities it recognises re-sends by (None: the stream has no re-sends to recognise)
+    identities: Identities | None
 
     def process(self, msgs: Sequence[Message], already: AlreadyLanded | None = None) -> Outcome: ...
 
@@ -83,10 +86,13 @@ class BatchProcessor:
         topic: str,
         limits: Callable[[], Limits],
         engine: Engine | None = None,
+        identities: Identities | None = None,
     ) -> None:
         self.subsystem = subsystem
         self.engine = engine
-        self.stores: list[Store] = list(engine.stores) if engine is not None else []
+        self.identities = identities
+        self.stores: list[Store] = [*(engine.stores if engine is not None else ()),
+                                    *([identities.store] if identities is not None else ())]
         self.tables = [*subsystem.tables(), DEAD_LETTER_TABLE, *([ALERTS_TABLE] if engine else [])]
         self.codec = codec
         self.pseudonymizer = pseudonymizer
@@ -106,15 +112,25 @@ class BatchProcessor:
         self._alert_plan = alert_plan(codec)
 
     def restored(self, partition: int) -> None:
+        if self.identities is not None:
+            self.identities.restored(partition)
         if self.engine is not None:
             self.engine.restored(partition)
 
     def forget(self, partitions: Sequence[int]) -> None:
+        if self.identities is not None:
+            self.identities.forget(partitions)
         if self.engine is not None:
             self.engine.forget(partitions)
 
     def alert_rule_ids(self) -> list[str]:
         return _rule_ids(self.engine) if self.engine is not None else []
+
+    def _conflict_detail(self, m: Message, event_id: str) -> str:
+        assert self.identities is not None
+        first = self.identities.first_seen(m.partition, event_id)
+        return (f"event_id first seen at offset {first} of partition {m.partition} with different content; "
+                "the first stands")
 
     def process(self, msgs: Sequence[Message], already: AlreadyLanded | None = None) -> Outcome:
         out = Outcome(events=len(msgs))
@@ -126,20 +142,34 @@ class BatchProcessor:
         failed: list[Failure] = []
         t_decode = 0.0
         t_validate = 0.0
+        decoded: list[tuple[Message, Decoded]] = []
         for m in msgs:
             ta = time.perf_counter()
             if m.value is None:
                 failed.append((m, "EMPTY_VALUE", "record has no value (tombstone)", None, None, None))
                 continue
             try:
-                dec = decode(m.value, subject=subject)
+                decoded.append((m, decode(m.value, subject=subject)))
             except DecodeError as exc:
                 failed.append((m, exc.reason_code, exc.detail, None, exc.schema_id, None))
-                continue
+            t_decode += time.perf_counter() - ta
+        ti = time.perf_counter()
+        ids = self.identities
+        probes = (ids.probe([(m.partition, m.offset, dec.datum.get("event_id"), m.value or b"") for m, dec in decoded])
+                  if ids is not None else None)
+        t_identity = time.perf_counter() - ti
+        for j, (m, dec) in enumerate(decoded):
             tb = time.perf_counter()
-            t_decode += tb - ta
             spec = self._specs.get(dec.record)
             short = dec.record.rsplit(".", 1)[-1]
+            verdict = ids.verdict(probes[j]) if ids is not None and probes is not None else Verdict.NEW
+            if verdict is Verdict.DUPLICATE:
+                out.duplicates[short] += 1
+                continue
+            if verdict is Verdict.CONFLICT:
+                failed.append((m, CONFLICT_REASON, self._conflict_detail(m, dec.datum["event_id"]), "event_id",
+                               dec.schema_id, short))
+                continue
             if spec is None:
                 failed.append((m, "UNEXPECTED_RECORD", f"{dec.record} is not handled by {subject}", None,
                                dec.schema_id, short))
@@ -149,6 +179,8 @@ class BatchProcessor:
             if v is not None:
                 failed.append((m, v.reason_code, v.detail, v.field or None, dec.schema_id, short))
                 continue
+            if verdict is Verdict.NEW and ids is not None and probes is not None:
+                ids.remember(probes[j])
             bucket = valid.get(dec.record)
             if bucket is None:
                 bucket = valid[dec.record] = ([], [], [])
@@ -157,6 +189,10 @@ class BatchProcessor:
             bucket[2].append(m.offset)
             if ordered is not None:
                 ordered.append(EngineEvent(spec.short_name, dec.datum, m.partition, m.offset))
+        if ids is not None:
+            ts = time.perf_counter()
+            ids.seal()
+            t_identity += time.perf_counter() - ts
         t1 = time.perf_counter()
         for record, (data, parts, offs) in valid.items():
             for plan in self._plans[record]:
@@ -167,6 +203,7 @@ class BatchProcessor:
             out.landed[record.rsplit(".", 1)[-1]] += len(data)
         t2 = time.perf_counter()
         if failed:
+            failed.sort(key=lambda f: (f[0].partition, f[0].offset))  # in stream order, like everything else
             self._dead.add(failed, already, out)
         t3 = time.perf_counter()
         if ordered and self.engine is not None:
@@ -178,8 +215,9 @@ class BatchProcessor:
             "decode": t_decode,
             "validate": t_validate,
             "rows": t2 - t1,
+            "identity": t_identity,
             "rules": time.perf_counter() - t3,
-            "other": max(0.0, (t1 - t0) - t_decode - t_validate) + (t3 - t2),
+            "other": max(0.0, (t1 - t0) - t_decode - t_validate - t_identity) + (t3 - t2),
         }
         return out
 
@@ -199,6 +237,8 @@ class GroupedProcessor:
         self.topic = topic
         self.codec = codec
         self.pseudonymizer = pseudonymizer
+        #: re-keyed stays are this pipeline's own output; their engines apply each setl_id once
+        self.identities: Identities | None = None
         self.stores = list(engine.stores)
         self.tables = [ALERTS_TABLE, DEAD_LETTER_TABLE]
         self._alert_plan = alert_plan(codec)

@@ -10,6 +10,7 @@
 | ``internal.stays-by-hospital`` / ``-by-drg`` | fixmedins_code / drg_code | inpatient stays re-keyed (JSON) |
 | ``changelog.person`` / ``.hospital`` / ``.drg`` | state key | detector state (compacted, JSON) |
 | ``changelog.procurement`` | fixmedins_code; ``<code>#tr#<day>`` | procurement detector state, sold trace codes |
+| ``changelog.identity.<subsystem>`` | ``<arrival day>:<first offset>`` | event identities seen (streams.identity) |
 | ``rules`` | rule id | the rule base (compacted, one partition, JSON) |
 """
 
@@ -26,7 +27,8 @@ from .config import KafkaConfig
 STREAMS = ("settlement", "procurement", "supervision")
 PIPELINE_TOPICS = ("deadletter", "alerts", "internal.stays-by-hospital", "internal.stays-by-drg")
 #: compacted: state changelogs (one partition per source partition) and the rule base
-COMPACTED_TOPICS = ("changelog.person", "changelog.hospital", "changelog.drg", "changelog.procurement")
+COMPACTED_TOPICS = ("changelog.person", "changelog.hospital", "changelog.drg", "changelog.procurement",
+                    *(f"changelog.identity.{s}" for s in STREAMS))
 RULES_TOPIC = "rules"
 
 

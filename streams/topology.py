@@ -3,6 +3,7 @@ benchmark: which processor consumes which topic, the state stores its engine kee
 records it emits go (the re-keyed stays feed the hospital and DRG processors).
 
 ```
+ every subsystem stage first asks its Identities (store identity.<subsystem>) whether an event is a re-send
  settlement ──► BatchProcessor + SettlementEngine (store person) ──emits──► internal.stays-by-hospital
                                                                  └──emits──► internal.stays-by-drg
  procurement ─► BatchProcessor + ProcurementEngine (store procurement)
@@ -24,6 +25,7 @@ from schemas import Codec
 from . import procurement, settlement, supervision
 from .base import Subsystem
 from .config import RulesConfig, ValidationConfig
+from .identity import Identities
 from .privacy import Pseudonymizer, Sealer
 from .processors import BatchProcessor, GroupedProcessor
 from .rules import RULES_FILE, RuleBook, check_rule, load_knowledge, load_rules_file
@@ -107,8 +109,11 @@ def build_pipeline(*, validation: ValidationConfig, rules: RulesConfig, topic: C
     clock = limits or LimitsClock(validation)
     stages: dict[str, Stage] = {}
     for name in streams:
+        identities = Identities(Store(f"identity.{name}", topic(f"changelog.identity.{name}")),
+                                validation.dedup_horizon_days)
         stages[name] = Stage(name, topic(name), BatchProcessor(subsystems[name], codec, pseudonymizer, sealer,
-                                                               topic(name), clock, engine=engines.get(name)))
+                                                               topic(name), clock, engine=engines.get(name),
+                                                               identities=identities))
     routes: dict[str, str] = {}
     if book is not None and "settlement" in streams:
         for stream, by in STAY_STREAMS.items():

@@ -102,6 +102,10 @@ class Settings(BaseSettings):
     # --- Validation --------------------------------------------------------------------------
     max_future_skew_s: int = Field(300, ge=0, description="Event times further ahead than this are rejected")
     min_event_year: int = Field(2018, ge=1990, le=2100, description="Event times before this year are rejected")
+    dedup_horizon_days: int = Field(
+        7, ge=1, le=90,
+        description="Days (of arrival) an event's identity is remembered: a re-send (same event_id) within them "
+                    "is recognised and lands once; about 24 bytes of memory per event")
     known_insutypes: tuple[str, ...] = ("310", "320", "330", "340", "390", "391", "392", "510")
     known_med_types: tuple[str, ...] = ("11", "12", "13", "14", "15", "16", "21", "22", "41", "51", "52")
 
@@ -178,7 +182,8 @@ class Settings(BaseSettings):
     def validation(self) -> ValidationConfig:
         return ValidationConfig(known_insutypes=frozenset(self.known_insutypes),
                                 known_med_types=frozenset(self.known_med_types),
-                                max_future_skew_s=self.max_future_skew_s, min_event_year=self.min_event_year)
+                                max_future_skew_s=self.max_future_skew_s, min_event_year=self.min_event_year,
+                                dedup_horizon_days=self.dedup_horizon_days)
 
     def rules(self) -> RulesConfig:
         return RulesConfig(enabled=self.rules_enabled, rules_file=self.rules_file,
