@@ -149,7 +149,8 @@ def entry_of(f: Facts, excluded_dx: frozenset[str], k: Knowledge) -> dict[str, A
     admission / discharge date, ``dx`` main diagnosis category, ``ex`` 1 when that diagnosis is
     excluded from split-stay rules (chemo-, radio-, dialysis), ``drg``, ``amt`` medfee_sumamt, ``rx``
     drugs [generic, class, days x 1000, fee, long-term], ``tests`` [item, time, fee], ``dup``
-    duplicate-pair items [item, time, fee].
+    duplicate-pair items [item, time, fee], ``fq`` quantities of frequency-limited items per China day
+    [item, day, Σcnt (scale 4), Σfee].
     """
     return {
         "s": f.setl_id, "m": f.mdtrt_id, "t": f.setl_time, "h": f.fixmedins_code, "p": f.province, "mt": f.med_type,
@@ -158,6 +159,7 @@ def entry_of(f: Facts, excluded_dx: frozenset[str], k: Knowledge) -> dict[str, A
         "rx": [[g, c, d, fee, lt] for g, c, d, fee, lt in f.drugs],
         "tests": [[c, t, fee] for c, t, fee in f.tests],
         "dup": [[c, t, fee] for c, t, fee in f.dup],
+        "fq": [[c, day, cnt, f.freq_fee[(c, day)]] for (c, day), cnt in f.freq.items()],
     }
 
 
@@ -175,6 +177,14 @@ class Kind:
     historic: Historic | None = None
     #: how far back in a person's history the kind looks (days), from its parameters
     horizon_days: Callable[[Rule], int] = lambda r: 0
+    #: one alert per episode: the detector returns every window of the settlement's groups that
+    #: holds and ends at or after it; the engine picks the episodes (streams/rules/engine.py)
+    episodic: bool = False
+    #: the episode groups (generic, drug class) a timeline entry touches, for an episodic kind
+    groups: Callable[[Rule, dict[str, Any]], set[str]] = lambda r, e: set()
+    #: its scope is one visit: a settlement later than the allowed lateness is still judged with
+    #: the settlements of its visit already in the timeline
+    visit: bool = False
 
     def check(self, rule: Rule) -> None:
         for name, typ in self.params.items():
@@ -211,17 +221,28 @@ def over_price(rule: Rule, f: Facts, k: Knowledge) -> list[Finding]:
     })]
 
 
-def over_frequency(rule: Rule, f: Facts, k: Knowledge) -> list[Finding]:
+def over_frequency(rule: Rule, cur: dict[str, Any], tl: list[dict[str, Any]], k: Knowledge) -> list[Finding]:
+    """Σcnt of an item on one China day of one visit above its limit: summed over every settlement
+    of the visit (a stay settled in parts, 中途结算), whichever part arrives first."""
+    if not cur["fq"]:
+        return []
+    visit = [e for e in tl if e["m"] == cur["m"] and e["h"] == cur["h"]]
+    if not any(e["s"] == cur["s"] for e in visit):
+        visit.append(cur)
     out = []
-    for (code, day), cnt in sorted(f.freq.items()):
+    for code, day in sorted({(c, d) for c, d, _, _ in cur["fq"]}):
+        parts = [(e, x) for e in visit for x in e["fq"] if x[0] == code and x[1] == day]
+        cnt = sum(x[2] for _, x in parts)
         limit = k.frequency_limits[code] * 10**4
         if cnt > limit:
-            fee = f.freq_fee[(code, day)]
+            fee = sum(x[3] for _, x in parts)
             excess = fee - fee * limit // cnt
-            out.append(_one(rule, f, f"{f.mdtrt_id}|{code}|{day}", excess, {
-                "item": code, "day": str(day), "quantity": f"{cnt / 10**4:g}",
-                "limit_per_day": str(k.frequency_limits[code]),
-            }, start=day_start_ms(day), end=day_start_ms(day + 1) - 1))
+            start, end = _day_window(day)
+            out.append(Finding(rule, f"{cur['m']}|{code}|{day}", cur["h"], start, end,
+                               tuple(sorted({e["s"] for e, _ in parts})), (cur["m"],), excess, {
+                                   "item": code, "day": str(day), "quantity": f"{cnt / 10**4:g}",
+                                   "limit_per_day": str(k.frequency_limits[code]),
+                               }, max(e["t"] for e, _ in parts)))
     return out
 
 
@@ -335,16 +356,16 @@ def repeat_interval(rule: Rule, cur: dict[str, Any], tl: list[dict[str, Any]], k
 
 
 def excess_supply(rule: Rule, cur: dict[str, Any], tl: list[dict[str, Any]], k: Knowledge) -> list[Finding]:
-    """Σ days of supply of one generic in a sliding window exceeds window × factor."""
+    """Σ days of supply of one generic in a sliding window exceeds window × factor: every such window
+    ending at a dispense at or after the current one (the engine picks one alert per episode)."""
     window = int(rule.param("window_days")) * DAY_MS
     limit_x1000 = int(rule.param("window_days")) * int(rule.param("factor_pm"))
     long_term_only = bool(rule.params.get("long_term_only", True))
     out = []
     for generic in sorted({x[0] for x in cur["rx"] if x[4] or not long_term_only}):
         disp = sorted((e["t"], x[2], x[3], e["s"], e["m"], e["h"]) for e in tl for x in e["rx"] if x[0] == generic)
-        # every window ending at a dispense that includes the current one (late events included)
         for i, (end_t, _, _, end_s, _, end_h) in enumerate(disp):
-            if end_t < cur["t"] or end_t - window > cur["t"]:
+            if end_t < cur["t"]:
                 continue
             inside = [x for x in disp[: i + 1] if x[0] > end_t - window]
             total = sum(x[1] for x in inside)
@@ -356,7 +377,6 @@ def excess_supply(rule: Rule, cur: dict[str, Any], tl: list[dict[str, Any]], k: 
                                        "limit_days": f"{limit_x1000 / 1000:.1f}",
                                        "window_days": str(rule.param("window_days")),
                                    }, end_t, episode=(f"{generic}", end_t + window)))
-                break
     return out
 
 
@@ -380,14 +400,15 @@ def distinct_institutions(rule: Rule, cur: dict[str, Any], tl: list[dict[str, An
 
 def distinct_institutions_class(rule: Rule, cur: dict[str, Any], tl: list[dict[str, Any]], k: Knowledge
                                 ) -> list[Finding]:
-    """≥ N institutions dispensing one drug class within a sliding window."""
+    """≥ N institutions dispensing one drug class within a sliding window: every such window ending at
+    a dispense at or after the current one (the engine picks one alert per episode)."""
     window = int(rule.param("window_days")) * DAY_MS
     need = int(rule.param("min_institutions"))
     out = []
     for cls in sorted({x[1] for x in cur["rx"]}):
         disp = sorted((e["t"], e["h"], e["s"], e["m"], x[3]) for e in tl for x in e["rx"] if x[1] == cls)
         for i, (end_t, _, end_s, _, _) in enumerate(disp):
-            if end_t < cur["t"] or end_t - window > cur["t"]:
+            if end_t < cur["t"]:
                 continue
             inside = [x for x in disp[: i + 1] if x[0] > end_t - window]
             hs = {x[1] for x in inside}
@@ -398,7 +419,6 @@ def distinct_institutions_class(rule: Rule, cur: dict[str, Any], tl: list[dict[s
                                        "drug_class": cls, "institutions": str(len(hs)), "min_institutions": str(need),
                                        "window_days": str(rule.param("window_days")),
                                    }, end_t, episode=(cls, end_t + window)))
-                break
     return out
 
 
@@ -439,6 +459,15 @@ def far_apart_same_day(rule: Rule, cur: dict[str, Any], tl: list[dict[str, Any]]
                     }, max(e["t"] for e in same))]
 
 
+def _generics(rule: Rule, e: dict[str, Any]) -> set[str]:
+    long_term_only = bool(rule.params.get("long_term_only", True))
+    return {x[0] for x in e["rx"] if x[4] or not long_term_only}
+
+
+def _classes(rule: Rule, e: dict[str, Any]) -> set[str]:
+    return {x[1] for x in e["rx"]}
+
+
 def _days(name: str, extra: int = 0) -> Callable[[Rule], int]:
     return lambda r: int(r.param(name)) + extra
 
@@ -446,7 +475,7 @@ def _days(name: str, extra: int = 0) -> Callable[[Rule], int]:
 KINDS: dict[str, Kind] = {
     "item_restriction": Kind("item_restriction", {"restriction": str}, stateless=item_restriction),
     "over_price": Kind("over_price", {"tolerance_pm": int}, stateless=over_price),
-    "over_frequency": Kind("over_frequency", {}, stateless=over_frequency),
+    "over_frequency": Kind("over_frequency", {}, historic=over_frequency, horizon_days=lambda r: 60, visit=True),
     "low_threshold": Kind("low_threshold", {"max_los_days": int, "min_test_share_pm": int},
                           stateless=low_threshold),
     "bed_hanging": Kind("bed_hanging", {"min_days": int, "idle_categories": list}, stateless=bed_hanging),
@@ -454,12 +483,13 @@ KINDS: dict[str, Kind] = {
     "repeat_interval": Kind("repeat_interval", {"horizon_days": int}, historic=repeat_interval,
                             horizon_days=_days("horizon_days")),
     "excess_supply": Kind("excess_supply", {"window_days": int, "factor_pm": int}, historic=excess_supply,
-                          horizon_days=_days("window_days", 1)),
+                          horizon_days=_days("window_days", 1), episodic=True, groups=_generics),
     "distinct_institutions": Kind("distinct_institutions", {"min_institutions": int},
                                   historic=distinct_institutions, horizon_days=lambda r: 1),
     "distinct_institutions_class": Kind("distinct_institutions_class",
                                         {"min_institutions": int, "window_days": int},
-                                        historic=distinct_institutions_class, horizon_days=_days("window_days", 1)),
+                                        historic=distinct_institutions_class, horizon_days=_days("window_days", 1),
+                                        episodic=True, groups=_classes),
     "split_stay": Kind("split_stay", {"max_gap_days": int, "exclude_diagnoses": list}, historic=split_stay,
                        horizon_days=lambda r: int(r.param("max_gap_days")) + 90),
     "far_apart_same_day": Kind("far_apart_same_day", {"min_provinces": int}, historic=far_apart_same_day,

@@ -19,7 +19,9 @@ a restarted worker misread the state an older one wrote):
 | ``tl`` | the timeline: one entry per settlement within the rules' horizon, by event time |
 |  | (its keys: :func:`~streams.rules.detectors.entry_of`) |
 | ``f`` | the alerts fired, by alert id (keys: streams/rules/alerts.py) |
-| ``ep`` | open episodes (rule and episode key) and the event time until which each lasts |
+| ``ep`` | (no longer written) open episodes of an older version; pruned |
+| ``rv`` | settlements fully reversed, by setl_id, with the reversal's time: a settlement that arrives |
+|  | after its reversal (overtaken within the allowed lateness) is then not judged |
 """
 
 from __future__ import annotations
@@ -134,6 +136,7 @@ class SettlementEngine:
         st: dict[str, Any] | None = self.person.get(partition, token)
         if st is None:
             st = {"o": -1, "tl": [], "f": {}, "ep": {}}
+        st.setdefault("rv", {})
         return st
 
     def _settlement(self, ev: EngineEvent, stateless: list[tuple[Any, Any]], historic: list[tuple[Any, Any]],
@@ -144,6 +147,13 @@ class SettlementEngine:
         if ev.offset <= st["o"]:
             out.skipped += 1
             return
+        if s["setl_id"] in st["rv"] or any(e["s"] == s["setl_id"] for e in st["tl"]):
+            # fully reversed before it arrived (the reversal overtook it), or the same settlement
+            # again at a new offset under another event_id: nothing to judge, count it once
+            st["o"] = ev.offset
+            self.person.put(ev.partition, token, st)
+            out.skipped += 1
+            return
         age = ev.age if ev.age is not None else age_at(s["brdy"], s["setl_time"])
         f = gather(s, age, self.k, self._dup_codes)
         admdvs = s["insu_admdvs"]
@@ -152,17 +162,14 @@ class SettlementEngine:
             findings.extend(kind.stateless(rule, f, self.k))
         wm = self.watermark.get(ev.partition, 0)
         late = f.setl_time < wm - self.lateness_ms
+        entry = entry_of(f, excluded, self.k)
+        tl: list[dict[str, Any]] = st["tl"]
         if late:
             out.late += 1
+            for rule, kind in historic:  # judged alone, with the parts of its visit already known
+                if kind.visit:
+                    findings.extend(kind.historic(rule, entry, tl, self.k))
         else:
-            entry = entry_of(f, excluded, self.k)
-            tl: list[dict[str, Any]] = st["tl"]
-            if any(e["s"] == f.setl_id for e in tl):
-                # the same settlement again at a new offset (an upstream retry): count it once
-                st["o"] = ev.offset
-                self.person.put(ev.partition, token, st)
-                out.skipped += 1
-                return
             insort(tl, entry, key=lambda e: e["t"])
             newest = max(wm, f.setl_time)
             self.watermark[ev.partition] = newest
@@ -172,7 +179,10 @@ class SettlementEngine:
                 del tl[: len(tl) - MAX_TIMELINE]
                 out.capped += 1
             for rule, kind in historic:
-                findings.extend(kind.historic(rule, entry, tl, self.k))
+                if kind.episodic:
+                    self._episodes(rule, kind, entry, tl, token, admdvs, st, ev, out)
+                else:
+                    findings.extend(kind.historic(rule, entry, tl, self.k))
         for fd in findings:
             self._fire(fd, token, admdvs, st, ev, out)
         self._prune_fired(st, self.watermark.get(ev.partition, f.setl_time))
@@ -184,29 +194,62 @@ class SettlementEngine:
             out.emits.append(("internal.stays-by-drg", bounded_id(f.drg).encode(), rec))
 
     def _fire(self, fd: Finding, token: str, admdvs: str, st: dict[str, Any], ev: EngineEvent,
-              out: EngineOutput) -> None:
+              out: EngineOutput, ep_key: str | None = None) -> None:
         aid = alert_id(fd.rule.id, token, fd.key)
         gen = next_generation(st, aid)
         if gen is None:
             return
-        ep_key = None
-        if fd.episode is not None:
-            ep_key = f"{fd.rule.id}|{fd.episode[0]}"
-            if st["ep"].get(ep_key, 0) > fd.detected_at:
-                return
-            st["ep"][ep_key] = fd.episode[1]
         datum = alert_datum(fd, "settlement", token, token, admdvs, gen)
         wm = self.watermark.get(ev.partition, fd.window_end)
         remember(st, datum, gen, max(wm, fd.window_end) + self.lateness_ms + 60 * DAY_MS, ep_key)
         out.alerts.append((datum, ev.partition, ev.offset))
 
+    def _episodes(self, rule: Any, kind: Any, cur: dict[str, Any], tl: list[dict[str, Any]], token: str,
+                  admdvs: str, st: dict[str, Any], ev: EngineEvent, out: EngineOutput,
+                  because: str = "an earlier window of the same episode holds") -> None:
+        """One alert per episode, the same whatever the arrival order.
+
+        The episodes of a group (a generic, a drug class) are chosen greedily in event time: the
+        earliest window that holds opens one, and it blocks every window ending before the episode
+        ends. A settlement at time ``t`` changes only windows ending at or after ``t``, so the
+        alerts standing before ``t`` are kept as they are (they block what follows them) and from
+        ``t`` on the choice is made again from the timeline: new choices fire, standing alerts no
+        longer chosen are retracted. Applied to every event in any order within the allowed
+        lateness, this leaves the episodes a single pass in event-time order would have chosen.
+        """
+        since = cur["t"]
+        found = kind.historic(rule, cur, tl, self.k)
+        for group in sorted(kind.groups(rule, cur)):
+            ep_key = f"{rule.id}|{group}"
+            standing = {aid: d for aid, e in st["f"].items()
+                        if e.get("ep") == ep_key and (d := fired_datum(st, aid)) is not None}
+            blocked = max((d["window_end"] * 2 - d["window_start"] for d in standing.values()
+                           if d["window_end"] < since), default=-1)
+            chosen: dict[str, Finding] = {}
+            for fd in sorted((fd for fd in found if fd.episode is not None and fd.episode[0] == group),
+                             key=lambda fd: (fd.window_end, fd.key)):
+                assert fd.episode is not None
+                if fd.window_end >= blocked:
+                    chosen[alert_id(rule.id, token, fd.key)] = fd
+                    blocked = fd.episode[1]
+            for aid, d in standing.items():
+                if d["window_end"] >= since and aid not in chosen:
+                    datum = retract(st, aid, max(since, ev.datum["setl_time"]), because)
+                    out.alerts.append((datum, ev.partition, ev.offset))
+            for aid, fd in chosen.items():
+                if aid not in standing:
+                    self._fire(fd, token, admdvs, st, ev, out, ep_key)
+
     def _prune_fired(self, st: dict[str, Any], now: int) -> None:
-        """Forget alerts (and episodes) once no reversal or late event can concern them."""
+        """Forget alerts (and episodes, and reversals still waiting for their settlement) once no
+        reversal or late event can concern them."""
         for aid in [a for a, e in st["f"].items() if e["exp"] < now]:
             del st["f"][aid]
         horizon = now - self.lateness_ms - 60 * DAY_MS
         for ek in [k for k, until in st["ep"].items() if until < horizon]:
             del st["ep"][ek]
+        for sid in [s for s, t in st["rv"].items() if t < now - self.lateness_ms]:
+            del st["rv"][sid]
 
     def _reversal(self, ev: EngineEvent, stateless: list[tuple[Any, Any]], historic: list[tuple[Any, Any]],
                   out: EngineOutput) -> None:
@@ -220,12 +263,18 @@ class SettlementEngine:
         target = r["init_setl_id"]
         removed = None
         if r["full_reversal"]:
+            st["rv"][target] = r["setl_time"]  # should the settlement still come (it was overtaken)
             tl = st["tl"]
             for i, e in enumerate(tl):
                 if e["s"] == target:
                     removed = tl.pop(i)
                     break
             self._retract(target, st, ev, historic, out)
+            if removed is not None:
+                for rule, kind in historic:
+                    if kind.episodic:
+                        self._episodes(rule, kind, removed, tl, token, r["insu_admdvs"], st, ev, out,
+                                       f"settlement {target} fully reversed")
         self.person.put(ev.partition, token, st)
         if removed is not None and removed["mt"] in INPATIENT and removed["drg"]:
             rec = orjson.dumps({"s": bounded_id(target), "m": bounded_id(removed["m"]), "h": bounded_id(removed["h"]),
@@ -245,6 +294,8 @@ class SettlementEngine:
             if fired is None or setl_id not in fired["setl_ids"]:
                 continue
             rk = by_id.get(fired["rule_id"])
+            if rk is not None and rk[1].episodic:
+                continue  # episodes are chosen again by _episodes
             refound: list[Finding] = []
             if rk is not None:
                 rule, kind = rk
@@ -259,5 +310,5 @@ class SettlementEngine:
                 continue
             datum = retract(st, aid, ev.datum["setl_time"], f"settlement {setl_id} fully reversed")
             out.alerts.append((datum, ev.partition, ev.offset))
-            for fd in refound:  # a different window may still qualify (its episode is free again)
+            for fd in refound:  # a different window may still qualify
                 self._fire(fd, token, fired["admdvs"] or "", st, ev, out)
