@@ -2,7 +2,12 @@
 
 A local Tansu broker (memory storage), the worker's ingest service on embedded chDB in this
 process, realistic traffic (or a JSONL file), then a wait until every produced event is accounted
-for: landed in its primary table or dead-lettered. The data stays under ``--data-dir``.
+for: landed in its primary table, dead-lettered, or recognised as a re-send of an event already
+consumed (produced = landed + dead-lettered + duplicates recognised). Landed and dead-lettered
+are counted in ClickHouse; re-sends land nowhere, so they are counted by the worker metric
+``yibao_duplicates_recognised_total`` (:data:`DUPLICATES_METRIC`), which the in-process workers
+increment once a batch is durable, as they do ``yibao_events_landed_total``. The data stays under
+``--data-dir``.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import asyncio
 import random
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +25,27 @@ from rich.table import Table
 
 from schemas import Codec
 from streams.records import PRIMARY_TABLE
+from streams.topics import STREAMS
 
 from .producer import OutEvent, produce
 from .settings import Settings
 
-#: Record → the table holding exactly one row per landed event of that record.
+#: The worker metric counting re-sent events recognised by identity (labels ``topic``, ``event_type``).
+DUPLICATES_METRIC = "yibao_duplicates_recognised_total"
+
+
+def duplicates_recognised(topics: Collection[str]) -> int:
+    """Re-sent events the workers of this process recognised on ``topics`` (the subsystem topics
+    the demo produced to; the workers' internal topics are left out), from :data:`DUPLICATES_METRIC`
+    in the worker metrics registry; 0 while the workers have none."""
+    from streams.metrics import REGISTRY
+
+    n = 0.0
+    for family in REGISTRY.collect():
+        for sample in family.samples:
+            if sample.name == DUPLICATES_METRIC and sample.labels.get("topic") in topics:
+                n += sample.value
+    return int(n)
 
 
 def table_counts(backend: Any, tables: list[str]) -> dict[str, int]:
@@ -87,6 +108,8 @@ async def _demo(settings: Settings, events: int, input_file: Path | None, seed: 
         console.print(f"  sink    chDB {'.'.join(map(str, backend.version()))} at {s.chdb_path}")
         tables = sorted(set(PRIMARY_TABLE.values()) | {"fee_details", "dead_letters"})
         before = table_counts(backend, tables)
+        source_topics = [s.topic(name) for name in STREAMS]
+        dups_before = duplicates_recognised(source_topics)
 
         app, _service = create_app(s.worker(), backend=backend)
         await app.start()
@@ -120,7 +143,8 @@ async def _demo(settings: Settings, events: int, input_file: Path | None, seed: 
             while True:
                 counts = table_counts(backend, tables)
                 delta = {t: counts[t] - before[t] for t in tables}
-                accounted_n = sum(delta[t] for t in expected) + delta["dead_letters"]
+                dups = duplicates_recognised(source_topics) - dups_before
+                accounted_n = sum(delta[t] for t in expected) + delta["dead_letters"] + dups
                 progress.update(wait, completed=min(accounted_n, stats.sent))
                 if accounted_n >= stats.sent or time.monotonic() > deadline:
                     break
@@ -130,7 +154,7 @@ async def _demo(settings: Settings, events: int, input_file: Path | None, seed: 
             await _settle_alerts(backend, s.ch_database)
         landed = sum(delta[t] for t in expected)
         dl = delta["dead_letters"]
-        accounted = landed + dl == stats.sent and all(delta[t] <= expected[t] for t in expected)
+        accounted = landed + dl + dups == stats.sent and all(delta[t] <= expected[t] for t in expected)
         alerts_by_rule = alert_counts(backend, s.ch_database)
         reasons = {r: int(n) for r, n in backend.query(
             f"SELECT reason_code, count() FROM {s.ch_database}.dead_letters GROUP BY reason_code ORDER BY 2 DESC"
@@ -141,6 +165,7 @@ async def _demo(settings: Settings, events: int, input_file: Path | None, seed: 
             "rows": {t: delta[t] for t in tables},
             "dead_letters": dl,
             "dead_letters_by_reason": reasons,
+            "duplicates_recognised": dups,
             "alerts_by_rule": alerts_by_rule,
             "evaluation": _evaluation(backend, planting, broken) if planting is not None else None,
             "invalid_lines": len(line_errors),
@@ -231,6 +256,8 @@ def _print_summary(console: Console, s: dict[str, Any], expected_reasons: Counte
         f"\n[bold]{s['events_produced']:,}[/bold] events in {s['elapsed_s']}s "
         f"([bold]{s['events_per_s']:,}[/bold] events/s end to end); every event accounted for: {ok}"
     )
+    if s["duplicates_recognised"]:
+        console.print(f"re-sent events recognised (neither landed nor dead-lettered): {s['duplicates_recognised']:,}")
     t = Table("table", "rows landed", title="ClickHouse (chDB)")
     for name, n in s["rows"].items():
         t.add_row(name, f"{n:,}")

@@ -11,6 +11,7 @@ import itertools
 import json
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -131,6 +132,14 @@ def simulate(
         "--plant-rate", help="Probability that an eligible settlement gets a planted anomaly")] = 0.002,
     truth: Annotated[Path | None, typer.Option(
         "--truth", help="Write the planted anomalies (ground truth, JSON lines) here")] = None,
+    shuffle_within: Annotated[float, typer.Option(
+        "--shuffle-within", metavar="SECONDS",
+        help="Deliver out of event-time order, as many producers do: each event up to SECONDS late, so none "
+             "arrives after an event whose event time is more than SECONDS later (0: in event-time order)")] = 0.0,
+    resend_rate: Annotated[float, typer.Option(
+        "--resend-rate", metavar="R",
+        help="Probability that an event is sent again later, byte for byte, as a retrying producer does "
+             "(the workers recognise it by identity)")] = 0.0,
 ) -> None:
     """Generate realistic synthetic traffic for all three subsystems (to Kafka or a JSONL file)."""
 
@@ -141,6 +150,7 @@ def simulate(
         from ..sim.planters import Planting
         from ..sim.planting import PlantError
 
+        _check_delivery(shuffle_within, resend_rate)
         planting = None
         if plant is not None:
             if truth is None:
@@ -154,14 +164,29 @@ def simulate(
         codec = Codec()
         config = SimConfig(seed=seed, settlements=events, days=days)
         gen = planting.generator(config) if planting is not None else TrafficGenerator(config)
-        if out is not None:
+        resends: int | None = None  # re-sends added by --resend-rate, when delivery is simulated
+        events_out: Iterable[Any] = gen.events()
+        if shuffle_within > 0 or resend_rate > 0:
+            from ..sim.delivery import deliver
+
             with _progress("generating") as bar:
-                n = write_jsonl(_tick(gen.events(), bar), out, codec)
+                generated = list(_tick(events_out, bar))
+            events_out = deliver(generated, shuffle_within_s=shuffle_within, resend_rate=resend_rate, seed=seed)
+            resends = len(events_out) - len(generated)
+        if out is not None:
+            if resends is None:
+                with _progress("generating") as bar:
+                    n = write_jsonl(_tick(events_out, bar), out, codec)
+            else:
+                n = write_jsonl(events_out, out, codec)
             console.print(f"wrote {n} events to {out}")
         else:
             s = settings_from(bootstrap=bootstrap)
-            stats = _produce_with_progress(s, gen.events(), codec, "producing")
+            stats = _produce_with_progress(s, events_out, codec, "producing")
             _print_counts("produced", stats.by_record)
+        if resends is not None:
+            shuffled = f", shuffled within {shuffle_within:g} s of event time" if shuffle_within else ""
+            console.print(f"delivery: {resends} re-sends added{shuffled}")
         if planting is not None and truth is not None:
             n = planting.write_truth(truth)
             gone = sum(1 for a in planting.truth() if a["reversed"])
@@ -177,7 +202,8 @@ def evaluate(
     alerts_file: Annotated[Path | None, typer.Option(
         "--alerts", help="Alerts as JSON lines instead of the ClickHouse alerts table")] = None,
     events_file: Annotated[Path | None, typer.Option(
-        "--events", help="Run the rules in process on these events (JSON lines, e.g. from `simulate --out`)")] = None,
+        "--events", help="Run the rules in process on these events (JSON lines, e.g. from `simulate --out`), in "
+                         "file order; also counts the re-sent events recognised (duplicates_recognised)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table")] = False,
     monitors: Annotated[bool, typer.Option(
         "--monitors/--no-monitors",
@@ -206,6 +232,7 @@ def evaluate(
             alerts = read_alerts(alerts_file) if alerts_file is not None else None
         except ValueError as exc:
             fail(str(exc))
+        duplicates: int | None = None
         if events_file is not None:
             from schemas import Codec
 
@@ -217,6 +244,7 @@ def evaluate(
             if errors:
                 fail(f"{events_file}:{errors[0].line}: {errors[0].message}", f"{len(errors)} invalid line(s)")
             alerts = ran.alerts
+            duplicates = sum(ran.duplicates.values())
             if monitors:
                 from ..sim.evaluate import monitor_alerts, monitor_database
 
@@ -241,6 +269,8 @@ def evaluate(
             finally:
                 be.close()
         result = compare(alerts, planted, rule_ids(s), by_month=upcoding_rules(s))
+        if duplicates is not None:  # re-sent events the processors recognised (and did not land twice)
+            result["duplicates_recognised"] = duplicates
         if as_json:
             print(json.dumps(result, ensure_ascii=False))
             return
@@ -531,6 +561,16 @@ def config_show() -> None:
 
 
 # --- helpers ------------------------------------------------------------------------------------
+def _check_delivery(shuffle_within: float, resend_rate: float) -> None:
+    """The delivery options (yibao.sim.delivery.deliver), refused in one line when out of range."""
+    import math
+
+    if not (math.isfinite(shuffle_within) and shuffle_within >= 0):
+        fail(f"--shuffle-within {shuffle_within:g}: must be a number of seconds ≥ 0")
+    if not 0 <= resend_rate <= 1:
+        fail(f"--resend-rate {resend_rate:g}: must be in [0, 1]")
+
+
 def _progress(label: str, total: int | None = None) -> Any:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

@@ -35,7 +35,7 @@ from streams.rules import RULES_FILE, check_rule, load_rules_file
 
 from ..jsonl import read_objects
 from ..settings import Settings, load_settings
-from .generator import AUTO, EVENT_TIME_FIELD, INCOME, PENALTY, SETTLEMENT, SimConfig, SimEvent
+from .generator import AUTO, EVENT_TIME_FIELD, SETTLEMENT, SimConfig, SimEvent
 from .planters import Planting
 
 UPCODING_KIND = "drg_upcoding"
@@ -49,11 +49,9 @@ MONITOR_RULE_IDS = frozenset({"YB-FUND-CAPACITY", "YB-FUND-NEGATIVE", "YB-PSI-SE
                               "YB-SUP-CREDIT-LOW"})
 #: What the monitors read: only these raw tables are landed for them.
 MONITOR_TABLES = ("settlements", "fee_details", "fund_income", "inventory_movements", "penalties")
-#: Supervision records landed for them (fund income, penalties), by record name.
-MONITOR_SUPERVISION = frozenset({INCOME, PENALTY})
 #: Migrations an evaluation database needs (raw tables and their projections, and the credit-score
 #: view; not the BI aggregates, whose materialized views only slow the inserts down).
-MONITOR_MIGRATIONS = ("0001", "0002", "0004", "0005")
+MONITOR_MIGRATIONS = ("0001", "0002", "0004", "0005", "0007")
 
 
 # --- alerts -------------------------------------------------------------------------------------
@@ -241,8 +239,10 @@ def report_table(result: Mapping[str, Any]) -> Any:
     def pct(v: float | None) -> str:
         return "—" if v is None else f"{v:.1%}"
 
+    dups = result.get("duplicates_recognised")
     t = Table("rule", "planted", "alerts", "tp", "fp", "fn", "precision", "recall",
-              title=f"{result['planted']} planted anomalies, {result['alerts']} alerts")
+              title=f"{result['planted']} planted anomalies, {result['alerts']} alerts",
+              caption=None if dups is None else f"{dups:,} re-sent events recognised as duplicates")
     for rid, r in result["rules"].items():
         ok = (r["precision"] is None or r["precision"] >= 0.95) and (r["recall"] is None or r["recall"] >= 0.95)
         style = "" if ok else "yellow"
@@ -255,7 +255,11 @@ def report_table(result: Mapping[str, Any]) -> Any:
 
 @dataclass
 class InProcessRun:
-    """What :func:`run_in_process` saw: every alert version, the truth, planted events, counts."""
+    """What :func:`run_in_process` saw: every alert version, the truth, planted events, counts.
+
+    ``events`` counts every event consumed, re-sends included; of those, ``duplicates`` (per event
+    type) are the re-sends the processors recognised by identity (neither landed nor
+    dead-lettered), summed over the three subsystem topics' processors."""
 
     alerts: list[dict[str, Any]]
     truth: list[dict[str, Any]]
@@ -266,6 +270,7 @@ class InProcessRun:
     seconds: dict[str, float] = field(default_factory=dict)
     #: rows for the monitors' tables (``collect_tables=True``), per table, column → values
     tables: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
+    duplicates: Counter[str] = field(default_factory=Counter)
 
 
 class _TrafficClock:
@@ -295,11 +300,13 @@ def run_events(events: Iterable[Any], settings: Settings | None = None, planted_
     """Run the rules in process on ``events`` (anything with ``record``, ``key`` and a raw
     ``datum``: generated ``SimEvent`` or replayed ``OutEvent``), in order: the settlement
     ``BatchProcessor`` (decode, validate, person rules) and the two ``GroupedProcessor`` instances
-    fed with the stay records it re-keys, and the procurement ``BatchProcessor`` with its
-    procurement engine, as the workers do (one partition each). Supervision events are counted and
-    skipped. ``planted_ids``: event ids whose settlements are kept in ``planted_events`` (looked up
-    as each event arrives). ``collect_tables``: keep the rows of :data:`MONITOR_TABLES` in
-    ``tables`` (fund income through the supervision ``BatchProcessor``), for :func:`monitor_alerts`."""
+    fed with the stay records it re-keys, the procurement ``BatchProcessor`` with its procurement
+    engine, and the supervision ``BatchProcessor`` (no rules), as the workers do (one partition
+    each, offsets rising as Kafka's do: a re-sent event is at a new position, and what the
+    processors recognise as re-sent is counted in ``duplicates``). ``planted_ids``: event ids
+    whose settlements are kept in ``planted_events`` (looked up as each event arrives).
+    ``collect_tables``: keep the rows of :data:`MONITOR_TABLES` in ``tables``, for
+    :func:`monitor_alerts`."""
     import dataclasses
 
     from streams.messages import Message
@@ -343,6 +350,7 @@ def run_events(events: Iterable[Any], settings: Settings | None = None, planted_
         out = proc.process(pending)
         keep(out.tables)
         run.dead_letters.update(out.reasons)
+        run.duplicates.update(out.duplicates)
         run.alerts.extend(out.alerts)
         per: dict[str, list[Message]] = {}
         for stream, k, v in out.emits:  # routed as the topics route them between workers
@@ -362,22 +370,30 @@ def run_events(events: Iterable[Any], settings: Settings | None = None, planted_
         out = proc_proc.process(proc_pending)
         keep(out.tables)
         run.dead_letters.update(out.reasons)
+        run.duplicates.update(out.duplicates)
         run.alerts.extend(out.alerts)
         proc_pending.clear()
         t_rules += time.perf_counter() - t
 
     def flush_supervision() -> None:
+        clock.advance(latest)
         out = sup_proc.process(sup_pending)
         keep(out.tables)
         run.dead_letters.update(out.reasons)
+        run.duplicates.update(out.duplicates)
         sup_pending.clear()
 
     offset = 0
     proc_offset = 0
+    sup_offset = 0
     for ev in events:
         run.events += 1
-        if collect_tables and ev.record in MONITOR_SUPERVISION:
-            sup_pending.append(Message(0, len(sup_pending), ev.key.encode(), codec.encode(ev.record, ev.datum)))
+        if ev.record.startswith(SUPERVISION_NS):
+            latest = max(latest, int(ev.datum[EVENT_TIME_FIELD[ev.record]]))
+            sup_pending.append(Message(0, sup_offset, ev.key.encode(), codec.encode(ev.record, ev.datum)))
+            sup_offset += 1
+            if len(sup_pending) >= batch:
+                flush_supervision()
             continue
         if ev.record.startswith(PROCUREMENT_NS):
             latest = max(latest, int(ev.datum[EVENT_TIME_FIELD[ev.record]]))
@@ -409,13 +425,21 @@ def run_events(events: Iterable[Any], settings: Settings | None = None, planted_
 
 
 def run_in_process(config: SimConfig, planting: Planting | None = None, settings: Settings | None = None,
-                   batch: int = 5000, backend: Any | None = None) -> InProcessRun:
+                   batch: int = 5000, backend: Any | None = None, *, shuffle_within_s: float = 0.0,
+                   resend_rate: float = 0.0) -> InProcessRun:
     """Generate ``config``'s traffic (with ``planting``'s hooks) and :func:`run_events` it; the
     run's ``truth`` is the planting's ground truth. With ``backend`` (an empty database prepared
     by :func:`prepare_monitor_database`), the traffic is landed there and the monitors' alerts
-    (:func:`monitor_alerts`) join the stream rules' ones."""
+    (:func:`monitor_alerts`) join the stream rules' ones. ``shuffle_within_s`` and
+    ``resend_rate``: the traffic arrives as :func:`yibao.sim.delivery.deliver` delivers it (seeded
+    with ``config.seed``); the truth does not depend on delivery."""
     gen = planting.generator(config) if planting is not None else _plain(config)
-    run = run_events(gen.events(), settings, planting.planted_ids if planting is not None else (), batch,
+    events: Iterable[SimEvent] = gen.events()
+    if shuffle_within_s or resend_rate:
+        from .delivery import deliver
+
+        events = deliver(events, shuffle_within_s=shuffle_within_s, resend_rate=resend_rate, seed=config.seed)
+    run = run_events(events, settings, planting.planted_ids if planting is not None else (), batch,
                      collect_tables=backend is not None)
     run.truth = planting.truth() if planting is not None else []
     if backend is not None:
@@ -485,9 +509,15 @@ def evaluate_in_process(n_settlements: int, days: int, seed: int = 42, rate: flo
                         rules: Iterable[str] | str = "all", *, rates: Mapping[str, float] | None = None,
                         start: datetime | None = None, regions: int = AUTO, hospitals: int = AUTO,
                         pharmacies: int = AUTO, settings: Settings | None = None,
-                        backend: Any | None = None, monitors: bool = True) -> dict[str, Any]:
+                        backend: Any | None = None, monitors: bool = True, shuffle_within_s: float = 0.0,
+                        resend_rate: float = 0.0) -> dict[str, Any]:
     """Generate planted traffic, run the rules in process, compare: :func:`compare`'s result plus
-    ``settlements``, ``events``, ``dead_letters`` and ``seconds``.
+    ``settlements``, ``events`` (consumed, re-sends included), ``dead_letters``,
+    ``duplicates_recognised`` (re-sends recognised by identity) and ``seconds``.
+
+    ``shuffle_within_s`` and ``resend_rate``: the generated traffic is delivered out of
+    event-time order and partly re-sent (:func:`yibao.sim.delivery.deliver`); the truth still
+    comes from the planting.
 
     The monitor rules (:data:`MONITOR_RULE_IDS`) need ClickHouse: the traffic is landed in
     ``backend`` (a database prepared by :func:`prepare_monitor_database`) or, by default, in a
@@ -510,13 +540,16 @@ def evaluate_in_process(n_settlements: int, days: int, seed: int = 42, rate: flo
     planting = Planting(rules, rate=rate, rates=rates, rule_base=base)
     if monitors and backend is None:
         with monitor_database(s) as be:
-            run = run_in_process(config, planting, s, backend=be)
+            run = run_in_process(config, planting, s, backend=be, shuffle_within_s=shuffle_within_s,
+                                 resend_rate=resend_rate)
     else:
-        run = run_in_process(config, planting, s, backend=backend if monitors else None)
+        run = run_in_process(config, planting, s, backend=backend if monitors else None,
+                             shuffle_within_s=shuffle_within_s, resend_rate=resend_rate)
     result = compare(run.alerts, run.truth, [r.id for r in base],
                      by_month=[r.id for r in base if r.kind == UPCODING_KIND])
     result.update({"settlements": run.settlements, "events": run.events,
-                   "dead_letters": sum(run.dead_letters.values()), "seconds": run.seconds})
+                   "dead_letters": sum(run.dead_letters.values()),
+                   "duplicates_recognised": sum(run.duplicates.values()), "seconds": run.seconds})
     return result
 
 
