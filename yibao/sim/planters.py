@@ -36,7 +36,10 @@ Guarantees, each one what precision and recall per rule rest on:
   their own mov_id and trace ranges. The generator's stock books are not touched (the base
   traffic stays as it is); the pair nets to zero in the inventory rule's running balance, which
   so keeps matching the generator's books (a sale alone would drive it below the stock-take
-  tolerance wherever the generator sells its last unit).
+  tolerance wherever the generator sells its last unit). The pair supports the anomaly but is not
+  part of it: its ``event_ids`` leave the pair out (it is in :attr:`Planting.dispensed_ids`), so a
+  run that loses one of the two (the demo breaks 1% of all events on purpose) does not drop from
+  the truth a violation the settlement rules still see in full.
 
 DRG upcoding is planted per hospital: in the last month the span covers (at least 4/5 of it, with
 at least two covered months before it, as the detector needs two baseline months), every stay of a
@@ -45,7 +48,9 @@ chosen hospital coded without complications (severity digit 5) is coded 1 or 3 w
 
 Ground truth (:meth:`Planting.truth`): one dict per anomaly, ``{"rule_id", "setl_ids",
 "fixmedins_code", "month", "event_ids", "note", "reversed"}``; ``month`` (YYYYMM, China time) is
-set for DRG upcoding, whose alert is per hospital and month.
+set for DRG upcoding, whose alert is per hospital and month. ``event_ids``: the events the
+anomaly's detection rests on (a settlement rule's settlements, a procurement rule's movements);
+lose one and no detector could find it.
 
 Rate: the probability that an eligible settlement gets an anomaly. For DRG upcoding the unit is a
 hospital-month: a hospital qualifying for the last month of the span is planted with probability
@@ -62,7 +67,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from schemas.calendar import CHINA_OFFSET_MS, DAY_MS, HOUR_MS, china_day, day_start_ms, month_of
+from schemas.calendar import CHINA_OFFSET_MS, DAY_MS, HOUR_MS, china_day, day_start_ms, month_of, prev_month
 from streams.rules import RULES_FILE, Knowledge, Rule, check_rule, load_knowledge, load_rules_file
 from streams.settlement import age_at
 
@@ -507,7 +512,8 @@ class UpcodingPlanter(Planter):
 
 
 class HighCostPlanter(Planter):
-    """A stay inflated to about four times its DRG group's median cost with expensive drugs."""
+    """A stay inflated to about four times its DRG group's median cost with expensive drugs: the
+    median of the group's stays in the rule's sample_months up to the stay's month, as judged."""
 
     rule_id = "YB-HOSP-HIGHCOST"
 
@@ -517,7 +523,8 @@ class HighCostPlanter(Planter):
     def plan(self, d: dict[str, Any], ctx: HookContext) -> Plan | None:
         if self.pl.upcoding_target(d):
             return None
-        median = self.pl.drg_median(str(d["drg_code"]), int(self.rule.param("min_cases")) + 10)
+        median = self.pl.drg_median(str(d["drg_code"]), int(self.rule.param("min_cases")) + 10, int(d["setl_time"]),
+                                    int(self.rule.params.get("sample_months", 3)))
         if median is None:
             return None
         multiple = int(self.rule.param("median_multiple_pm"))
@@ -613,6 +620,9 @@ class Planting:
         #: event ids of every planted or involved settlement, filled as they are emitted (one set
         #: for the planting's life, emptied when a generator run starts over)
         self.planted_ids: set[str] = set()
+        #: event ids of the PURCHASE_IN and SALE_OUT that planted settlements dispense with (see
+        #: "Dispensed" above): planting added them, but no anomaly's detection rests on them
+        self.dispensed_ids: set[str] = set()
         self._reset_state()
 
     # --- hooks ------------------------------------------------------------------------------
@@ -630,6 +640,7 @@ class Planting:
     def _reset_state(self) -> None:
         self.anomalies: list[Anomaly] = []
         self.planted_ids.clear()
+        self.dispensed_ids.clear()
         self._by_setl: dict[str, list[Anomaly]] = {}
         self._modified: dict[str, dict[str, int]] = {}  # setl_id → amounts of a modified settlement
         self._reserved: dict[str, int] = {}
@@ -637,6 +648,7 @@ class Planting:
         self._today: dict[str, tuple[int, int]] = {}
         self._hosp_month: dict[tuple[str, int], int] = {}
         self._drg_costs: dict[str, list[int]] = {}
+        self._drg_month_costs: dict[tuple[str, int], list[int]] = {}  # (DRG group, month) → costs
         self._upcode_month: int | None = None
         self._upcode_selected = False
         self._upcode_targets: dict[str, Anomaly] = {}
@@ -715,7 +727,8 @@ class Planting:
         involved = [now, *extras]
         sales = [mv for x in dispense for mv in self._dispense(ctx, *x)]
         a = Anomaly(len(self.anomalies) + 1, pl.rule_id, [e.datum["setl_id"] for e in involved],
-                    [str(e.datum["event_id"]) for e in (*involved, *sales)], d["fixmedins_code"], plan.note)
+                    [str(e.datum["event_id"]) for e in involved], d["fixmedins_code"], plan.note)
+        self.dispensed_ids.update(str(mv.datum["event_id"]) for mv in sales)
         self._record(a, involved, ctx)
         for x in (*extras, *sales):
             ctx.schedule(int(x.datum["setl_time" if x.record == SETTLEMENT else "mov_time"]), x)
@@ -785,14 +798,23 @@ class Planting:
             key = (d["fixmedins_code"], month_of(t))
             self._hosp_month[key] = self._hosp_month.get(key, 0) + 1
             bisect.insort(self._drg_costs.setdefault(str(d["drg_code"]), []), int(d["medfee_sumamt"]))
+            self._drg_month_costs.setdefault((str(d["drg_code"]), month_of(t)), []).append(int(d["medfee_sumamt"]))
 
     def seen_today(self, d: Mapping[str, Any]) -> int:
         """Settlements of this person already emitted on this settlement's day (itself excluded)."""
         prev = self._today.get(d["psn_no"])
         return prev[1] + 1 if prev is not None and prev[0] == china_day(int(d["setl_time"])) else 1
 
-    def drg_median(self, drg: str, min_cases: int) -> int | None:
+    def drg_median(self, drg: str, min_cases: int, t: int | None = None, months: int = 1) -> int | None:
+        """Median cost of the DRG group's stays emitted so far; with ``t``, of those settled in the
+        ``months`` months up to ``t``'s (YB-HOSP-HIGHCOST's sample, streams/rules/grouped.py)."""
         costs = self._drg_costs.get(drg)
+        if t is not None:
+            costs, m = [], month_of(t)
+            for _ in range(months):
+                costs.extend(self._drg_month_costs.get((drg, m), ()))
+                m = prev_month(m)
+            costs.sort()
         if not costs or len(costs) < min_cases:
             return None
         return costs[len(costs) // 2]
