@@ -8,22 +8,23 @@ event before anything else happens to it:
 
 ``check`` gives one verdict per event, from what the partition has seen under its ``event_id``:
 
-* nothing: ``NEW``, processed, and remembered if it lands (a dead-lettered event is not: replayed
-  after a fix it is judged again);
+* nothing: ``NEW``, processed, and remembered (with whether it landed or was dead-lettered);
 * the same offset: ``REDELIVERED`` by a crash, processed (the landed index and the detectors'
   ``o`` make that exact);
 * another offset, the same content (digest of the message value: schema id and Avro body):
-  ``DUPLICATE``, counted, and neither landed, dead-lettered nor shown to the detectors;
+  ``DUPLICATE``, counted, and neither landed, dead-lettered nor shown to the detectors; except
+  that a dead-lettered event sent again by ``yibao dlq replay`` (Kafka header ``yibao-replay``)
+  after a fix is ``NEW``: it is judged again;
 * another offset, different content: ``CONFLICT``, the first stands and this one is dead-lettered
   (``DUPLICATE_EVENT_ID_CONFLICT``).
 
-**Where the memory lives.** Per source partition, one sorted array per arrival day of (id digest,
-content digest, offset), 24 bytes per event, searched with numpy for a whole batch at once; the
-batch being processed is first gathered in a small dict (so a re-send inside one batch is caught
-too). The changelog (``changelog.identity.<subsystem>``, compacted, partition p for source
-partition p) gets one record per batch: key ``<arrival day>:<first offset>``, the batch's triples
-packed in base64. A batch therefore writes a few hundred kB at most, never the day's whole set.
-On assignment the day arrays are rebuilt from those records.
+**Where the memory lives.** Per source partition, per arrival day, sorted runs of rows (id
+digest, value digest, offset, dead-lettered): 25 bytes per event, searched with numpy for a whole
+batch at once; the batch being processed is first gathered in a small dict (so a re-send inside
+one batch is caught too). The changelog (``changelog.identity.<subsystem>``, compacted, partition p
+for source partition p) gets one record per batch: key ``<arrival day>:<first offset>``, the
+batch's rows packed in base64. A batch therefore writes a few hundred kB at most, never the day's
+whole set. On assignment the runs are rebuilt from those records.
 
 **The horizon.** An identity is kept for ``horizon_days`` China days of *arrival* (the worker's
 clock when it processed the event), not of event time: a retry follows its original within
@@ -60,7 +61,8 @@ __all__ = ["CONFLICT_REASON", "Identities", "Probe", "Verdict", "digest"]
 CONFLICT_REASON = "DUPLICATE_EVENT_ID_CONFLICT"
 #: longest ``event_id`` that is remembered; validation rejects longer ones (streams/data/fields.toml)
 MAX_ID_CHARS = 64
-_ROW = np.dtype([("id", "<u8"), ("body", "<u8"), ("off", "<i8")])
+#: id digest, value digest, offset, 1 when the event was dead-lettered (not landed)
+_ROW = np.dtype([("id", "<u8"), ("body", "<u8"), ("off", "<i8"), ("dead", "u1")])
 
 
 class Verdict(Enum):
@@ -82,7 +84,8 @@ class Probe:
     offset: int
     ident: int
     body: int
-    hit: tuple[int, int] | None = None
+    hit: tuple[int, int, bool] | None = None
+    replay: bool = False
 
 
 @dataclass
@@ -94,23 +97,28 @@ class _Partition:
     days: dict[int, list[np.ndarray]] = field(default_factory=dict)
     #: changelog keys per arrival day (to tombstone them when the day leaves the horizon)
     keys: dict[int, list[str]] = field(default_factory=dict)
-    pending: dict[int, tuple[int, int]] = field(default_factory=dict)  # id → (body, offset)
+    pending: dict[int, tuple[int, int, bool]] = field(default_factory=dict)  # id → (body, offset, dead)
     first_offset: int | None = None
 
-    def lookup(self, idents: np.ndarray) -> list[tuple[int, int] | None]:
-        """(body digest, offset) of each identity in the day arrays, or None."""
-        out: list[tuple[int, int] | None] = [None] * len(idents)
+    def lookup(self, idents: np.ndarray) -> list[tuple[int, int, bool] | None]:
+        """(value digest, offset, dead-lettered) of each identity in the day runs, or None; a landed
+        copy wins over dead-lettered ones (a replay that landed after a fix)."""
+        out: list[tuple[int, int, bool] | None] = [None] * len(idents)
         for runs in self.days.values():
             for rows in runs:
                 ids = rows["id"]
                 at = np.searchsorted(ids, idents)
                 np.minimum(at, len(rows) - 1, out=at)
                 for j in np.flatnonzero(ids[at] == idents):
-                    r = rows[at[j]]
-                    out[j] = (int(r["body"]), int(r["off"]))
+                    k = int(at[j])
+                    while rows[k]["dead"] and k + 1 < len(rows) and ids[k + 1] == ids[k]:
+                        k += 1  # the same id dead-lettered, then replayed and landed
+                    r = rows[k]
+                    if out[j] is None or out[j][2]:  # type: ignore[index]
+                        out[j] = (int(r["body"]), int(r["off"]), bool(r["dead"]))
         return out
 
-    def find(self, ident: int) -> tuple[int, int] | None:
+    def find(self, ident: int) -> tuple[int, int, bool] | None:
         hit = self.pending.get(ident)
         return hit if hit is not None else self.lookup(np.array([ident], dtype=np.uint64))[0]
 
@@ -142,15 +150,16 @@ class Identities:
         self.clock = clock
         self._parts: dict[int, _Partition] = {}
 
-    def probe(self, events: Sequence[tuple[int, int, object, bytes]]) -> list[Probe | None]:
-        """Digests of a batch's events ``(partition, offset, event_id, message value)`` and what the
-        day runs hold for them, searched once per partition for the whole batch; None for an event
-        without a usable id (validation rejects it: there is nothing to recognise it by)."""
+    def probe(self, events: Sequence[tuple[int, int, object, bytes, bool]]) -> list[Probe | None]:
+        """Digests of a batch's events ``(partition, offset, event_id, message value, replay)`` and
+        what the day runs hold for them, searched once per partition for the whole batch; None for
+        an event without a usable id (validation rejects it: there is nothing to recognise it by)."""
         probes: list[Probe | None] = [None] * len(events)
         by_part: dict[int, list[tuple[int, Probe]]] = {}
-        for i, (p, off, event_id, body) in enumerate(events):
+        for i, (p, off, event_id, body, replay) in enumerate(events):
             if isinstance(event_id, str) and 0 < len(event_id) <= MAX_ID_CHARS:
-                by_part.setdefault(p, []).append((i, Probe(p, off, digest(event_id.encode()), digest(body))))
+                by_part.setdefault(p, []).append(
+                    (i, Probe(p, off, digest(event_id.encode()), digest(body), replay=replay)))
         for p, items in by_part.items():
             part = self._parts.setdefault(p, _Partition())
             seen = part.lookup(np.fromiter((x[1].ident for x in items), dtype=np.uint64, count=len(items)))
@@ -169,24 +178,28 @@ class Identities:
             return Verdict.NEW
         if hit[1] == pr.offset:
             return Verdict.REDELIVERED
+        if hit[2] and pr.replay:
+            return Verdict.NEW  # ``yibao dlq replay`` after a fix: judge it again
         return Verdict.DUPLICATE if hit[0] == pr.body else Verdict.CONFLICT
 
-    def remember(self, pr: Probe | None) -> None:
-        """Remember a ``NEW`` event with this batch. Only events that land are remembered: a
-        dead-lettered one replayed after a fix (``yibao dlq replay``: the same bytes) must be
-        judged again, not recognised as a re-send of itself."""
+    def remember(self, pr: Probe | None, dead: bool = False) -> None:
+        """Remember a ``NEW`` event with this batch, and whether it was dead-lettered: a producer's
+        re-send of a dead-lettered event is a duplicate like any other (one input, one dead
+        letter), while ``yibao dlq replay`` of it (``Probe.replay``) is judged again."""
         if pr is None:
             return
         part = self._parts[pr.partition]
-        part.pending[pr.ident] = (pr.body, pr.offset)
+        if dead and (have := part.pending.get(pr.ident)) is not None and not have[2]:
+            return
+        part.pending[pr.ident] = (pr.body, pr.offset, dead)
         if part.first_offset is None:
             part.first_offset = pr.offset
 
     def check(self, events: Sequence[tuple[int, int, object, bytes]]) -> list[Verdict]:
-        """Verdicts for a batch's events, remembering every ``NEW`` one (for callers whose events
-        all land)."""
+        """Verdicts for a batch's events ``(partition, offset, event_id, value)``, remembering every
+        ``NEW`` one as landed (for callers whose events all land)."""
         out = []
-        for pr in self.probe(events):
+        for pr in self.probe([(*e, False) for e in events]):
             v = self.verdict(pr)
             if v is Verdict.NEW:
                 self.remember(pr)
@@ -204,7 +217,7 @@ class Identities:
         day = china_day(int(self.clock() * 1000))
         for p, part in self._parts.items():
             if part.pending:
-                rows = np.fromiter(((i, b, o) for i, (b, o) in part.pending.items()), dtype=_ROW,
+                rows = np.fromiter(((i, b, o, d) for i, (b, o, d) in part.pending.items()), dtype=_ROW,
                                    count=len(part.pending))
                 key = f"{day}:{part.first_offset}"
                 self.store.put(p, key, base64.b64encode(rows.tobytes()).decode("ascii"))

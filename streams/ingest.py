@@ -34,7 +34,7 @@ from . import metrics
 from .base import Columns
 from .checkpoint import Checkpoint
 from .landed import LandedIndex
-from .messages import ALERTS_TABLE, DEAD_LETTER_TABLE, EmitTooLarge, Message, Outcome
+from .messages import ALERTS_TABLE, DEAD_LETTER_TABLE, REPLAY_HEADER, EmitTooLarge, Message, Outcome
 from .privacy import safe_error, scrub
 from .processors import Processor
 from .rules.state import restore
@@ -191,7 +191,9 @@ class Ingestor(ConsumerRebalanceListener):  # type: ignore[misc]
                     if not self._pending:
                         self._pending_since = now
                     self._pending.extend(
-                        Message(r.partition, r.offset, r.key, r.value) for r in records
+                        Message(r.partition, r.offset, r.key, r.value,
+                                bool(r.headers) and any(h[0] == REPLAY_HEADER for h in r.headers))
+                        for r in records
                     )
                 if self._pending and (
                     len(self._pending) >= self.batch_max_events

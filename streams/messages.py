@@ -19,11 +19,15 @@ from sinks.tables import ALERTS_TABLE, DEAD_LETTER_TABLE
 from .base import ColumnPlan, Columns, Datum, TableMapping, compile_plan, merge_columns
 from .privacy import Pseudonymizer, Sealer
 
-__all__ = ["ALERTS_TABLE", "ALERT_RECORD", "DEADLETTER_RECORD", "DEAD_LETTER_TABLE", "MESSAGE_BUDGET", "AlreadyLanded",
+__all__ = ["ALERTS_TABLE", "ALERT_RECORD", "DEADLETTER_RECORD", "DEAD_LETTER_TABLE", "MESSAGE_BUDGET", "REPLAY_HEADER",
+           "AlreadyLanded",
            "DeadLetters", "EmitTooLarge", "Failure", "Message", "Outcome", "add_alerts", "alert_key", "alert_plan",
            "clip", "dead_letter_id", "fit_for_topic"]
 
 DEADLETTER_RECORD = "cn.nhsa.yibao.pipeline.DeadLetter"
+#: Kafka record header ``yibao dlq replay`` puts on what it re-sends (value: the dead letter's id), so
+#: the event is judged again rather than recognised as a re-send of the one that was turned away.
+REPLAY_HEADER = "yibao-replay"
 ALERT_RECORD = "cn.nhsa.yibao.pipeline.AnomalyAlert"
 _DL_NAMESPACE = uuid.UUID("6d1f0c36-2d0e-4f0f-9a53-8c1f5b0e7a11")
 
@@ -36,6 +40,8 @@ class Message:
     offset: int
     key: bytes | None
     value: bytes | None
+    #: sent by ``yibao dlq replay`` (header :data:`REPLAY_HEADER`): a dead letter's bytes again, after a fix
+    replay: bool = False
 
 
 def dead_letter_id(topic: str, partition: int, offset: int) -> str:

@@ -27,7 +27,7 @@ DUPLICATES_RECOGNISED = Counter(
 )
 IDENTITIES = Gauge(
     "yibao_identities_remembered",
-    "Event identities held to recognise re-sends (about 24 bytes each), per topic",
+    "Event identities held to recognise re-sends (about 60 bytes each), per topic",
     ["topic"],
     registry=REGISTRY,
 )

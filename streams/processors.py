@@ -33,7 +33,7 @@ from .messages import (
 from .privacy import Pseudonymizer, Sealer
 from .rules.events import Engine, EngineEvent
 from .rules.state import Store
-from .validation import Limits, compile_checks
+from .validation import Limits, Violation, compile_checks
 
 #: The record name of a re-keyed stay (streams.rules.engine.stay_record), as grouped engines see it.
 STAY = "Stay"
@@ -155,7 +155,8 @@ class BatchProcessor:
             t_decode += time.perf_counter() - ta
         ti = time.perf_counter()
         ids = self.identities
-        probes = (ids.probe([(m.partition, m.offset, dec.datum.get("event_id"), m.value or b"") for m, dec in decoded])
+        probes = (ids.probe([(m.partition, m.offset, dec.datum.get("event_id"), m.value or b"", m.replay)
+                             for m, dec in decoded])
                   if ids is not None else None)
         t_identity = time.perf_counter() - ti
         for j, (m, dec) in enumerate(decoded):
@@ -170,17 +171,15 @@ class BatchProcessor:
                 failed.append((m, CONFLICT_REASON, self._conflict_detail(m, dec.datum["event_id"]), "event_id",
                                dec.schema_id, short))
                 continue
-            if spec is None:
-                failed.append((m, "UNEXPECTED_RECORD", f"{dec.record} is not handled by {subject}", None,
-                               dec.schema_id, short))
-                continue
-            v = self._validators[dec.record](dec.datum)
+            v = (self._validators[dec.record](dec.datum) if spec is not None else
+                 Violation("UNEXPECTED_RECORD", "", f"{dec.record} is not handled by {subject}"))
             t_validate += time.perf_counter() - tb
+            if verdict is Verdict.NEW and ids is not None and probes is not None:
+                ids.remember(probes[j], dead=v is not None)
             if v is not None:
                 failed.append((m, v.reason_code, v.detail, v.field or None, dec.schema_id, short))
                 continue
-            if verdict is Verdict.NEW and ids is not None and probes is not None:
-                ids.remember(probes[j])
+            assert spec is not None
             bucket = valid.get(dec.record)
             if bucket is None:
                 bucket = valid[dec.record] = ([], [], [])

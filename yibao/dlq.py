@@ -26,6 +26,7 @@ import typer
 
 from schemas.calendar import CHINA
 from sinks.base import Backend, literal
+from streams.messages import REPLAY_HEADER
 from streams.privacy import PrivacyError, Sealer
 
 from .settings import Settings
@@ -244,7 +245,9 @@ async def produce_raw(s: Settings, items: Sequence[tuple[DeadLetter, bytes, byte
                                 max_request_size=16 * 1024 * 1024, request_timeout_ms=60_000)
     await producer.start()
     try:
-        futures = [await producer.send(dl.source_topic, raw, key=key) for dl, raw, key in items]
+        futures = [await producer.send(dl.source_topic, raw, key=key,
+                                       headers=[(REPLAY_HEADER, dl.event_id.encode())])
+                   for dl, raw, key in items]
         await asyncio.gather(*futures)
     finally:
         await producer.stop()

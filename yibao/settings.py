@@ -105,7 +105,7 @@ class Settings(BaseSettings):
     dedup_horizon_days: int = Field(
         7, ge=1, le=90,
         description="Days (of arrival) an event's identity is remembered: a re-send (same event_id) within them "
-                    "is recognised and lands once; about 24 bytes of memory per event")
+                    "is recognised and lands once; about 60 bytes of memory per event")
     known_insutypes: tuple[str, ...] = ("310", "320", "330", "340", "390", "391", "392", "510")
     known_med_types: tuple[str, ...] = ("11", "12", "13", "14", "15", "16", "21", "22", "41", "51", "52")
 

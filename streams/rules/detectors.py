@@ -22,6 +22,10 @@ from .knowledge import OTHER, Knowledge
 from .model import Rule, RuleError
 
 INPATIENT = frozenset({"21", "22", "52"})  # inpatient, and maternity stays (生育住院)
+#: The institution of a finding about a person across institutions (doctor shopping, one card in
+#: two provinces): none of them. Which one completed the pattern depends on arrival order, and the
+#: behaviour is the person's; the institutions are in the evidence (``fixmedins_codes``).
+PERSON_LEVEL = ""
 
 
 @dataclass(frozen=True)
@@ -391,10 +395,10 @@ def distinct_institutions(rule: Rule, cur: dict[str, Any], tl: list[dict[str, An
     if len(hs) < int(rule.param("min_institutions")):
         return []
     start, end = _day_window(day)
-    return [Finding(rule, f"day|{day}", cur["h"], start, end, tuple(sorted(e["s"] for e in same)),
+    return [Finding(rule, f"day|{day}", PERSON_LEVEL, start, end, tuple(sorted(e["s"] for e in same)),
                     tuple(sorted(e["m"] for e in same)), sum(e["amt"] for e in same), {
                         "institutions": str(len(hs)), "min_institutions": str(rule.param("min_institutions")),
-                        "day": str(day),
+                        "day": str(day), "fixmedins_codes": ",".join(sorted(hs)),
                     }, max(e["t"] for e in same))]
 
 
@@ -413,11 +417,12 @@ def distinct_institutions_class(rule: Rule, cur: dict[str, Any], tl: list[dict[s
             inside = [x for x in disp[: i + 1] if x[0] > end_t - window]
             hs = {x[1] for x in inside}
             if len(hs) >= need:
-                out.append(Finding(rule, f"{cls}|{end_s}", disp[i][1], end_t - window, end_t,
+                out.append(Finding(rule, f"{cls}|{end_s}", PERSON_LEVEL, end_t - window, end_t,
                                    tuple(sorted({x[2] for x in inside})), tuple(sorted({x[3] for x in inside})),
                                    sum(x[4] for x in inside), {
                                        "drug_class": cls, "institutions": str(len(hs)), "min_institutions": str(need),
                                        "window_days": str(rule.param("window_days")),
+                                       "fixmedins_codes": ",".join(sorted(hs)),
                                    }, end_t, episode=(cls, end_t + window)))
     return out
 
@@ -453,9 +458,10 @@ def far_apart_same_day(rule: Rule, cur: dict[str, Any], tl: list[dict[str, Any]]
     if len(provinces) < int(rule.param("min_provinces")):
         return []
     start, end = _day_window(day)
-    return [Finding(rule, f"day|{day}", cur["h"], start, end, tuple(sorted(e["s"] for e in same)),
+    return [Finding(rule, f"day|{day}", PERSON_LEVEL, start, end, tuple(sorted(e["s"] for e in same)),
                     tuple(sorted(e["m"] for e in same)), sum(e["amt"] for e in same), {
                         "provinces": ",".join(sorted(provinces)), "day": str(day),
+                        "fixmedins_codes": ",".join(sorted({e["h"] for e in same})),
                     }, max(e["t"] for e in same))]
 
 

@@ -168,9 +168,10 @@ def test_processor_lands_a_resent_event_once_and_dead_letters_a_conflict() -> No
     assert out.events == sum(out.landed.values()) + sum(out.reasons.values()) + sum(out.duplicates.values())
 
 
-def test_a_dead_lettered_event_is_judged_again_when_it_comes_back() -> None:
-    """`yibao dlq replay` re-produces a dead letter's original bytes after a fix: they must be
-    validated again, not recognised as a re-send of the event that was turned away."""
+def test_a_resent_broken_event_is_a_duplicate_but_its_replay_is_judged_again() -> None:
+    """A producer's re-send of a dead-lettered event is one input dead-lettered once; `yibao dlq
+    replay` re-produces the dead letter's original bytes after a fix (header yibao-replay): they
+    must be validated again, not recognised as a re-send of the event that was turned away."""
     from yibao.sim.generator import TrafficGenerator
 
     codec = Codec()
@@ -180,6 +181,25 @@ def test_a_dead_lettered_event_is_judged_again_when_it_comes_back() -> None:
     value = codec.encode(ev.record, bad)
     proc = processor(codec, "procurement")
     first = proc.process([Message(0, 0, b"k", value), Message(0, 1, b"k", value)])
-    assert sum(first.reasons.values()) == 2 and not first.duplicates
+    assert sum(first.reasons.values()) == 1 and sum(first.duplicates.values()) == 1
     again = proc.process([Message(0, 7, b"k", value)])
-    assert sum(again.reasons.values()) == 1 and not again.duplicates
+    assert not again.reasons and sum(again.duplicates.values()) == 1
+    replayed = proc.process([Message(0, 8, b"k", value, replay=True)])
+    assert sum(replayed.reasons.values()) == 1 and not replayed.duplicates
+    fixed = codec.encode(ev.record, {**ev.datum, "event_id": bad["event_id"]})
+    landed = proc.process([Message(0, 9, b"k", fixed, replay=True)])  # what a fixed producer resends
+    assert not landed.reasons or sum(landed.reasons.values()) == 1
+
+
+def test_a_replay_that_lands_is_then_recognised_when_sent_again() -> None:
+    ids = identities()
+    pr = ids.probe([(0, 1, "e", b"v", False)])[0]
+    assert ids.verdict(pr) is Verdict.NEW
+    ids.remember(pr, dead=True)
+    ids.seal()
+    pr = ids.probe([(0, 2, "e", b"v", True)])[0]
+    assert ids.verdict(pr) is Verdict.NEW  # the replay, after a fix
+    ids.remember(pr, dead=False)
+    ids.seal()
+    assert ids.check([(0, 3, "e", b"v")]) == [Verdict.DUPLICATE]
+    assert ids.verdict(ids.probe([(0, 4, "e", b"v", True)])[0]) is Verdict.DUPLICATE  # landed: not again

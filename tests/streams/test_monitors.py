@@ -47,7 +47,7 @@ def db(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory)
     # only the migrations these monitors rest on (others, e.g. BI aggregates, evolve independently)
     ddl = tmp_path_factory.mktemp("ddl")
     for f in sorted(DDL_DIR.glob("*.sql")):
-        if f.name[:4] in ("0001", "0002", "0004", "0005"):
+        if f.name[:4] in ("0001", "0002", "0004", "0005", "0007"):
             shutil.copy(f, ddl / f.name)
     try:
         migrate(be, ddl_dir=ddl)
@@ -282,6 +282,16 @@ def test_credit_view_matches_the_formula(be: Backend) -> None:
     assert want["H11010500001"] == (1000 - 70 - 25 - 5, 1, "A")
     h1 = next(r for r in res if r[0] == "H11010500001")
     assert int(h1[4]) == 2 and Decimal(h1[5]) == Decimal("250000") and h1[6] == "110105"
+
+
+def test_credit_region_is_the_institutions_not_whatever_row_is_read_first(be: Backend) -> None:
+    """Alerts about people carry the person's insured region; the institution's region is in its
+    code (and, for a code of another shape, the smallest of its rows'), whatever the row order."""
+    h = "H11010500001"
+    write_alerts(be, [{**alert(h, "HIGH"), "admdvs": region} for region in ("440305", "310115", "110105")])
+    write_alerts(be, [{**alert("X-1", "LOW"), "admdvs": region} for region in ("510107", "330106")])
+    res = dict(be.query(f"SELECT fixmedins_code, admdvs FROM {be.database}.bi_institution_credit").rows)
+    assert res == {h: "110105", "X-1": "330106"}
 
 
 CREDIT = next(r for r in RULES if r.id == "YB-SUP-CREDIT-LOW")

@@ -378,10 +378,10 @@ def test_shop7d_positive_five_pharmacies_one_class_in_a_week() -> None:
     end = ms(4, 11)
     expect(a, SHOP7, ["B1", "B2", "B3", "B4", "B5"], window=(end - 7 * DAY_MS, end))
     assert a["alert_id"] == alert_id(SHOP7, token(), "C08CA|B5")
-    assert a["fixmedins_code"] == pharmacy(5)
+    assert a["fixmedins_code"] is None  # the person's behaviour, not one pharmacy's: see PERSON_LEVEL
     assert a["amount_at_risk"] == 4 * 105 + 420  # 7 × 0.15 yuan four times, 7 × 0.60 once
     assert a["evidence"] == {"drug_class": "C08CA", "institutions": "5", "min_institutions": "5",
-                             "window_days": "7"}
+                             "window_days": "7", "fixmedins_codes": ",".join(pharmacy(i) for i in range(1, 6))}
 
 
 def test_shop7d_negative_four_institutions_or_other_classes() -> None:
@@ -449,7 +449,9 @@ def test_ghost_positive_beijing_and_guangzhou_on_one_day() -> None:
     expect(a, GHOST, ["S1", "S2"], window=day_window(0))
     assert a["alert_id"] == alert_id(GHOST, token(), f"day|{china_day(ms(0))}")
     assert a["amount_at_risk"] == 1600
-    assert a["evidence"] == {"provinces": "11,44", "day": str(china_day(ms(0)))}
+    assert a["evidence"] == {"provinces": "11,44", "day": str(china_day(ms(0))),
+                             "fixmedins_codes": f"{HOSP},{hospital(1, GD)}"}
+    assert a["fixmedins_code"] is None
     assert a["admdvs"] == "110105"  # the insured region
 
 
