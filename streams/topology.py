@@ -117,7 +117,7 @@ def build_pipeline(*, validation: ValidationConfig, rules: RulesConfig, topic: C
     routes: dict[str, str] = {}
     if book is not None and "settlement" in streams:
         for stream, by in STAY_STREAMS.items():
-            grouped = GroupedEngine(book, Store(by, topic(f"changelog.{by}")), by)
+            grouped = GroupedEngine(book, Store(by, topic(f"changelog.{by}")), by, rules.allowed_lateness_days)
             stages[f"rules-{by}"] = Stage(f"rules-{by}", topic(stream),
                                           GroupedProcessor(grouped, topic(stream), codec, pseudonymizer, sealer))
             routes[stream] = f"rules-{by}"

@@ -142,16 +142,40 @@ def test_upcode_one_alert_per_hospital_month() -> None:
 def test_upcode_reversal_retracts_when_the_share_falls_back() -> None:
     rig = GroupedRig("hospital")
     baseline(rig)
-    april = cases(202404, 15, 15)
+    april = cases(202404, 20, 15)  # 15 / 35 = 43 %: z = 3.38
     [fired] = rig.alerts(*april)
-    assert rig.alerts(*cases(202404, 10, 0, first=30)) == []  # 15 / 40: no longer holds, but no reversal yet
-    last = json.loads(april[-1])
-    [retracted] = rig.alerts(stay_value(last["s"], last["t"], drg="ES21", amt=AMT, rev=True,
-                                        rt=month_ms(202405, 3)))  # 14 / 39: z = 2.5
+    high = [json.loads(v) for v in april[-2:]]
+    assert rig.alerts(stay_value(high[0]["s"], high[0]["t"], drg="ES21", amt=AMT, rev=True,
+                                 rt=month_ms(202405, 2))) == []  # 14 / 34: z = 3.09
+    [retracted] = rig.alerts(stay_value(high[1]["s"], high[1]["t"], drg="ES21", amt=AMT, rev=True,
+                                        rt=month_ms(202405, 3)))  # 13 / 33: z = 2.78
     expect(retracted, UPCODE, [], status="RETRACTED", window=month_window(202404))
     assert retracted["alert_id"] == fired["alert_id"]
     assert retracted["detected_at"] == month_ms(202405, 3)
     assert retracted["amount_at_risk"] == 0
+
+
+def test_upcode_later_stays_that_dilute_the_month_retract_it() -> None:
+    rig = GroupedRig("hospital")
+    baseline(rig)
+    [fired] = rig.alerts(*cases(202404, 15, 15))
+    [retracted] = rig.alerts(*cases(202404, 10, 0, first=30))  # 15 / 40: z = 2.77
+    expect(retracted, UPCODE, [], status="RETRACTED", window=month_window(202404))
+    assert retracted["alert_id"] == fired["alert_id"]
+    [again] = rig.alerts(*cases(202404, 0, 10, first=40))  # 25 / 50: it holds again, a new generation
+    expect(again, UPCODE, [], window=month_window(202404))
+    assert again["alert_id"] == fired["alert_id"] and again["event_id"] != fired["event_id"]
+
+
+def test_upcode_reversal_after_the_months_close_leaves_it() -> None:
+    rig = GroupedRig("hospital")
+    baseline(rig)
+    april = cases(202404, 15, 15)
+    assert len(rig.alerts(*april)) == 1
+    last = json.loads(april[-1])
+    # April closes at the end of 4 June (its end + 35 days): a reversal made later no longer moves its share
+    assert rig.alerts(stay_value(last["s"], last["t"], drg="ES21", amt=AMT, rev=True,
+                                 rt=month_ms(202406, 6))) == []
 
 
 def test_upcode_reversal_keeps_an_alert_that_still_holds() -> None:
@@ -243,7 +267,7 @@ def test_highcost_one_alert_per_stay() -> None:
 
 def test_highcost_reversal_retracts_the_stays_alert_only() -> None:
     rig = GroupedRig("drg")
-    g = group()
+    g = group(31)  # one reversed still leaves 30 in the sample
     rig.send(*g)
     [fired] = rig.alerts(outlier(1_600_000))
     base = json.loads(g[0])

@@ -295,7 +295,9 @@ def test_shop1d_positive_three_hospitals_in_one_day() -> None:
     expect(a, SHOP1, ["V1", "V2", "V3"], window=day_window(0))
     assert a["alert_id"] == alert_id(SHOP1, token(), f"day|{china_day(ms(0))}")
     assert a["amount_at_risk"] == 3 * 800
-    assert a["evidence"] == {"institutions": "3", "min_institutions": "3", "day": str(china_day(ms(0)))}
+    assert a["evidence"] == {"institutions": "3", "min_institutions": "3", "day": str(china_day(ms(0))),
+                             "fixmedins_codes": ",".join(hospital(i) for i in range(1, 4))}
+    assert a["fixmedins_code"] is None
 
 
 def test_shop1d_negative_two_institutions_or_inpatient_stays() -> None:
