@@ -105,7 +105,8 @@ def build_pipeline(*, validation: ValidationConfig, rules: RulesConfig, topic: C
         person = Store("person", topic("changelog.person"))
         engines["settlement"] = SettlementEngine(book, load_knowledge(), pseudonymizer, person,
                                                  rules.allowed_lateness_days)
-        engines["procurement"] = ProcurementEngine(book, Store("procurement", topic("changelog.procurement")))
+        engines["procurement"] = ProcurementEngine(book, Store("procurement", topic("changelog.procurement")),
+                                                   rules.allowed_lateness_days)
     clock = limits or LimitsClock(validation)
     stages: dict[str, Stage] = {}
     for name in streams:

@@ -20,47 +20,52 @@ CNT = 10_000
 _ids = itertools.count(1)
 
 
-def mov(kind: str, cnt: float, t: int, traces: list[str] | None = None, drug: str = DRUG) -> tuple[str, dict[str, Any]]:
-    n = next(_ids)
-    return "InventoryMovement", {"mov_id": f"MV{n:012d}", "fixmedins_code": H, "med_list_codg": drug,
-                                 "admdvs": "450124", "mov_type": kind, "cnt": int(cnt * CNT), "pric": 2_000_000,
-                                 "drug_trac_codg": traces or [], "setl_id": None, "mov_time": t}
+def mov(kind: str, cnt: float, t: int, traces: list[str] | None = None, drug: str = DRUG, *, inst: str = H,
+        mov_id: str | None = None, pric: int = 2_000_000) -> tuple[str, dict[str, Any]]:
+    return "InventoryMovement", {"mov_id": mov_id or f"MV{next(_ids):012d}", "fixmedins_code": inst,
+                                 "med_list_codg": drug, "admdvs": "450124", "mov_type": kind, "cnt": int(cnt * CNT),
+                                 "pric": pric, "drug_trac_codg": traces or [], "setl_id": None, "mov_time": t}
 
 
-def contract(volume: int, begin_day: int, end_day: int, cntr: str = "CT1", win_pric: int = 10_000_000
-             ) -> tuple[str, dict[str, Any]]:
-    return "ProcurementContract", {"cntr_id": cntr, "fixmedins_code": H, "med_list_codg": DRUG, "splr_code": "S",
+def contract(volume: int, begin_day: int, end_day: int, cntr: str = "CT1", win_pric: int = 10_000_000, *,
+             inst: str = H, drug: str = DRUG, sign: int | None = None) -> tuple[str, dict[str, Any]]:
+    return "ProcurementContract", {"cntr_id": cntr, "fixmedins_code": inst, "med_list_codg": drug, "splr_code": "S",
                                    "admdvs": "450000", "agreed_volume": volume * CNT, "win_pric": win_pric,
                                    "base_pric": 2 * win_pric, "cycle_begn_date": date(begin_day),
-                                   "cycle_end_date": date(end_day), "sign_time": ms(begin_day)}
+                                   "cycle_end_date": date(end_day),
+                                   "sign_time": ms(begin_day) if sign is None else sign}
 
 
-def order(cnt: int, t: int, cntr: str | None = "CT1") -> tuple[str, dict[str, Any]]:
-    return "ProcurementOrder", {"ord_id": f"PO{next(_ids)}", "fixmedins_code": H, "splr_code": "S",
-                                "med_list_codg": DRUG, "cntr_id": cntr, "admdvs": "450124", "purc_cnt": cnt * CNT,
+def order(cnt: int, t: int, cntr: str | None = "CT1", *, inst: str = H, drug: str = DRUG
+          ) -> tuple[str, dict[str, Any]]:
+    return "ProcurementOrder", {"ord_id": f"PO{next(_ids)}", "fixmedins_code": inst, "splr_code": "S",
+                                "med_list_codg": drug, "cntr_id": cntr, "admdvs": "450124", "purc_cnt": cnt * CNT,
                                 "purc_pric": 10_000_000, "purc_amt": cnt * 1000, "ord_time": t}
 
 
-def delivery(dlv: str, t: int, amt: int = 100_000) -> tuple[str, dict[str, Any]]:
-    return "DeliveryAcceptance", {"dlv_id": dlv, "ord_id": "PO", "fixmedins_code": H, "splr_code": "S",
+def delivery(dlv: str, t: int, amt: int = 100_000, *, inst: str = H) -> tuple[str, dict[str, Any]]:
+    return "DeliveryAcceptance", {"dlv_id": dlv, "ord_id": "PO", "fixmedins_code": inst, "splr_code": "S",
                                   "med_list_codg": DRUG, "admdvs": "450124", "dlv_cnt": CNT, "dlv_amt": amt,
                                   "acpt_time": t}
 
 
-def payment(dlv: str, t: int) -> tuple[str, dict[str, Any]]:
-    return "SupplierPayment", {"pay_id": f"PY{next(_ids)}", "dlv_id": dlv, "fixmedins_code": H, "splr_code": "S",
+def payment(dlv: str, t: int, *, inst: str = H) -> tuple[str, dict[str, Any]]:
+    return "SupplierPayment", {"pay_id": f"PY{next(_ids)}", "dlv_id": dlv, "fixmedins_code": inst, "splr_code": "S",
                                "admdvs": "450124", "pay_amt": 100_000, "pay_time": t}
 
 
 class ProcRig:
-    """A procurement engine on partition 0 with its own offsets."""
+    """A procurement engine on partition 0 with its own offsets (``lateness``: the engine's
+    ``allowed_lateness_days``, its default when None)."""
 
-    def __init__(self, store: Store | None = None, **params: Any) -> None:
+    def __init__(self, store: Store | None = None, lateness: int | None = None, **params: Any) -> None:
         self.book = seed_book()
         for rid, p in params.items():
             rule_update(self.book, rid.replace("_", "-"), **p)
         self.store = store or Store("procurement", "t")
-        self.engine = ProcurementEngine(self.book, self.store)
+        self.lateness = lateness
+        self.engine = (ProcurementEngine(self.book, self.store) if lateness is None
+                       else ProcurementEngine(self.book, self.store, allowed_lateness_days=lateness))
         self.offset = 0
 
     def send(self, *events: tuple[str, dict[str, Any]], offset: int | None = None) -> list[dict[str, Any]]:
@@ -80,7 +85,7 @@ class ProcRig:
         fresh = Store("procurement", "t")
         for k, v in self.store.part(0).items():
             fresh.part(0)[k] = orjson.loads(orjson.dumps(v))
-        rig = ProcRig(fresh)
+        rig = ProcRig(fresh, self.lateness)
         rig.book = self.book
         rig.engine.book = self.book
         rig.engine.restored(0)
@@ -90,6 +95,19 @@ class ProcRig:
 
 def rules(alerts: list[dict[str, Any]]) -> list[str]:
     return [a["rule_id"] for a in alerts]
+
+
+def standing(alerts: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The alerts that stand after ``alerts`` (every version, in the order published): the latest
+    version of each alert id by ``detected_at`` (a tie goes to RETRACTED, as the alerts table
+    does), kept when FIRED."""
+    latest: dict[str, dict[str, Any]] = {}
+    for a in alerts:
+        cur = latest.get(a["alert_id"])
+        rank = (a["detected_at"], a["status"] == "RETRACTED")
+        if cur is None or rank >= (cur["detected_at"], cur["status"] == "RETRACTED"):
+            latest[a["alert_id"]] = a
+    return {k: a for k, a in latest.items() if a["status"] == "FIRED"}
 
 
 # --- YB-PSI-OVERSELL --------------------------------------------------------------------------------
@@ -142,12 +160,16 @@ def test_trace_code_sold_twice_fires_and_a_returned_code_may_be_sold_again() -> 
 
 
 def test_trace_memory_is_bounded_by_the_retention_window() -> None:
-    rig = ProcRig(YB_PSI_TRACE_DUP={"retention_days": 30})
-    rig.send(mov("SALE_OUT", 1, ms(0), ["A1"]), mov("SALE_OUT", 1, ms(1), ["A2"]))
-    rig.send(mov("STOCKTAKE", 5, ms(31, 12)))  # event time moves on: day 0's bucket is dropped
-    assert rig.send(mov("SALE_OUT", 1, ms(31, 13), ["A1"])) == []  # forgotten (sold 31 days ago)
-    assert rules(rig.send(mov("SALE_OUT", 1, ms(31, 14), ["A2"]))) == ["YB-PSI-TRACE-DUP"]  # 30 days: kept
-    assert rig.store.get(0, f"{H}#tr#{(ms(0) + 8 * 3_600_000) // 86_400_000}") is None
+    """A code counts as sold again within ``retention_days`` China days of its previous sale; the
+    memory reaches back the retention plus the allowed lateness from the watermark."""
+    for lateness in (0, 35):
+        rig = ProcRig(lateness=lateness, YB_PSI_TRACE_DUP={"retention_days": 30})
+        rig.send(mov("SALE_OUT", 1, ms(0), ["A1"]), mov("SALE_OUT", 1, ms(1), ["A2"]))
+        rig.send(mov("STOCKTAKE", 5, ms(31, 12)))  # event time moves on
+        assert rig.send(mov("SALE_OUT", 1, ms(31, 13), ["A1"])) == []  # sold 31 days ago: not within
+        assert rules(rig.send(mov("SALE_OUT", 1, ms(31, 14), ["A2"]))) == ["YB-PSI-TRACE-DUP"]  # 30 days
+        day0 = rig.store.get(0, f"{H}#tr#{(ms(0) + 8 * 3_600_000) // 86_400_000}")
+        assert (day0 is None) == (lateness == 0)  # 31 days back: kept only while within the lateness
 
 
 def test_trace_redelivery_is_no_duplicate_and_the_memory_survives_a_restore() -> None:
@@ -177,26 +199,32 @@ def test_trace_bucket_written_without_its_institution_is_still_idempotent() -> N
 
 # --- YB-PROC-VOLUME-LAG -------------------------------------------------------------------------------
 
-def test_volume_lag_fires_past_the_points_once_per_contract_and_month() -> None:
+def test_volume_lag_is_judged_at_each_midnight_once_per_contract_and_month() -> None:
+    """A 100-day cycle from day 0 (2024-03-04): at the China midnight starting day d, d% of it has
+    elapsed. Judged when the watermark reaches the midnight; one alert per contract and month."""
     rig = ProcRig(YB_PROC_VOLUME_LAG={"lag_points": 10, "min_shortfall_yuan": 0})
-    rig.send(contract(1000, 0, 99))  # 100-day cycle, 1000 units
-    # day 20 at 10:00 China: elapsed 20.4%; 104 bought: completion 10.4%, lag 10.0 points: not beyond
-    assert rig.send(order(104, ms(20))) == []
-    [a] = rig.send(order(1, ms(30)))  # elapsed 30.4%, completion 10.5%
+    rig.send(contract(1000, 0, 99), order(200, ms(1)))
+    assert rig.send(mov("STOCKTAKE", 1, ms(30, 23, 59))) == []  # day 30: 30.0% elapsed, 20.0% bought
+    [a] = rig.send(mov("STOCKTAKE", 1, ms(31, 0)))  # day 31: 11 points behind
     assert a["rule_id"] == "YB-PROC-VOLUME-LAG" and a["evidence"]["ref"] == "CT1"
-    assert a["evidence"]["lag_points"] == "19.9" and a["amount_at_risk"] == (304 - 105) * 1000
-    assert rig.send(delivery("D1", ms(31))) == []  # once per contract and month
-    assert rig.send(payment("D1", ms(32))) == []
-    assert rules(rig.send(order(1, ms(70)))) == ["YB-PROC-VOLUME-LAG"]  # a later month
+    assert a["evidence"]["month"] == "202404" and a["evidence"]["lag_points"] == "11.0"
+    assert a["evidence"]["completion"] == "20.0%" and a["amount_at_risk"] == (310 - 200) * 1000
+    assert rig.send(mov("STOCKTAKE", 1, ms(40))) == []  # April has its alert
+    assert rig.send(order(400, ms(45))) == []  # bought after April lagged: its alert stands
+    assert rig.send(mov("STOCKTAKE", 1, ms(70))) == []  # May: 70.0% elapsed, 60.0% bought
+    [b] = rig.send(mov("STOCKTAKE", 1, ms(71)))
+    assert b["evidence"]["month"] == "202405" and b["alert_id"] != a["alert_id"]
+    assert len(standing([a, b])) == 2
 
 
 def test_volume_lag_counts_orders_naming_no_contract_and_respects_the_minimum_value() -> None:
-    rig = ProcRig(YB_PROC_VOLUME_LAG={"lag_points": 10, "min_shortfall_yuan": 2000})
+    rig = ProcRig(YB_PROC_VOLUME_LAG={"lag_points": 10, "min_shortfall_yuan": 4000})
     rig.send(contract(1000, 0, 99), order(200, ms(1), cntr=None))
-    assert rig.send(order(1, ms(30))) == []  # 30.4% - 20.1%: 10.3 points, but 103 units × 10 yuan < 2000
-    rig = ProcRig(YB_PROC_VOLUME_LAG={"lag_points": 10, "min_shortfall_yuan": 2000})
-    rig.send(contract(1000, 0, 99), order(20, ms(1), cntr=None))
-    assert rules(rig.send(order(1, ms(30)))) == ["YB-PROC-VOLUME-LAG"]  # 283 units behind: 2830 yuan
+    assert rig.send(mov("STOCKTAKE", 1, ms(57))) == []  # day 57: 37 points, but 370 units × 10 yuan < 4000
+    rig = ProcRig(YB_PROC_VOLUME_LAG={"lag_points": 10, "min_shortfall_yuan": 4000})
+    rig.send(contract(1000, 0, 99), order(150, ms(1), cntr=None))
+    [a] = rig.send(mov("STOCKTAKE", 1, ms(57)))  # from day 55: 400 units behind, 4000 yuan
+    assert a["rule_id"] == "YB-PROC-VOLUME-LAG" and a["evidence"]["behind_value"] == "4000.00"
 
 
 def test_volume_lag_redelivery_and_restore() -> None:
@@ -206,8 +234,10 @@ def test_volume_lag_redelivery_and_restore() -> None:
     rig.send(*evs, offset=0)  # skipped: still 100 bought, not 200
     rig = rig.restarted()
     rig.send(*evs, offset=0)
-    [a] = rig.send(order(1, ms(25)))  # 25.4% elapsed vs 10.1%
-    assert a["evidence"]["completion"] == "10.1%"
+    [a] = rig.send(mov("STOCKTAKE", 1, ms(21)))  # day 21: 21.0% elapsed vs 10.0%
+    assert a["evidence"]["completion"] == "10.0%" and a["evidence"]["month"] == "202403"
+    rig = rig.restarted()  # the checkpoints judged and March's alert are remembered
+    assert rig.send(mov("STOCKTAKE", 1, ms(22))) == []
 
 
 # --- YB-PROC-PAY-OVERDUE -------------------------------------------------------------------------------
