@@ -34,6 +34,9 @@ changelog records go (tombstones). An event re-sent after that lands again: the 
 promise. Identity is per partition: a producer that re-sends with another key (so to another
 partition) is not recognised; the platform's producers key by ``psn_no`` / ``fixmedins_code``.
 
+A message without a readable ``event_id`` (it cannot be decoded, or its id is not a short string)
+is identified by its bytes: the same broken message sent twice is one input and one dead letter.
+
 **Digests.** 64-bit BLAKE2b of the ``event_id`` and of the message value (so a re-send under
 another schema version is a ``CONFLICT``: rare, and dead-lettered, never lost). Two different ids sharing a digest
 would make the second a ``CONFLICT`` (dead-lettered, replayable, never silently dropped) unless
@@ -62,6 +65,9 @@ CONFLICT_REASON = "DUPLICATE_EVENT_ID_CONFLICT"
 #: longest ``event_id`` that is remembered; validation rejects longer ones (streams/data/fields.toml)
 MAX_ID_CHARS = 64
 #: id digest, value digest, offset, 1 when the event was dead-lettered (not landed)
+#: prefix of the identity of a message without a readable ``event_id`` (not decodable, or its id
+#: unusable): its bytes, so the same broken message sent twice is one input
+_BY_BYTES = b"\x00yibao-bytes\x00"
 _ROW = np.dtype([("id", "<u8"), ("body", "<u8"), ("off", "<i8"), ("dead", "u1")])
 
 
@@ -158,8 +164,12 @@ class Identities:
         by_part: dict[int, list[tuple[int, Probe]]] = {}
         for i, (p, off, event_id, body, replay) in enumerate(events):
             if isinstance(event_id, str) and 0 < len(event_id) <= MAX_ID_CHARS:
-                by_part.setdefault(p, []).append(
-                    (i, Probe(p, off, digest(event_id.encode()), digest(body), replay=replay)))
+                ident = digest(event_id.encode())
+            elif body:
+                ident = digest(_BY_BYTES + body)  # no readable id: the message is its own identity
+            else:
+                continue
+            by_part.setdefault(p, []).append((i, Probe(p, off, ident, digest(body), replay=replay)))
         for p, items in by_part.items():
             part = self._parts.setdefault(p, _Partition())
             seen = part.lookup(np.fromiter((x[1].ident for x in items), dtype=np.uint64, count=len(items)))

@@ -37,6 +37,8 @@ from .validation import Limits, Violation, compile_checks
 
 #: The record name of a re-keyed stay (streams.rules.engine.stay_record), as grouped engines see it.
 STAY = "Stay"
+#: What a re-sent message counts as in ``Outcome.duplicates`` when it cannot even be decoded.
+UNREADABLE = "unreadable"
 
 
 class Processor(Protocol):
@@ -142,7 +144,7 @@ class BatchProcessor:
         failed: list[Failure] = []
         t_decode = 0.0
         t_validate = 0.0
-        decoded: list[tuple[Message, Decoded]] = []
+        decoded: list[tuple[Message, Decoded | DecodeError]] = []
         for m in msgs:
             ta = time.perf_counter()
             if m.value is None:
@@ -151,19 +153,27 @@ class BatchProcessor:
             try:
                 decoded.append((m, decode(m.value, subject=subject)))
             except DecodeError as exc:
-                failed.append((m, exc.reason_code, exc.detail, None, exc.schema_id, None))
+                decoded.append((m, exc))
             t_decode += time.perf_counter() - ta
         ti = time.perf_counter()
         ids = self.identities
-        probes = (ids.probe([(m.partition, m.offset, dec.datum.get("event_id"), m.value or b"", m.replay)
-                             for m, dec in decoded])
+        probes = (ids.probe([(m.partition, m.offset, dec.datum.get("event_id") if isinstance(dec, Decoded) else None,
+                              m.value or b"", m.replay) for m, dec in decoded])
                   if ids is not None else None)
         t_identity = time.perf_counter() - ti
         for j, (m, dec) in enumerate(decoded):
             tb = time.perf_counter()
+            verdict = ids.verdict(probes[j]) if ids is not None and probes is not None else Verdict.NEW
+            if isinstance(dec, DecodeError):
+                if verdict is Verdict.DUPLICATE:  # the same unreadable bytes again: one input
+                    out.duplicates[UNREADABLE] += 1
+                    continue
+                if verdict is Verdict.NEW and ids is not None and probes is not None:
+                    ids.remember(probes[j], dead=True)
+                failed.append((m, dec.reason_code, dec.detail, None, dec.schema_id, None))
+                continue
             spec = self._specs.get(dec.record)
             short = dec.record.rsplit(".", 1)[-1]
-            verdict = ids.verdict(probes[j]) if ids is not None and probes is not None else Verdict.NEW
             if verdict is Verdict.DUPLICATE:
                 out.duplicates[short] += 1
                 continue

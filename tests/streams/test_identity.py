@@ -69,10 +69,13 @@ def test_verdicts_new_redelivered_duplicate_conflict() -> None:
     assert one(ids, 1, 99, "e1", b"a") is Verdict.NEW  # identity is per partition
 
 
-def test_events_without_a_usable_id_are_never_recognised() -> None:
+def test_events_without_a_usable_id_are_identified_by_their_bytes() -> None:
     ids = identities()
-    for bad in (None, "", "x" * 65, 17):
-        assert ids.check([(0, 1, bad, b"a"), (0, 2, bad, b"a")]) == [Verdict.NEW, Verdict.NEW]
+    for i, bad in enumerate((None, "", "x" * 65, 17)):
+        body = b"broken %d" % i
+        assert ids.check([(0, 10 * i, bad, body), (0, 10 * i + 1, bad, body), (0, 10 * i + 2, bad, body + b"!")]) \
+            == [Verdict.NEW, Verdict.DUPLICATE, Verdict.NEW]
+    assert ids.probe([(0, 99, None, b"", False)]) == [None]  # nothing to know it by
 
 
 def test_identities_survive_a_restore_from_the_changelog() -> None:
@@ -189,6 +192,16 @@ def test_a_resent_broken_event_is_a_duplicate_but_its_replay_is_judged_again() -
     fixed = codec.encode(ev.record, {**ev.datum, "event_id": bad["event_id"]})
     landed = proc.process([Message(0, 9, b"k", fixed, replay=True)])  # what a fixed producer resends
     assert not landed.reasons or sum(landed.reasons.values()) == 1
+
+
+def test_the_same_unreadable_message_twice_is_one_dead_letter() -> None:
+    codec = Codec()
+    proc = processor(codec, "procurement")
+    garbled = b"\x00\x00\x00\x00\x07not avro at all"
+    out = proc.process([Message(0, 0, b"k", garbled), Message(0, 1, b"k", garbled), Message(0, 2, b"k", garbled[:-1])])
+    assert sum(out.reasons.values()) == 2 and out.duplicates == Counter({"unreadable": 1})
+    replayed = proc.process([Message(0, 3, b"k", garbled, replay=True)])
+    assert sum(replayed.reasons.values()) == 1 and not replayed.duplicates
 
 
 def test_a_replay_that_lands_is_then_recognised_when_sent_again() -> None:
