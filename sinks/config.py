@@ -9,7 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import structlog
+
 from .base import Backend
+
+log = structlog.get_logger(__name__)
 
 BACKENDS = ("server", "embedded")
 
@@ -44,7 +48,14 @@ def connect(config: ClickHouseConfig) -> Backend:
         from .embedded import EmbeddedBackend
 
         assert config.chdb_path is not None
-        return EmbeddedBackend(Path(config.chdb_path), database=config.database)
+        be = EmbeddedBackend(Path(config.chdb_path), database=config.database)
+        if be.unclean:
+            from .migrate import rebuild_aggregates
+
+            log.warning("the process that last used this chDB data path died with it open; rebuilding the BI "
+                        "aggregates from the raw tables", path=str(config.chdb_path),
+                        tables=rebuild_aggregates(be))
+        return be
     from .server import ServerBackend
 
     return ServerBackend(

@@ -418,3 +418,45 @@ def to_target(name: str, ch_type: str) -> str:
     if inner == "Date" or inner == "DateTime" or inner.startswith("DateTime("):
         return f"CAST({name} AS {ch_type}) AS {name}"
     return name
+
+
+_AGGREGATE = re.compile(r"^CREATE TABLE IF NOT EXISTS \{db\}\.(agg_\w+)\{on_cluster\}\s.*?\bAS\s+(SELECT\b.*)$", re.S)
+
+
+def aggregate_backfills(ddl_dir: Path = DDL_DIR) -> dict[str, str]:
+    """Each aggregate table the migrations create (``CREATE TABLE … AS SELECT`` over a raw table),
+    with the SELECT that fills it from the raw tables (placeholders not yet rendered)."""
+    out: dict[str, str] = {}
+    for m in load_migrations(ddl_dir):
+        for st in split_statements(m.path.read_text(encoding="utf-8")):
+            match = _AGGREGATE.match(st.sql)
+            if match and not st.cluster_only:
+                out[match.group(1)] = match.group(2)
+    return out
+
+
+def rebuild_aggregates(backend: Backend, ddl_dir: Path = DDL_DIR) -> list[str]:
+    """Refill every aggregate table of ``backend.database`` from the raw tables; returns their names.
+
+    Why: an INSERT into a staging table ``T_in`` reaches ``T`` and each aggregate through its own
+    materialized view, one after the other, and nothing makes that atomic. A ClickHouse server
+    finishes pushing a block to every view once it started, but an embedded chDB dies with the
+    worker process: SIGKILLed in the middle, it can leave a block in an aggregate and not in ``T``.
+    The redelivered batch then lands in ``T`` (which lacks it) and in the aggregate again: counted
+    twice (tests/system/test_event_identity.py found it). ``T`` is exact (redelivery is
+    deduplicated against it), so the aggregates are made again from it before anything reads them:
+    ``sinks.connect`` calls this when an embedded data path was left open by a process that died.
+    """
+    db = backend.database
+    existing = {str(r[0]) for r in backend.query(
+        f"SELECT name FROM system.tables WHERE database = {literal(db)}").rows}
+    lc = LC if low_cardinality_supported(backend.version()) else "String"
+    done = []
+    for name, select in aggregate_backfills(ddl_dir).items():
+        if name not in existing:
+            continue
+        backend.execute(f"TRUNCATE TABLE {db}.{name}")
+        backend.execute(f"INSERT INTO {db}.{name} {render(select, db, '', lc)}")
+        done.append(name)
+    return done
+
