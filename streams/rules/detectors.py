@@ -361,13 +361,20 @@ def repeat_interval(rule: Rule, cur: dict[str, Any], tl: list[dict[str, Any]], k
 
 def excess_supply(rule: Rule, cur: dict[str, Any], tl: list[dict[str, Any]], k: Knowledge) -> list[Finding]:
     """Σ days of supply of one generic in a sliding window exceeds window × factor: every such window
-    ending at a dispense at or after the current one (the engine picks one alert per episode)."""
+    ending at a dispense at or after the current one (the engine picks one alert per episode).
+
+    Dispenses are those of outpatient and pharmacy settlements: what a ward gives a patient during a
+    stay is administered, not supplied to take home, and a patient admitted a week after a 30-day
+    refill has not been over-prescribed (clean generated traffic did exactly that)."""
+    if cur["mt"] in INPATIENT:
+        return []
     window = int(rule.param("window_days")) * DAY_MS
     limit_x1000 = int(rule.param("window_days")) * int(rule.param("factor_pm"))
     long_term_only = bool(rule.params.get("long_term_only", True))
     out = []
     for generic in sorted({x[0] for x in cur["rx"] if x[4] or not long_term_only}):
-        disp = sorted((e["t"], x[2], x[3], e["s"], e["m"], e["h"]) for e in tl for x in e["rx"] if x[0] == generic)
+        disp = sorted((e["t"], x[2], x[3], e["s"], e["m"], e["h"]) for e in tl if e["mt"] not in INPATIENT
+                      for x in e["rx"] if x[0] == generic)
         for i, (end_t, _, _, end_s, _, end_h) in enumerate(disp):
             if end_t < cur["t"]:
                 continue
@@ -466,6 +473,8 @@ def far_apart_same_day(rule: Rule, cur: dict[str, Any], tl: list[dict[str, Any]]
 
 
 def _generics(rule: Rule, e: dict[str, Any]) -> set[str]:
+    if e["mt"] in INPATIENT:
+        return set()
     long_term_only = bool(rule.params.get("long_term_only", True))
     return {x[0] for x in e["rx"] if x[4] or not long_term_only}
 

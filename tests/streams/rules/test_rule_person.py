@@ -233,6 +233,18 @@ def test_overrx_third_dispense_in_the_episode_does_not_alert_again_a_new_episode
     assert second["setl_ids"] == ["C", "D"]
 
 
+def test_overrx_drugs_given_during_a_stay_are_not_supply() -> None:
+    """A week in hospital on the same statin, then the usual 30-day refill: 7 + 30 days in 30 days,
+    but the ward administered the first seven (generated clean traffic had this case)."""
+    from .builders import stay
+
+    rig = Rig()
+    ward = stay("S1", ms(8), 1, 8, [line(AMLODIPINE, cnt=1, t=ms(d, 9)) for d in range(1, 8)])
+    assert rig.each([ward, rx("A", ms(10), 30), rx("B", ms(12), 7)], OVERRX) != []  # 37 days out of hospital
+    rig = Rig()
+    assert rig.each([ward, rx("A", ms(10), 30)], OVERRX) == []
+
+
 def test_overrx_full_reversal_retracts_partial_does_not() -> None:
     rig = Rig()
     a = rx("A", ms(0), 20)
