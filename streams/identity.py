@@ -35,7 +35,8 @@ promise. Identity is per partition: a producer that re-sends with another key (s
 partition) is not recognised; the platform's producers key by ``psn_no`` / ``fixmedins_code``.
 
 A message without a readable ``event_id`` (it cannot be decoded, or its id is not a short string)
-is identified by its bytes: the same broken message sent twice is one input and one dead letter.
+is identified by its key and bytes, empty ones included: the same broken message sent twice is one
+input and one dead letter. A tombstone (no value at all) has nothing to be known by.
 
 **Digests.** 64-bit BLAKE2b of the ``event_id`` and of the message value (so a re-send under
 another schema version is a ``CONFLICT``: rare, and dead-lettered, never lost). Two different ids sharing a digest
@@ -156,19 +157,20 @@ class Identities:
         self.clock = clock
         self._parts: dict[int, _Partition] = {}
 
-    def probe(self, events: Sequence[tuple[int, int, object, bytes, bool]]) -> list[Probe | None]:
-        """Digests of a batch's events ``(partition, offset, event_id, message value, replay)`` and
-        what the day runs hold for them, searched once per partition for the whole batch; None for
-        an event without a usable id (validation rejects it: there is nothing to recognise it by)."""
+    def probe(self, events: Sequence[tuple[int, int, object, bytes | None, bool, bytes | None]]
+              ) -> list[Probe | None]:
+        """Digests of a batch's events ``(partition, offset, event_id, message value, replay, key)``
+        and what the day runs hold for them, searched once per partition for the whole batch. An
+        event without a usable id is known by its key and value (None for a tombstone: no value)."""
         probes: list[Probe | None] = [None] * len(events)
         by_part: dict[int, list[tuple[int, Probe]]] = {}
-        for i, (p, off, event_id, body, replay) in enumerate(events):
+        for i, (p, off, event_id, body, replay, key) in enumerate(events):
+            if body is None:
+                continue
             if isinstance(event_id, str) and 0 < len(event_id) <= MAX_ID_CHARS:
                 ident = digest(event_id.encode())
-            elif body:
-                ident = digest(_BY_BYTES + body)  # no readable id: the message is its own identity
-            else:
-                continue
+            else:  # no readable id: the message (key and value, even empty) is its own identity
+                ident = digest(_BY_BYTES + (key or b"") + b"\x00" + body)
             by_part.setdefault(p, []).append((i, Probe(p, off, ident, digest(body), replay=replay)))
         for p, items in by_part.items():
             part = self._parts.setdefault(p, _Partition())
@@ -209,7 +211,7 @@ class Identities:
         """Verdicts for a batch's events ``(partition, offset, event_id, value)``, remembering every
         ``NEW`` one as landed (for callers whose events all land)."""
         out = []
-        for pr in self.probe([(*e, False) for e in events]):
+        for pr in self.probe([(*e, False, None) for e in events]):
             v = self.verdict(pr)
             if v is Verdict.NEW:
                 self.remember(pr)

@@ -158,7 +158,7 @@ class BatchProcessor:
         ti = time.perf_counter()
         ids = self.identities
         probes = (ids.probe([(m.partition, m.offset, dec.datum.get("event_id") if isinstance(dec, Decoded) else None,
-                              m.value or b"", m.replay) for m, dec in decoded])
+                              m.value, m.replay, m.key) for m, dec in decoded])
                   if ids is not None else None)
         t_identity = time.perf_counter() - ti
         for j, (m, dec) in enumerate(decoded):

@@ -75,7 +75,7 @@ def test_events_without_a_usable_id_are_identified_by_their_bytes() -> None:
         body = b"broken %d" % i
         assert ids.check([(0, 10 * i, bad, body), (0, 10 * i + 1, bad, body), (0, 10 * i + 2, bad, body + b"!")]) \
             == [Verdict.NEW, Verdict.DUPLICATE, Verdict.NEW]
-    assert ids.probe([(0, 99, None, b"", False)]) == [None]  # nothing to know it by
+    assert ids.probe([(0, 99, None, None, False, b"k")]) == [None]  # a tombstone: nothing to know it by
 
 
 def test_identities_survive_a_restore_from_the_changelog() -> None:
@@ -198,21 +198,22 @@ def test_the_same_unreadable_message_twice_is_one_dead_letter() -> None:
     codec = Codec()
     proc = processor(codec, "procurement")
     garbled = b"\x00\x00\x00\x00\x07not avro at all"
-    out = proc.process([Message(0, 0, b"k", garbled), Message(0, 1, b"k", garbled), Message(0, 2, b"k", garbled[:-1])])
-    assert sum(out.reasons.values()) == 2 and out.duplicates == Counter({"unreadable": 1})
+    out = proc.process([Message(0, 0, b"k", garbled), Message(0, 1, b"k", garbled), Message(0, 2, b"k", garbled[:-1]),
+                        Message(0, 3, b"other key", garbled), Message(0, 4, b"k", b""), Message(0, 5, b"k", b"")])
+    assert sum(out.reasons.values()) == 4 and out.duplicates == Counter({"unreadable": 2})
     replayed = proc.process([Message(0, 3, b"k", garbled, replay=True)])
     assert sum(replayed.reasons.values()) == 1 and not replayed.duplicates
 
 
 def test_a_replay_that_lands_is_then_recognised_when_sent_again() -> None:
     ids = identities()
-    pr = ids.probe([(0, 1, "e", b"v", False)])[0]
+    pr = ids.probe([(0, 1, "e", b"v", False, None)])[0]
     assert ids.verdict(pr) is Verdict.NEW
     ids.remember(pr, dead=True)
     ids.seal()
-    pr = ids.probe([(0, 2, "e", b"v", True)])[0]
+    pr = ids.probe([(0, 2, "e", b"v", True, None)])[0]
     assert ids.verdict(pr) is Verdict.NEW  # the replay, after a fix
     ids.remember(pr, dead=False)
     ids.seal()
     assert ids.check([(0, 3, "e", b"v")]) == [Verdict.DUPLICATE]
-    assert ids.verdict(ids.probe([(0, 4, "e", b"v", True)])[0]) is Verdict.DUPLICATE  # landed: not again
+    assert ids.verdict(ids.probe([(0, 4, "e", b"v", True, None)])[0]) is Verdict.DUPLICATE  # landed: not again
