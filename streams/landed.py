@@ -3,6 +3,8 @@ until the consumer has moved past it (the SQL is sinks.landed)."""
 
 from __future__ import annotations
 
+from sinks.tables import ALERTS_TABLE
+
 
 class LandedIndex:
     """Events at or beyond the committed position that tables already hold, per partition.
@@ -15,26 +17,36 @@ class LandedIndex:
     def __init__(self) -> None:
         self._seen: dict[int, dict[str, dict[int, set[str]]]] = {}
         self._horizon: dict[int, int] = {}
+        #: per partition, the alert versions (event ids) held at any redelivered position
+        self._alerts: dict[int, set[str]] = {}
 
     def load(self, partition: int, per_table: dict[str, dict[int, set[str]]]) -> None:
         nonempty = {t: s for t, s in per_table.items() if s}
         if nonempty:
             self._seen[partition] = nonempty
             self._horizon[partition] = max(max(s) for s in nonempty.values())
+            self._alerts[partition] = set().union(*nonempty.get(ALERTS_TABLE, {}).values())
         else:
             self.forget(partition)
 
     def forget(self, partition: int) -> None:
         self._seen.pop(partition, None)
         self._horizon.pop(partition, None)
+        self._alerts.pop(partition, None)
 
     def active(self) -> bool:
         return bool(self._seen)
 
     def __call__(self, table: str, partition: int, offset: int, ident: str) -> bool:
+        """Whether ``table`` holds the event ``ident`` at this position. An alert version (its
+        deterministic event id) counts wherever in the redelivered range it was written: state
+        restored from a changelog whose keys were written in part (a crash between them) can reach
+        the same decision at another event of the batch, and it is still the same version."""
         seen = self._seen.get(partition)
         if not seen:
             return False
+        if table == ALERTS_TABLE:
+            return ident in self._alerts.get(partition, ())
         idents = seen.get(table, {}).get(offset)
         return idents is not None and ident in idents
 
