@@ -41,7 +41,8 @@ rule below.
   towards it with ``ord_time`` before that midnight (an order names its contract, or counts towards
   the institution's contract for the product whose cycle contains it, the smallest cntr_id if
   several; orders before the contract's sign_time do not count), against the elapsed share of the
-  cycle. One alert per contract and month (key ``cntr_id|YYYYMM``, the month of the day that ended):
+  cycle, when the volume behind is worth ``min_shortfall_yuan`` and is at least one whole unit. One
+  alert per contract and month (key ``cntr_id|YYYYMM``, the month of the day that ended):
   it stands while a midnight of that month lags, and carries the first one. An order or contract
   arriving out of order re-judges the midnights it changes (an order only those after it). Orders
   older than ``W - L`` are folded into the contract's base. A late order counts towards the
@@ -751,7 +752,9 @@ class ProcurementEngine:
                     done_pm = bought[j] * 1000 // volume
                     owed = volume * elapsed_pm // 1000 - bought[j]
                     value = owed * pric // PRICE_TO_FEN
-                    if elapsed_pm - done_pm > lag * 10 and value >= floor:
+                    # behind by less than one unit is no lag: a contract of a few units of a dear
+                    # consumable is points behind until its next one is bought
+                    if elapsed_pm - done_pm > lag * 10 and value >= floor and owed >= CNT:
                         break
                 else:
                     if stands:

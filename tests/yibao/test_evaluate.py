@@ -224,14 +224,15 @@ def test_planting_is_deterministic_and_leaves_the_base_traffic_alone() -> None:
     for _ in range(2):
         p = Planting("all", rate=0.05)
         events = list(p.generator(config).events())
-        runs.append((events, p.truth(), set(p.dispensed_ids)))
+        runs.append((events, p.truth(), set(p.dispensed_ids) | p.funded_ids))
     assert runs[0][1] == runs[1][1] and len(runs[0][1]) > 100
     assert [e.datum for e in runs[0][0]] == [e.datum for e in runs[1][0]]
 
     clean = list(TrafficGenerator(config).events())
     events, truth, dispensed = runs[0]
     clean_ids = [str(e.datum["event_id"]) for e in clean]
-    # what planting added: the anomalies' events and the movements its visits dispense with
+    # what planting added: the anomalies' events, the movements its visits dispense with and the
+    # contributions their fund spending is booked with
     assert dispensed and not dispensed & {i for t in truth for i in t["event_ids"]}
     extra = ({i for t in truth for i in t["event_ids"]} | dispensed) - set(clean_ids)
     # overdue payments are delayed (emitted later) or never made

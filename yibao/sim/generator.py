@@ -380,11 +380,12 @@ class Supplier:
 
 
 class _Stock:
-    __slots__ = ("d0", "d_max", "level", "on_order", "rop", "used")
+    __slots__ = ("d0", "d_max", "demand", "level", "on_order", "rop", "used")
 
     def __init__(self, level: int, d0: int) -> None:
         self.level = level
         self.on_order = 0
+        self.demand = d0  # expected daily demand (what the institution reports for procurement)
         self.d0 = d0  # daily demand estimate, scale 4; raised on every stock-out
         self.d_max = d0 * _D0_GROWTH_CAP  # ...up to this: demand seen while an order is on its way
         self.rop = d0 * 7  # reorder point: delivery takes up to 5 days plus weekends
@@ -446,6 +447,14 @@ _TIP_CATS = (("FAKE_VISIT", 0.25), ("CARD_LENDING", 0.15), ("UPCODING", 0.15), (
 _INSP_TYPES = (("ROUTINE", 0.70), ("SPECIAL", 0.15), ("FLIGHT", 0.05), ("CROSS", 0.10))
 _INSP_VIOL = {"ROUTINE": 0.35, "SPECIAL": 0.6, "FLIGHT": 0.8, "CROSS": 0.5}
 _VIOL_MEDIAN_YUAN = {1: 8_000.0, 2: 40_000.0, 3: 150_000.0, 9: 5_000.0}
+#: Credit-score points of a penalty, and of fines (one per 10,000 yuan, at most 100): the
+#: ``bi_institution_credit`` view's (sinks/ddl/0004, 0007_credit_score_region.sql). The base traffic's penalties
+#: take an institution at most PENALTY_ROOM points below 1000, so without rule hits no score falls
+#: to grade D (below 600, YB-SUP-CREDIT-LOW): clean traffic breaks no rule.
+PENALTY_POINTS = {"WARNING": 20, "FINE": 50, "SUSPEND_AGREEMENT": 200, "TERMINATE_AGREEMENT": 500}
+FINE_FEN_PER_POINT = 1_000_000
+MAX_FINE_POINTS = 100
+PENALTY_ROOM = 400
 # inpatient deductible (fen) and pooled-fund rate (‰) by [employee?][level]
 _DEDUCT = {True: {1: 10_000, 2: 30_000, 3: 60_000}, False: {1: 10_000, 2: 30_000, 3: 60_000}}
 _INP_RATE = {True: {1: 960, 2: 930, 3: 910}, False: {1: 920, 2: 850, 3: 800}}
@@ -634,6 +643,7 @@ class TrafficGenerator:
                    "rcvr": 0, "inc": 0, "dcla": 0, "cntr": 0}
         self._trace_next = list(self._trace_start)
         self._contracts: dict[tuple[int, int], str] = {}
+        self._penalised: dict[int, tuple[int, int]] = {}  # institution → penalty points, fines (fen)
         self._spent = [[0, 0] for _ in self.pools]  # fund spending by pool, [employee, resident]
         self._income_marks = [[0, 0, 0, 0] for _ in self.pools]  # spending already matched by income
         self.hook_context = HookContext(self)
@@ -1585,7 +1595,9 @@ class TrafficGenerator:
         inst = self.institutions[inst_idx]
         it = CATALOGUE[it_idx]
         start_day = (self._start + CHINA_OFFSET_MS) // DAY_MS
-        demand = self._stock[inst_idx][it_idx].d0 * 365
+        # the reported demand (报量) is the expected one, not the estimate a stock-out raised in the
+        # hours before signing (up to 64×: an agreed volume the institution then lags by far)
+        demand = self._stock[inst_idx][it_idx].demand * 365
         pack = it.pack * _CNT
         volume = max(pack, demand * it.vbp_ratio_pm // 1000 // pack * pack)
         self._n["cntr"] += 1
@@ -1852,18 +1864,28 @@ class TrafficGenerator:
         fine = 0
         if kind == "FINE" or (kind != "WARNING" and rand() < 0.5):
             fine = viol_amt * (1000 + int(rand() * 4000)) // 1000
-        self._n["pnsh"] += 1
-        pnsh_id = f"PN{inst.admdvs}{self._n['pnsh']:06d}"
-        self._emit(PENALTY, inst.code, {
-            "event_id": self._eid(),
-            "pnsh_id": pnsh_id,
-            "fixmedins_code": inst.code,
-            "admdvs": inst.admdvs,
-            "pnsh_type": kind,
-            "fine_amt": fine,
-            "insp_id": insp_id,
-            "pnsh_time": t,
-        })
+        # milder when it would take the institution's credit score to grade D (PENALTY_ROOM): a
+        # termination a suspension, else a warning without a fine; none when not even that fits
+        points, fines = self._penalised.get(inst_idx, (0, 0))
+        options = [(kind, fine), *([("SUSPEND_AGREEMENT", fine)] if kind == "TERMINATE_AGREEMENT" else []),
+                   ("WARNING", 0)]
+        kind, fine = next(((k, f) for k, f in options if points + PENALTY_POINTS[k]
+                           + min(MAX_FINE_POINTS, (fines + f) // FINE_FEN_PER_POINT) <= PENALTY_ROOM), ("", 0))
+        pnsh_id: str | None = None
+        if kind:
+            self._penalised[inst_idx] = (points + PENALTY_POINTS[kind], fines + fine)
+            self._n["pnsh"] += 1
+            pnsh_id = f"PN{inst.admdvs}{self._n['pnsh']:06d}"
+            self._emit(PENALTY, inst.code, {
+                "event_id": self._eid(),
+                "pnsh_id": pnsh_id,
+                "fixmedins_code": inst.code,
+                "admdvs": inst.admdvs,
+                "pnsh_type": kind,
+                "fine_amt": fine,
+                "insp_id": insp_id,
+                "pnsh_time": t,
+            })
         when = self._business(t + (5 + int(rand() * 15)) * DAY_MS)
         if rand() < 0.3 and viol_amt >= 200:
             half = viol_amt // 2

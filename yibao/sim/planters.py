@@ -40,6 +40,15 @@ Guarantees, each one what precision and recall per rule rest on:
   part of it: its ``event_ids`` leave the pair out (it is in :attr:`Planting.dispensed_ids`), so a
   run that loses one of the two (the demo breaks 1% of all events on purpose) does not drop from
   the truth a violation the settlement rules still see in full.
+* **Funded.** A planted settlement that costs the pooled fund more than its original did (an extra
+  settlement: all it costs) comes with a contribution booking (FundIncome, the insutype's main
+  income type, its own ``income_id`` ``FI<pool>PL<serial>``) of that extra × the generator's
+  ``income_spending_ratio``, at the settlement's time: the generator books contributions for the
+  spending it knows of only, and the planted spending alone took small pools' months into deficit
+  (YB-FUND-NEGATIVE: a 510-yuan planted stay against 771 yuan of the month's own spending). In a
+  pool × insutype × month planted for YB-FUND-NEGATIVE the booking is cut like the month's own
+  contributions. Like the dispensing pair it supports the anomaly without being part of it: its
+  event ids are in :attr:`Planting.funded_ids`, not in any ``event_ids``.
 
 DRG upcoding is planted per hospital: in the last month the span covers (at least 4/5 of it, with
 at least two covered months before it, as the detector needs two baseline months), every stay of a
@@ -63,6 +72,8 @@ import bisect
 import datetime as dt
 import json
 import math
+import random
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -73,6 +84,7 @@ from streams.settlement import age_at
 
 from ..jsonl import read_objects
 from .generator import (
+    INCOME,
     INVENTORY,
     MAX_TRACES,
     REVERSAL,
@@ -84,7 +96,7 @@ from .generator import (
     TrafficGenerator,
     trace_code,
 )
-from .planters_fund import FUND_PLANTERS
+from .planters_fund import FUND_PLANTERS, NegativePlanter
 from .planters_procurement import PROCUREMENT_PLANTERS
 from .planting import (
     CLR_TYPE,
@@ -623,6 +635,8 @@ class Planting:
         #: event ids of the PURCHASE_IN and SALE_OUT that planted settlements dispense with (see
         #: "Dispensed" above): planting added them, but no anomaly's detection rests on them
         self.dispensed_ids: set[str] = set()
+        #: event ids of the contributions booked with planted settlements (see "Funded" above)
+        self.funded_ids: set[str] = set()
         self._reset_state()
 
     # --- hooks ------------------------------------------------------------------------------
@@ -641,6 +655,7 @@ class Planting:
         self.anomalies: list[Anomaly] = []
         self.planted_ids.clear()
         self.dispensed_ids.clear()
+        self.funded_ids.clear()
         self._by_setl: dict[str, list[Anomaly]] = {}
         self._modified: dict[str, dict[str, int]] = {}  # setl_id → amounts of a modified settlement
         self._reserved: dict[str, int] = {}
@@ -657,6 +672,9 @@ class Planting:
         self._end = 0
         self._mov_serial = DISPENSE_MOV_SERIAL
         self._trace_serial = DISPENSE_TRACE_SERIAL
+        self._pools: dict[str, str] = {}  # insured region → its pooling region
+        self._income_serial = 0
+        self._fund_rng = random.Random(0)  # event ids of the funded contributions (not ``ctx.rng``)
 
     def _sync(self, ctx: HookContext) -> None:
         if ctx is self._ctx:
@@ -666,6 +684,8 @@ class Planting:
         gen = ctx.generator
         self._end = gen.config.end_ms
         self._insts = {x.code: x for x in gen.institutions}
+        self._pools = {r.code: r.pool for r in gen.regions}
+        self._fund_rng = random.Random(f"{gen.config.seed}/anomalies/funded")
         for x in gen.institutions:
             self._by_province.setdefault(x.admdvs[:2], []).append(x)
         if self.upcode is not None:
@@ -726,12 +746,14 @@ class Planting:
         extras = [SimEvent(SETTLEMENT, x["psn_no"], x) for x in plan.later]
         involved = [now, *extras]
         sales = [mv for x in dispense for mv in self._dispense(ctx, *x)]
+        funds = self._funding([(plan.now, d)] if plan.modified else [], plan.later, ctx)
         a = Anomaly(len(self.anomalies) + 1, pl.rule_id, [e.datum["setl_id"] for e in involved],
                     [str(e.datum["event_id"]) for e in involved], d["fixmedins_code"], plan.note)
         self.dispensed_ids.update(str(mv.datum["event_id"]) for mv in sales)
+        self.funded_ids.update(str(x.datum["event_id"]) for x in funds)
         self._record(a, involved, ctx)
-        for x in (*extras, *sales):
-            ctx.schedule(int(x.datum["setl_time" if x.record == SETTLEMENT else "mov_time"]), x)
+        for x in (*extras, *sales, *funds):
+            ctx.schedule(int(x.datum[{SETTLEMENT: "setl_time", INCOME: "book_time"}.get(x.record, "mov_time")]), x)
         self._reserved[d["psn_no"]] = max(int(x["setl_time"]) for x in (d, *plan.later)) + RESERVE_MS
         return now
 
@@ -780,6 +802,37 @@ class Planting:
                 "setl_id": x["setl_id"] if kind == "SALE_OUT" else None, "mov_time": int(x["setl_time"]),
             }))
         return out
+
+    def _funding(self, modified: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]],
+                 new: Sequence[Mapping[str, Any]], ctx: HookContext) -> list[SimEvent]:
+        """The contributions booked with planted settlements (see "Funded" above): for each one that
+        costs the fund more than its original (``modified``: (planted, original) pairs; ``new``:
+        extra settlements), that extra × ``income_spending_ratio``, in its pool and month."""
+        ratio = float(ctx.generator.config.income_spending_ratio)
+        out = []
+        for x, base in [*modified, *((x, None) for x in new)]:
+            extra = int(x["fund_pay_sumamt"]) - (int(base["fund_pay_sumamt"]) if base is not None else 0)
+            if extra <= 0:
+                continue
+            region, ins, t = str(x["insu_admdvs"]), str(x["insutype"]), int(x["setl_time"])
+            pool = self._pools.get(region, region[:4] + "99")
+            amt = math.ceil(extra * ratio * self._contribution_kept(pool, ins, month_of(t), ctx))
+            self._income_serial += 1
+            out.append(SimEvent(INCOME, pool, {
+                "event_id": str(uuid.UUID(int=self._fund_rng.getrandbits(128), version=4)),
+                "income_id": f"FI{pool}PL{self._income_serial:08d}", "insu_admdvs": pool, "insutype": ins,
+                "income_type": MAIN_CONTRIBUTION.get(ins, "OTHER"), "income_amt": amt, "book_time": t,
+            }))
+        return out
+
+    def _contribution_kept(self, pool: str, insutype: str, month: int, ctx: HookContext) -> float:
+        """The share of its contributions a pool × insutype × month books (YB-FUND-NEGATIVE's cut)."""
+        for p in self.planters:
+            if isinstance(p, NegativePlanter):
+                if p._ctx is not ctx:
+                    p.new_run(ctx)
+                return p.kept(pool, insutype, month)
+        return 1.0
 
     def _record(self, a: Anomaly, events: Sequence[SimEvent], ctx: HookContext) -> None:
         self.anomalies.append(a)
@@ -992,6 +1045,11 @@ class Planting:
             for row in rows:
                 fh.write(json.dumps(row, ensure_ascii=False, separators=(",", ":")) + "\n")
         return len(rows)
+
+
+#: The contribution a planted settlement's fund spending is matched with, per insutype (the
+#: generator's main income type of each, ``_INCOME_MIX``)
+MAIN_CONTRIBUTION = {"310": "EMPLOYER", "390": "FISCAL_SUBSIDY"}
 
 
 def _months_before(m: int, n: int) -> list[int]:

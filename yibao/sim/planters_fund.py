@@ -29,13 +29,22 @@ month of the latest settlement, which is in the span's last day).
   violation (50,000 yuan median), and 3-10 days later the institution's agreement is terminated
   (a TERMINATE_AGREEMENT penalty, 500 points, fined twice the amount): its credit score falls
   below 600 (grade D). At most once per institution; the truth names the alert id
-  ``uuid5(rule | institution | credit)``. Scores of the others stay above it in the evaluation's
-  traffic (base penalties take at most ~60 points over 94 days, rule hits at most 300).
+  ``uuid5(rule | institution | credit)``.
+  The other rules' planted anomalies are rule hits, up to the score's 300-point cap at a busy
+  hospital, so a base penalty of more than 100 points (a suspension, 200; a fine, 50 plus a point
+  per 10,000 yuan) would decide the grade on its own: at seeds 7 and 11 a fine of 568,106 yuan
+  (H11010500006, 594) and a suspension (H31011500004, 596) made grade D with no case planted. So
+  a base penalty that takes its institution's penalty and fine points above 1000 − 300 −
+  ``max_score`` − 1 (100) is made a termination and recorded as a case of this rule, whatever the
+  rate (if positive). Every other institution keeps at most 100 points of penalties and fines and
+  300 of rule hits: a score of 600 or more, however many hits the planting raised and whichever of
+  them the rules find.
 
 Rates: for the fund rules the share of pool × insutype subjects (capacity) or of subject × month
 cells (negative) planted, at least one when the rate is positive; for settled-over-sold the
 probability per institution × drug × closed month, drawn at its first sale; for the credit rule
-the probability per clean inspection (of an institution not planted yet).
+the probability per clean inspection (of an institution not planted yet), plus the base penalties
+made terminations.
 """
 
 from __future__ import annotations
@@ -48,7 +57,18 @@ from typing import Any
 from schemas.calendar import DAY_MS, china_day, month_of
 from streams.rules.alerts import alert_id
 
-from .generator import INCOME, INSPECTION, INVENTORY, PENALTY, HookContext, SimEvent
+from .generator import (
+    FINE_FEN_PER_POINT,
+    INCOME,
+    INSPECTION,
+    INVENTORY,
+    MAX_FINE_POINTS,
+    PENALTY,
+    PENALTY_POINTS,
+    EventHook,
+    HookContext,
+    SimEvent,
+)
 from .planting import Anomaly, EventPlanter, Planter
 
 CNT = 10_000
@@ -57,6 +77,8 @@ OPENING_KEEP = 0.004  # share of the carried-over balance a capacity-planted sub
 NEGATIVE_KEEP = 0.4  # share of a month's contributions a negative-planted cell books
 MIN_DROPPED_UNITS = 2 * CNT  # settled-over-sold: dropped quantity (scale 4) before it counts
 PLANTED_PNSH_SERIAL = 900_000  # pnsh_id serials of planted penalties (base ones count up from 1)
+FULL_CREDIT = 1000  # an institution's score without penalties or rule hits
+MAX_HIT_POINTS = 300  # rule hits count at most this much (bi_institution_credit, docs/design.md)
 
 
 def closed_months(start_ms: int, end_ms: int) -> list[int]:
@@ -160,6 +182,10 @@ class NegativePlanter(_HookPlanter):
         self.cells: dict[tuple[str, str, int], Anomaly | None] = dict.fromkeys(
             ((s[0], s[1], m) for s, m in rng.sample(cells, n)), None)
 
+    def kept(self, pool: str, insutype: str, month: int) -> float:
+        """The share of its contributions this pool × insutype × month books."""
+        return NEGATIVE_KEEP if (pool, insutype, month) in self.cells else 1.0
+
     def on_event(self, event: SimEvent, ctx: HookContext) -> Sequence[SimEvent]:
         d = event.datum
         key = (str(d["insu_admdvs"]), str(d["insutype"]), month_of(int(d["book_time"])))
@@ -219,11 +245,22 @@ class CreditLowPlanter(_HookPlanter):
     rule_id = "YB-SUP-CREDIT-LOW"
     record = INSPECTION
 
+    def record_hooks(self) -> dict[str, EventHook]:
+        return {INSPECTION: self.hook, PENALTY: self.hook}
+
     def reset(self, ctx: HookContext) -> None:
         self.done: set[str] = set()
         self._serial = PLANTED_PNSH_SERIAL
+        self._penalised: dict[str, tuple[int, int]] = {}  # base penalties: points, fines (fen)
+
+    def room(self) -> int:
+        """Penalty and fine points an institution may have without rule hits (at most
+        :data:`MAX_HIT_POINTS`) ever taking its score to ``max_score``."""
+        return FULL_CREDIT - MAX_HIT_POINTS - int(self.rule.param("max_score")) - 1
 
     def on_event(self, event: SimEvent, ctx: HookContext) -> Sequence[SimEvent]:
+        if event.record == PENALTY:
+            return self._on_penalty(event, ctx)
         d = event.datum
         h = str(d["fixmedins_code"])
         if d["viol_flag"] or h in self.done or ctx.rng.random() >= self._rate():
@@ -246,6 +283,24 @@ class CreditLowPlanter(_HookPlanter):
                       f"inspection {d['insp_id']} found {amt / 100:.2f} yuan; agreement terminated")
         ctx.schedule(when, pen)
         return [insp]
+
+    def _on_penalty(self, event: SimEvent, ctx: HookContext) -> Sequence[SimEvent]:
+        """A base penalty (planted ones are scheduled, past the hooks) that takes its institution's
+        penalty and fine points above :meth:`room` is made a termination: a planted case."""
+        d = event.datum
+        h = str(d["fixmedins_code"])
+        points, fines = self._penalised.get(h, (0, 0))
+        points, fines = points + PENALTY_POINTS.get(str(d["pnsh_type"]), 0), fines + int(d["fine_amt"])
+        self._penalised[h] = (points, fines)
+        total = points + min(MAX_FINE_POINTS, fines // FINE_FEN_PER_POINT)
+        if h in self.done or total <= self.room() or self._rate() <= 0:
+            return [event]
+        pen = SimEvent(event.record, event.key, {**d, "pnsh_type": "TERMINATE_AGREEMENT"})
+        self.done.add(h)
+        self._anomaly(ctx, [pen], h, [alert_id(self.rule_id, h, "credit")],
+                      f"{d['pnsh_type']} {d['pnsh_id']} (penalty and fine points {total} with the earlier ones) "
+                      f"made a termination")
+        return [pen]
 
 
 FUND_PLANTERS: dict[str, type[Planter]] = {
