@@ -166,7 +166,7 @@ def test_simulate_resend_rate_repeats_events_byte_for_byte(tmp_path: Path) -> No
 def test_simulate_shuffle_within_keeps_the_bound_and_the_lines(tmp_path: Path) -> None:
     plain, _ = simulate(tmp_path, "plain.jsonl")
     shuffled, res = simulate(tmp_path, "shuffled.jsonl", "--shuffle-within", "3600")
-    assert resends_reported(res) == 0 and "shuffled within 3600 s" in res.stdout
+    assert resends_reported(res) == 0 and "shuffled within 3,600 s of event time" in res.stdout
     got = shuffled.read_text(encoding="utf-8").splitlines()
     want = plain.read_text(encoding="utf-8").splitlines()
     assert Counter(got) == Counter(want) and got != want

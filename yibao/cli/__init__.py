@@ -185,7 +185,8 @@ def simulate(
             stats = _produce_with_progress(s, events_out, codec, "producing")
             _print_counts("produced", stats.by_record)
         if resends is not None:
-            shuffled = f", shuffled within {shuffle_within:g} s of event time" if shuffle_within else ""
+            in_days = f" ({shuffle_within / 86_400:.1f} days)" if shuffle_within >= 86_400 else ""
+            shuffled = f", shuffled within {shuffle_within:,.0f} s{in_days} of event time" if shuffle_within else ""
             console.print(f"delivery: {resends} re-sends added{shuffled}")
         if planting is not None and truth is not None:
             n = planting.write_truth(truth)
