@@ -35,8 +35,9 @@ promise. Identity is per partition: a producer that re-sends with another key (s
 partition) is not recognised; the platform's producers key by ``psn_no`` / ``fixmedins_code``.
 
 A message without a readable ``event_id`` (it cannot be decoded, or its id is not a short string)
-is identified by its key and bytes, empty ones included: the same broken message sent twice is one
-input and one dead letter. A tombstone (no value at all) has nothing to be known by.
+is identified by its key and bytes: the same broken message sent twice is one input and one dead
+letter. A message no longer than the 5-byte frame header, or without a value, has nothing to be
+known by (different broken events cut to the same few bytes look alike): each is dead-lettered.
 
 **Digests.** 64-bit BLAKE2b of the ``event_id`` and of the message value (so a re-send under
 another schema version is a ``CONFLICT``: rare, and dead-lettered, never lost). Two different ids sharing a digest
@@ -63,6 +64,10 @@ from .rules.state import Store
 __all__ = ["CONFLICT_REASON", "Identities", "Probe", "Verdict", "digest"]
 
 CONFLICT_REASON = "DUPLICATE_EVENT_ID_CONFLICT"
+#: a message no longer than the Confluent header (magic byte, schema id) carries nothing to tell one
+#: from another: many broken events of one key cut to the same few bytes look alike, and each is a
+#: dead letter of its own
+MIN_FRAME = 5
 #: longest ``event_id`` that is remembered; validation rejects longer ones (streams/data/fields.toml)
 MAX_ID_CHARS = 64
 #: id digest, value digest, offset, 1 when the event was dead-lettered (not landed)
@@ -169,8 +174,10 @@ class Identities:
                 continue
             if isinstance(event_id, str) and 0 < len(event_id) <= MAX_ID_CHARS:
                 ident = digest(event_id.encode())
-            else:  # no readable id: the message (key and value, even empty) is its own identity
+            elif len(body) > MIN_FRAME:  # no readable id: the message (key and value) is its identity
                 ident = digest(_BY_BYTES + (key or b"") + b"\x00" + body)
+            else:
+                continue
             by_part.setdefault(p, []).append((i, Probe(p, off, ident, digest(body), replay=replay)))
         for p, items in by_part.items():
             part = self._parts.setdefault(p, _Partition())

@@ -72,10 +72,11 @@ def test_verdicts_new_redelivered_duplicate_conflict() -> None:
 def test_events_without_a_usable_id_are_identified_by_their_bytes() -> None:
     ids = identities()
     for i, bad in enumerate((None, "", "x" * 65, 17)):
-        body = b"broken %d" % i
+        body = b"broken frame %d" % i
         assert ids.check([(0, 10 * i, bad, body), (0, 10 * i + 1, bad, body), (0, 10 * i + 2, bad, body + b"!")]) \
             == [Verdict.NEW, Verdict.DUPLICATE, Verdict.NEW]
     assert ids.probe([(0, 99, None, None, False, b"k")]) == [None]  # a tombstone: nothing to know it by
+    assert ids.probe([(0, 98, None, b"\x00\x00\x00", False, b"k")]) == [None]  # shorter than a frame header
 
 
 def test_identities_survive_a_restore_from_the_changelog() -> None:
@@ -199,8 +200,10 @@ def test_the_same_unreadable_message_twice_is_one_dead_letter() -> None:
     proc = processor(codec, "procurement")
     garbled = b"\x00\x00\x00\x00\x07not avro at all"
     out = proc.process([Message(0, 0, b"k", garbled), Message(0, 1, b"k", garbled), Message(0, 2, b"k", garbled[:-1]),
-                        Message(0, 3, b"other key", garbled), Message(0, 4, b"k", b""), Message(0, 5, b"k", b"")])
-    assert sum(out.reasons.values()) == 4 and out.duplicates == Counter({"unreadable": 2})
+                        Message(0, 3, b"other key", garbled), Message(0, 4, b"k", b"\x00\x00"),
+                        Message(0, 5, b"k", b"\x00\x00")])
+    # two frames cut to the same two bytes: nothing tells a re-send from another broken event
+    assert sum(out.reasons.values()) == 5 and out.duplicates == Counter({"unreadable": 1})
     replayed = proc.process([Message(0, 3, b"k", garbled, replay=True)])
     assert sum(replayed.reasons.values()) == 1 and not replayed.duplicates
 
