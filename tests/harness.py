@@ -24,7 +24,8 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -45,6 +46,19 @@ SETTLEMENT = "cn.nhsa.yibao.settlement.Settlement"
 REVERSAL = "cn.nhsa.yibao.settlement.SettlementReversal"
 
 PSEUDO_KEY = "ab" * 32
+
+
+@contextmanager
+def default_settings(cwd: Path) -> Iterator[Settings]:
+    """The settings a user gets with no YIBAO_* variable set, from ``cwd`` (no .env of the repo)."""
+    import pytest
+
+    with pytest.MonkeyPatch.context() as mp:
+        for k in list(os.environ):
+            if k.startswith("YIBAO_"):
+                mp.delenv(k)
+        mp.chdir(cwd)
+        yield load_settings()
 
 
 def settings_for(bootstrap: str, backend: str, data_dir: Path, *, ch: Any = None, **extra: Any) -> Settings:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
-import os
 import random
 import uuid
 from collections import Counter
@@ -35,7 +34,7 @@ from streams.processors import BatchProcessor
 from streams.records import PRIMARY_TABLE as PRIMARY
 from streams.topology import MODULES
 from streams.validation import Limits
-from yibao.settings import Settings, load_settings
+from yibao.settings import Settings
 from yibao.sim.corrupt import FRAME_CORRUPTIONS, SETTLEMENT_CORRUPTIONS
 from yibao.sim.generator import (
     EVENT_TIME_FIELD,
@@ -48,6 +47,8 @@ from yibao.sim.generator import (
     SimEvent,
     TrafficGenerator,
 )
+
+from ..harness import default_settings
 
 CN = ZoneInfo("Asia/Shanghai")
 DAY_MS = 86_400_000
@@ -71,12 +72,8 @@ def short(record: str) -> str:
 
 @pytest.fixture(scope="module")
 def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
-    with pytest.MonkeyPatch.context() as mp:
-        for k in list(os.environ):
-            if k.startswith("YIBAO_"):
-                mp.delenv(k)
-        mp.chdir(tmp_path_factory.mktemp("cwd"))
-        yield load_settings()
+    with default_settings(tmp_path_factory.mktemp("cwd")) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")

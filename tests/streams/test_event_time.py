@@ -12,7 +12,6 @@ engines, with two worker processes.
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -22,21 +21,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from schemas.calendar import DAY_MS
-from yibao.settings import Settings, load_settings
+from yibao.settings import Settings
 from yibao.sim.delivery import deliver
 from yibao.sim.evaluate import latest_alerts, run_events
 from yibao.sim.generator import SimConfig, SimEvent
 from yibao.sim.planters import Planting
 
+from ..harness import default_settings
+
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
-    with pytest.MonkeyPatch.context() as mp:
-        for k in list(os.environ):
-            if k.startswith("YIBAO_"):
-                mp.delenv(k)
-        mp.chdir(tmp_path_factory.mktemp("cwd"))
-        yield load_settings()
+    with default_settings(tmp_path_factory.mktemp("cwd")) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")

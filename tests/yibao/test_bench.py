@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import pytest
 
 from yibao.bench import _settlements, event_time_costs
-from yibao.settings import Settings, load_settings
+from yibao.settings import Settings
+
+from ..harness import default_settings
 
 
 @pytest.fixture()
 def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
-    with pytest.MonkeyPatch.context() as mp:
-        for k in list(os.environ):
-            if k.startswith("YIBAO_"):
-                mp.delenv(k)
-        mp.chdir(tmp_path_factory.mktemp("cwd"))
-        yield load_settings()
+    with default_settings(tmp_path_factory.mktemp("cwd")) as s:
+        yield s
 
 
 def test_event_time_costs_measures_identity_and_rules_in_order_and_as_delivered(settings: Settings) -> None:
