@@ -72,6 +72,8 @@ DDL_DIR = Path(__file__).resolve().parent / "ddl"
 MIGRATIONS_TABLE = "schema_migrations"
 STAGING_TABLE = "schema_staging"
 MV_SUFFIX = "_mv"
+#: How the one line :func:`migrate` returns when it had nothing to do starts.
+NOTHING_TO_DO = "nothing to do: "
 # Part of every staging fingerprint: bump it when the SQL generated below changes, so that
 # every deployment rebuilds its staging tables on the next migrate().
 STAGING_GENERATOR = "2"
@@ -167,8 +169,10 @@ def migrate(
 
     Creates the database and the bookkeeping tables, applies pending migration files in order,
     then rebuilds the staging pair of every raw table whose columns changed. Safe to repeat: a
-    run with nothing to do changes nothing and returns a single line saying so. ``progress`` is
-    called with each line as it happens (for a CLI spinner or a log). ``ddl_dir`` is for tests.
+    run with nothing to do changes nothing and returns a single line saying so (starting with
+    :data:`NOTHING_TO_DO`). ``progress`` is called with each action as it happens (for a CLI or a
+    log), never with that line: a caller that saw no call knows the database was up to date.
+    ``ddl_dir`` is for tests.
     """
     if cluster is None:
         cluster = backend.cluster
@@ -215,7 +219,7 @@ class _Run:
         if not self.actions:
             latest = migrations[-1].file if migrations else "none"
             return [
-                f"nothing to do: {self.db} is at {latest} ({len(applied)} migrations applied) and the "
+                f"{NOTHING_TO_DO}{self.db} is at {latest} ({len(applied)} migrations applied) and the "
                 f"staging tables of {rebuilt} raw tables are current"
             ]
         return self.actions

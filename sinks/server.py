@@ -224,8 +224,10 @@ class ServerBackend(Backend):
                 raise SinkError(message, exc.code) from exc
             except _CONNECTION_ERRORS as exc:
                 client.disconnect()
+                # a timeout's own text is only its code and the address ("Code: 209. (host:port)")
+                late = " (no answer in time)" if isinstance(exc, ch_errors.SocketTimeoutError | TimeoutError) else ""
                 raise SinkUnavailable(
-                    f"ClickHouse at {self.address} is unreachable: {type(exc).__name__}: {exc}",
+                    f"ClickHouse at {self.address} is unreachable: {type(exc).__name__}: {exc}{late}",
                     getattr(exc, "code", None),
                 ) from exc
             except ch_errors.Error as exc:

@@ -60,11 +60,14 @@ class IngestService(mode.Service):
     async def on_start(self) -> None:
         c = self.config
         kafka = c.kafka
-        await ensure_topics(kafka)
         codec = Codec()
+        # what can fail on local settings (the key here, the rule base in build_pipeline) before any topic is made
         key = load_key(c.privacy.key, c.privacy.key_file, c.data_dir, create=True)
         pseudo = Pseudonymizer(key, c.privacy.key_id)
         sealer = Sealer(key, c.privacy.key_id)
+        pipeline = build_pipeline(validation=c.validation, rules=c.rules, topic=kafka.topic, codec=codec,
+                                  pseudonymizer=pseudo, sealer=sealer, streams=self.streams)
+        await ensure_topics(kafka)
         self._dl_producer = AIOKafkaProducer(**kafka.client_kwargs(), linger_ms=20, acks="all")
         await self._dl_producer.start()
         shared: Backend | None = self._given_backend
@@ -107,20 +110,32 @@ class IngestService(mode.Service):
                 restore_kwargs=kafka.client_kwargs(),
             )
 
-        pipeline = build_pipeline(validation=c.validation, rules=c.rules, topic=kafka.topic, codec=codec,
-                                  pseudonymizer=pseudo, sealer=sealer, streams=self.streams)
         self.rulebook = pipeline.rulebook
         for stage in pipeline.stages.values():
             self.ingestors[stage.name] = ingestor(stage.name, stage.processor)
         if self.rulebook is not None and pipeline.routes:
             self._ingest_tasks.append(asyncio.create_task(
                 follow_rules_topic(self.rulebook, kafka.topic(RULES_TOPIC), kafka.client_kwargs(), self._stop_ingest)))
+        await self._probe_sink()
         tune_gc()
         for ing in self.ingestors.values():
             self._ingest_tasks.append(asyncio.create_task(self._run(ing)))
         if self.rulebook is not None and c.rules.monitor_interval_s > 0:
             self._ingest_tasks.append(asyncio.create_task(self._monitor_loop(backend_for())))
         log.info("worker started", streams=list(self.streams), backend=c.clickhouse.backend)
+
+    async def _probe_sink(self) -> None:
+        """Set ``yibao_sink_up`` from a probe of ClickHouse now, so that it says from the start whether
+        this worker can reach ClickHouse; each write (or failed write) updates it from then on
+        (streams/ingest.py). Without it an idle or spare worker showed 0 until its first write."""
+        backend = next(iter(self._ingest_backends), None) or self._given_backend
+        if backend is None:
+            return
+        up = await asyncio.get_running_loop().run_in_executor(None, backend.reachable)
+        metrics.SINK_UP.set(1 if up else 0)
+        if not up:
+            log.warning("ClickHouse does not answer at start-up; writes will back off until it does",
+                        address=getattr(backend, "address", backend.name))
 
     async def _run(self, ing: Ingestor) -> None:
         try:

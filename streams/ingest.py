@@ -310,7 +310,6 @@ class Ingestor(ConsumerRebalanceListener):  # type: ignore[misc]
         """Make one table's rows durable, riding out ClickHouse outages (the checkpoint's step 2)."""
         await self._with_retry(self._insert_once(table, cols))
         metrics.ROWS_WRITTEN.labels(table).inc(len(next(iter(cols.values()))))
-        metrics.SINK_UP.set(1)
 
     def _insert_once(self, table: str, cols: Columns) -> Callable[[], None]:
         """The blocking insert of one table's rows, safe to repeat after ``SinkUnavailable``.
@@ -333,14 +332,19 @@ class Ingestor(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def _with_retry(self, call: Callable[[], T]) -> T:
         """Run a blocking sink call in the sink thread; while ClickHouse is unreachable, back off,
-        pause fetching and keep polling so the group keeps this member."""
+        pause fetching and keep polling so the group keeps this member.
+
+        ``yibao_sink_up`` follows every call: 1 when ClickHouse answered (an answer that refuses the
+        rows is an answer), 0 while backing off."""
         loop = asyncio.get_running_loop()
         delay = 0.5
         paused = False
         try:
             while True:
                 try:
-                    return await loop.run_in_executor(self.executor, call)
+                    result = await loop.run_in_executor(self.executor, call)
+                    metrics.SINK_UP.set(1)
+                    return result
                 except SinkUnavailable as exc:
                     metrics.SINK_UP.set(0)
                     metrics.SINK_RETRIES.labels(self.topic, "unavailable").inc()
@@ -351,7 +355,9 @@ class Ingestor(ConsumerRebalanceListener):  # type: ignore[misc]
                         paused = True
                     await self._back_off(delay, probe=not exc.overloaded)
                     delay = min(delay * 2, self.retry_max_seconds)
-                except SinkError:
+                except SinkError as exc:
+                    if exc.code is not None:  # the server answered with its error code
+                        metrics.SINK_UP.set(1)
                     metrics.SINK_RETRIES.labels(self.topic, "rejected").inc()
                     raise
         finally:

@@ -42,7 +42,15 @@ SINK_SECONDS = Histogram(
 SINK_RETRIES = Counter(
     "yibao_sink_retries_total", "Sink attempts that failed and were retried", ["topic", "kind"], registry=REGISTRY
 )
-SINK_UP = Gauge("yibao_sink_up", "1 when the last ClickHouse write succeeded", registry=REGISTRY)
+#: Whether ClickHouse is reachable as far as this worker knows: set by a probe at start-up, then by
+#: every write and read of the ingest path (0 while it backs off). An idle worker keeps its last
+#: known state, so the alert on it pages for an outage, not for a worker that has nothing to write.
+SINK_UP = Gauge(
+    "yibao_sink_up",
+    "1 when ClickHouse is reachable as far as this worker knows (start-up probe, then the last write or read "
+    "answered); 0 while it backs off",
+    registry=REGISTRY,
+)
 BATCH_EVENTS = Histogram(
     "yibao_batch_events", "Events per flushed batch", ["topic"],
     buckets=(1, 10, 100, 500, 1000, 2500, 5000, 10000, 50000), registry=REGISTRY,

@@ -29,7 +29,10 @@ How it is enforced depends on the server, gated on ``SELECT version()``:
   view's target, so they hang off ``T_in`` and convert like ``T_in_mv`` does), and backfilled once
   when created. Readers are allowed only their mart; views matching the role's patterns are copied
   into it, reading the mart's tables. Apply it like a migration: workers stopped, after every
-  ``yibao migrate``.
+  ``yibao migrate``. 18.16 cannot give a user a default database either (measured: it ignores
+  users.xml ``<default_database>``, which came with 21.x), so a reader must name its mart when it
+  connects (``clickhouse-client -u bi -d yibao_bi``), or it lands in ``default`` and is refused:
+  :func:`accounts` says, per user, which database(s) it reads and how to connect.
 
 Passwords never appear in the roles file or the output in clear: ``password_sha256_hex``, or
 ``password_file`` (hashed when rendering).
@@ -49,6 +52,8 @@ from sinks.base import Backend, check_identifier, literal
 from sinks.tables import TABLES
 
 MODERN_ACCESS_VERSION = (20, 5)
+#: ``CREATE USER … DEFAULT DATABASE`` (ClickHouse PR 25687, in 21.7; the LTS after it is 21.8)
+DEFAULT_DATABASE_VERSION = (21, 8)
 REGION_COLUMNS = ("insu_admdvs", "admdvs")
 DEFAULT_HIDDEN = {"dead_letters": ("payload", "source_key", "payload_digest")}
 DEFAULT_EXCLUDE = ("schema_migrations", "*_in", "*_in_mv", "*_in_mv_*", "*staging*", "*_all")
@@ -247,6 +252,10 @@ class Rendered:
     users_xml: str = ""
     sql: list[str] = field(default_factory=list)
     marts: dict[str, str] = field(default_factory=dict)  # user -> database it reads (18.16)
+    #: user -> the databases it may read, the one its queries should go to first
+    reads: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    #: the server makes ``reads[user][0]`` each user's default database (else clients must name it)
+    default_database: bool = False
 
     def users_document(self) -> str:
         """A complete file for the server's ``users.d/`` directory (18.16)."""
@@ -260,13 +269,14 @@ def mart_name(db: str, role: Role, region: str | None) -> str:
 
 def render(roles: Roles, catalog: Catalog, version: tuple[int, ...]) -> Rendered:
     if version >= MODERN_ACCESS_VERSION:
-        return _render_modern(roles, catalog)
+        return _render_modern(roles, catalog, default_database=version >= DEFAULT_DATABASE_VERSION)
     return _render_legacy(roles, catalog)
 
 
-def _render_modern(roles: Roles, catalog: Catalog) -> Rendered:
+def _render_modern(roles: Roles, catalog: Catalog, *, default_database: bool) -> Rendered:
     db = roles.database
-    out = Rendered(modern=True)
+    out = Rendered(modern=True, default_database=default_database)
+    out.reads = {u.name: (db,) for u in roles.users}  # grants and row policies on the one database
     sql = out.sql
     regional_users = [u.name for u in roles.users if u.region is not None]
     for role in roles.roles.values():
@@ -285,8 +295,9 @@ def _render_modern(roles: Roles, catalog: Catalog) -> Rendered:
                 sql.append(f"GRANT SELECT ON {db}.{v} TO {r}")
     for u in roles.users:
         hosts = ", ".join(f"IP {literal(n)}" for n in u.networks)
+        default = f" DEFAULT DATABASE {db}" if default_database else ""
         sql.append(f"CREATE USER IF NOT EXISTS {u.name} IDENTIFIED WITH sha256_hash BY {literal(u.password_sha256)} "
-                   f"HOST {hosts}")
+                   f"HOST {hosts}{default}")
         sql.append(f"GRANT yibao_{u.role.name} TO {u.name}")
         sql.append(f"SET DEFAULT ROLE yibao_{u.role.name} TO {u.name}")
     regional_tables = {t for u in roles.users if u.region is not None for t in visible(u.role, roles, catalog)}
@@ -351,12 +362,53 @@ def _render_legacy(roles: Roles, catalog: Catalog) -> Rendered:
     writer_dbs = [db, *marts]
     for u in roles.users:
         dbs = writer_dbs if u.role.kind == "writer" else [out.marts[u.name]]
+        out.reads[u.name] = tuple(dbs)
         networks = "".join(f"<ip>{escape(n)}</ip>" for n in u.networks)
         profile = "yibao_writer" if u.role.kind == "writer" else "yibao_reader"
         allow = "".join(f"<database>{d}</database>" for d in dbs)
-        out.users_xml += (f"<{u.name}><password_sha256_hex>{u.password_sha256}</password_sha256_hex>"
+        out.users_xml += (f"<!-- {u.name} reads {', '.join(dbs)}; 18.16 sets no default database: connect with "
+                          f"-d {dbs[0]} -->\n"
+                          f"<{u.name}><password_sha256_hex>{u.password_sha256}</password_sha256_hex>"
                           f"<networks>{networks}</networks><profile>{profile}</profile><quota>default</quota>"
                           f"<allow_databases>{allow}</allow_databases></{u.name}>\n")
+    return out
+
+
+@dataclass(frozen=True)
+class Account:
+    """A user as its administrator must hand it out: where its data is and how to reach it."""
+
+    user: str
+    kind: str  # writer | reader | regional reader
+    region: str | None
+    databases: tuple[str, ...]  # what it may read; its queries go to the first
+    default_database: bool  # the server makes databases[0] its default; else every client must name it
+
+    def describe(self) -> str:
+        """One line: who it is and what it reads."""
+        who = f"{self.kind}, region {self.region}" if self.region else self.kind
+        what = f"writes and reads {self.databases[0]}" if self.kind == "writer" else f"reads {self.databases[0]}"
+        also = f"; also reads {', '.join(self.databases[1:])}" if len(self.databases) > 1 else ""
+        return f"{self.user} ({who}) {what}{also}"
+
+    def client_command(self, host: str, port: int, *, secure: bool = False, password: str = "PASSWORD") -> str:
+        """The clickhouse-client line that reaches this user's data (``password``: what to type there)."""
+        tls = " --secure" if secure else ""
+        return (f"clickhouse-client --host {host} --port {port}{tls} -u {self.user} -d {self.databases[0]} "
+                f"--password {password}")
+
+
+def accounts(roles: Roles, rendered: Rendered) -> list[Account]:
+    """Each user of ``roles``: what it reads once ``rendered`` is installed, in roles-file order.
+
+    Why: on 18.16 a reader's data is in its own database (``<db>_bi``, ``<db>_r33``), not the
+    pipeline's, and nothing makes that its default: a client that does not name it is refused
+    ("Access denied to database yibao" or "… default"), so the administrator must be told.
+    """
+    out = []
+    for u in roles.users:
+        kind = "writer" if u.role.kind == "writer" else ("regional reader" if u.region is not None else "reader")
+        out.append(Account(u.name, kind, u.region, rendered.reads[u.name], rendered.default_database))
     return out
 
 

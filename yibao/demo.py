@@ -7,13 +7,20 @@ consumed (produced = landed + dead-lettered + duplicates recognised). Landed and
 are counted in ClickHouse; re-sends land nowhere, so they are counted by the worker metric
 ``yibao_duplicates_recognised_total`` (:data:`DUPLICATES_METRIC`), which the in-process workers
 increment once a batch is durable, as they do ``yibao_events_landed_total``. The data stays under
-``--data-dir``.
+``--data-dir``, with the planted anomalies' ground truth (:data:`TRUTH_FILE`) for `yibao evaluate`.
+
+The demo starts from an empty database, so it replaces the one it finds, but only one that a demo
+made (its comment starts with :data:`DEMO_MARK`): a user who pointed it at data they care about is
+refused (:class:`DemoRefused`) unless they say ``replace``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import json
 import random
+import shlex
 import time
 from collections import Counter
 from collections.abc import Collection, Iterator
@@ -21,9 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from schemas import Codec
+from sinks.base import literal
 from streams.records import PRIMARY_TABLE
 from streams.topics import STREAMS
 
@@ -32,6 +41,68 @@ from .settings import Settings
 
 #: The worker metric counting re-sent events recognised by identity (labels ``topic``, ``event_type``).
 DUPLICATES_METRIC = "yibao_duplicates_recognised_total"
+#: How a database made by the demo is marked (the start of its ClickHouse comment): the only kind
+#: of database the demo replaces without being told.
+DEMO_MARK = "made by yibao demo"
+#: The planted anomalies of the last demo (JSON lines, as `yibao simulate --truth` writes them), in
+#: its data dir: `yibao evaluate --truth` compares the alerts in the demo's database with them.
+TRUTH_FILE = "demo-truth.jsonl"
+
+
+class DemoRefused(Exception):
+    """The demo would have to drop a database it did not make; the message says which, the hint what to do."""
+
+    def __init__(self, message: str, hint: str) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+def claim_database(backend: Any, data_dir: Path, replace: bool) -> str | None:
+    """Give the demo an empty, marked database; say what it replaced (None: there was none).
+
+    Why: the demo drops what it finds so that its counts are its own, and the default data dir is
+    where a user's own data lives too. A database without the demo's mark is dropped only when
+    ``replace`` says so; otherwise :class:`DemoRefused`, before anything else has started.
+    """
+    db = backend.database
+    found = backend.query(f"SELECT comment FROM system.databases WHERE name = {literal(db)}").rows
+    replaced = None
+    if found:
+        comment = str(found[0][0])
+        if comment.startswith(DEMO_MARK):
+            replaced = f"replacing the previous demo's database {db} ({comment})"
+        elif replace:
+            replaced = f"replacing database {db}, which no demo made (--replace)"
+        else:
+            tables, rows = backend.query(
+                f"SELECT count(), sumIf(ifNull(total_rows, 0), NOT startsWith(name, 'schema_')) "
+                f"FROM system.tables WHERE database = {literal(db)}"
+            ).rows[0]
+            n = int(rows)
+            raise DemoRefused(
+                f"database {db} in {data_dir} was not made by `yibao demo` ({int(tables)} tables, "
+                f"{n:,} row{'' if n == 1 else 's'} of data): the demo would drop it",
+                "give the demo a directory of its own with --data-dir DIR, or pass --replace to drop that database",
+            )
+        backend.execute(f"DROP DATABASE {db} SYNC")
+    made = dt.datetime.now().astimezone().isoformat(timespec="seconds")
+    backend.execute(f"CREATE DATABASE {db} COMMENT {literal(f'{DEMO_MARK} at {made}')}")
+    return replaced
+
+
+def demo_truth(planting: Any, broken: set[str]) -> list[dict[str, Any]]:
+    """The planted anomalies a detector could have found: those none of whose events the demo broke
+    on purpose (a broken event is dead-lettered, never seen by the rules)."""
+    return [t for t in planting.truth() if not broken.intersection(t.get("event_ids", ()))]
+
+
+def write_truth(path: Path, truth: list[dict[str, Any]]) -> None:
+    """``truth`` as JSON lines, the format `yibao simulate --truth` writes and `yibao evaluate` reads."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for row in truth:
+            fh.write(json.dumps(row, ensure_ascii=False, separators=(",", ":")) + "\n")
+    tmp.replace(path)
 
 
 def duplicates_recognised(topics: Collection[str]) -> int:
@@ -79,13 +150,14 @@ def _events(settings: Settings, codec: Codec, events: int, input_file: Path | No
 
 
 def run_demo(settings: Settings, *, events: int, input_file: Path | None, seed: int, invalid_rate: float,
-             timeout_s: float, console: Console, fresh: bool = True, plant_rate: float = 0.0) -> dict[str, Any]:
-    return asyncio.run(_demo(settings, events, input_file, seed, invalid_rate, timeout_s, console, fresh,
+             timeout_s: float, console: Console, replace: bool = False, plant_rate: float = 0.0) -> dict[str, Any]:
+    """Run the demo; ``replace``: drop the database in the data dir even if no demo made it."""
+    return asyncio.run(_demo(settings, events, input_file, seed, invalid_rate, timeout_s, console, replace,
                              plant_rate))
 
 
 async def _demo(settings: Settings, events: int, input_file: Path | None, seed: int, invalid_rate: float,
-                timeout_s: float, console: Console, fresh: bool, plant_rate: float) -> dict[str, Any]:
+                timeout_s: float, console: Console, replace: bool, plant_rate: float) -> dict[str, Any]:
     from sinks import connect
     from sinks.migrate import migrate
     from streams.app import create_app
@@ -94,16 +166,21 @@ async def _demo(settings: Settings, events: int, input_file: Path | None, seed: 
 
     data_dir = settings.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
-    console.print(f"[bold]yibao demo[/bold]: data in {data_dir}")
-    broker = TansuBroker(workdir=data_dir / "broker")
-    broker.start()
-    console.print(f"  broker  Tansu at {broker.bootstrap} (memory storage)")
-    s = settings.model_copy(update={"kafka_bootstrap": broker.bootstrap, "web_port": 0})
+    s = settings.model_copy(update={"web_port": 0})
     backend = connect(s.clickhouse())
+    broker = None
     app = None
     try:
-        if fresh:
-            backend.execute(f"DROP DATABASE IF EXISTS {s.ch_database}")
+        replaced = claim_database(backend, data_dir, replace)
+        console.print(f"[bold]yibao demo[/bold]: data in {escape(str(data_dir))}", highlight=False)
+        if replaced:
+            console.print(f"  {escape(replaced)}", highlight=False)
+        truth_path = data_dir / TRUTH_FILE
+        truth_path.unlink(missing_ok=True)  # the truth of the database just dropped
+        broker = TansuBroker(workdir=data_dir / "broker")
+        broker.start()
+        console.print(f"  broker  Tansu at {broker.bootstrap} (memory storage)")
+        s = s.model_copy(update={"kafka_bootstrap": broker.bootstrap})
         migrate(backend)
         console.print(f"  sink    chDB {'.'.join(map(str, backend.version()))} at {s.chdb_path}")
         tables = sorted(set(PRIMARY_TABLE.values()) | {"fee_details", "dead_letters"})
@@ -168,6 +245,8 @@ async def _demo(settings: Settings, events: int, input_file: Path | None, seed: 
             "duplicates_recognised": dups,
             "alerts_by_rule": alerts_by_rule,
             "evaluation": _evaluation(backend, planting, broken) if planting is not None else None,
+            "truth_file": None,
+            "truth_anomalies": None,
             "invalid_lines": len(line_errors),
             "accounted": accounted,
             "elapsed_s": round(elapsed, 2),
@@ -176,13 +255,19 @@ async def _demo(settings: Settings, events: int, input_file: Path | None, seed: 
             "data_dir": str(data_dir),
             "highlights": _highlights(backend, s.ch_database),
         }
+        if planting is not None:
+            truth = demo_truth(planting, broken)
+            write_truth(truth_path, truth)
+            summary["truth_file"] = str(truth_path)
+            summary["truth_anomalies"] = len(truth)
         _print_summary(console, summary, expected_reasons)
         return summary
     finally:
         if app is not None:
             await app.stop()
         backend.close()
-        broker.stop()
+        if broker is not None:
+            broker.stop()
 
 
 async def _settle_alerts(backend: Any, db: str, quiet_s: float = 3.0, limit_s: float = 60.0) -> None:
@@ -203,7 +288,7 @@ def _evaluation(backend: Any, planting: Any, broken: set[str]) -> dict[str, Any]
     """
     from .sim.evaluate import alerts_from_backend, compare, rule_ids, upcoding_rules
 
-    truth = [t for t in planting.truth() if not broken.intersection(t.get("event_ids", ()))]
+    truth = demo_truth(planting, broken)
     result: dict[str, Any] = compare(alerts_from_backend(backend), truth, rule_ids(), by_month=upcoding_rules())
     result["left_out_broken"] = len(planting.truth()) - len(truth)
     return result
@@ -293,5 +378,13 @@ def _print_summary(console: Console, s: dict[str, Any], expected_reasons: Counte
     for r in h["top_hospitals_by_hifp_pay"]:
         top.add_row(r["fixmedins_code"], f"{r['settlements']:,}", r["hifp_pay"])
     console.print(top)
-    query = f"yibao query --data-dir {s['data_dir']} \"SELECT count() FROM settlements\""
-    console.print(f"\nquery it: [bold]{query}[/bold]")
+    where = shlex.quote(s["data_dir"])
+    query = f"yibao query --data-dir {where} \"SELECT count() FROM settlements\""
+    console.print(f"\nquery it: [bold]{escape(query)}[/bold]", highlight=False)
+    if s.get("truth_file"):
+        left = (s["evaluation"] or {}).get("left_out_broken")
+        left_out = f" ({left} more left out: the demo broke one of their events)" if left else ""
+        command = f"yibao evaluate --truth {shlex.quote(s['truth_file'])} --data-dir {where}"
+        console.print(f"ground truth: {s['truth_anomalies']:,} planted anomalies in {escape(s['truth_file'])}"
+                      f"{left_out}", highlight=False)
+        console.print(f"evaluate the rules against it: [bold]{escape(command)}[/bold]", highlight=False)

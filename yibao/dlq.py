@@ -40,8 +40,6 @@ PERSONAL_FIELDS = frozenset(
 MASK = "***"
 
 
-
-
 # --- reading the table --------------------------------------------------------------------------
 @dataclass(frozen=True)
 class DeadLetter:
@@ -86,14 +84,34 @@ def _row(r: Sequence[Any]) -> DeadLetter:
     )
 
 
-def reason_counts(backend: Backend) -> list[dict[str, Any]]:
+def reason_counts(backend: Backend, reason: str | None = None) -> list[dict[str, Any]]:
     """Dead letters per reason and source topic, most frequent first."""
+    where = f"WHERE reason_code = {literal(reason)} " if reason else ""
     res = backend.query(
         f"SELECT reason_code, source_topic, uniqExact(event_id) AS n, min(failed_at), max(failed_at) "
-        f"FROM {backend.read_table('dead_letters')} GROUP BY reason_code, source_topic ORDER BY n DESC, reason_code"
+        f"FROM {backend.read_table('dead_letters')} {where}GROUP BY reason_code, source_topic "
+        "ORDER BY n DESC, reason_code"
     )
     return [{"reason_code": str(r[0]), "source_topic": str(r[1]), "count": int(r[2]),
              "first_failed_at": str(r[3]), "last_failed_at": str(r[4])} for r in res.rows]
+
+
+def recent(backend: Backend, *, limit: int, reason: str | None = None) -> list[dict[str, Any]]:
+    """The newest dead letters, once each, without their sealed bytes: what `dlq show ID` and
+    `dlq replay --ids` need to be pointed at one. Newest by failure time, then source position."""
+    where = f"WHERE reason_code = {literal(reason)} " if reason else ""
+    # aliases of their own: one equal to a column name would be substituted into the other aggregates
+    res = backend.query(
+        "SELECT event_id, any(reason_code) AS d_reason, any(field) AS d_field, any(reason_detail) AS d_detail, "
+        "any(source_topic) AS d_topic, any(source_partition) AS d_partition, any(source_offset) AS d_offset, "
+        "any(event_type) AS d_event_type, min(failed_at) AS d_failed_at "
+        f"FROM {backend.read_table('dead_letters')} {where}GROUP BY event_id "
+        f"ORDER BY d_failed_at DESC, d_topic, d_partition, d_offset DESC LIMIT {int(limit)}"
+    )
+    return [{"event_id": str(r[0]), "reason_code": str(r[1]), "field": str(r[2] or "") or None,
+             "reason_detail": str(r[3]),
+             "source": {"topic": str(r[4]), "partition": int(r[5]), "offset": int(r[6])},
+             "event_type": str(r[7] or "") or None, "failed_at": r[8].isoformat()} for r in res.rows]
 
 
 def select(backend: Backend, *, ids: Iterable[str] = (), reason: str | None = None,
@@ -260,6 +278,3 @@ def parse_since(text: str) -> dt.datetime:
     except ValueError:
         raise typer.BadParameter(f"{text!r} is not an ISO 8601 date/time, e.g. 2026-11-20T08:00") from None
     return value if value.tzinfo else value.replace(tzinfo=CHINA)
-
-
-# --- commands -----------------------------------------------------------------------------------

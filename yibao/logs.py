@@ -249,14 +249,58 @@ def _renderer(fmt: str) -> Processor:
 
 class _Handler(logging.StreamHandler[CurrentStderr]):
     """The stdlib handler of our chain; a record that fails to format is reported without its
-    message and arguments (the stdlib's default prints both raw)."""
+    message and arguments (the stdlib's default prints both raw), as a JSON object in that format."""
+
+    def __init__(self, stream: CurrentStderr, fmt: str) -> None:
+        super().__init__(stream)
+        self.fmt = fmt
 
     def handleError(self, record: logging.LogRecord) -> None:
         if logging.raiseExceptions:
             error = sys.exc_info()[0]
             name = error.__name__ if error else "error"
+            text = f"logging {name} in {record.name}: message and arguments withheld"
             with contextlib.suppress(Exception):
-                self.stream.write(f"--- logging {name} in {record.name}: message and arguments withheld ---\n")
+                if self.fmt == "json":
+                    self.stream.write(orjson.dumps({"level": "error", "logger": record.name, "event": text}).decode()
+                                      + "\n")
+                else:
+                    self.stream.write(f"--- {text} ---\n")
+
+
+#: clickhouse-driver's logger of connection attempts (clickhouse_driver/connection.py).
+CH_CONNECTION_LOGGER: Final = "clickhouse_driver.connection"
+
+
+class _ExpectedConnectFailure(logging.Filter):
+    """clickhouse-driver logs every failed connect as a WARNING with its full traceback: 18 of them
+    (261 lines) in 25 s of back-off while ClickHouse was down. A refused or timed-out connection is
+    an outage, not a bug, and the caller reports it already (the worker one line per back-off step,
+    a command its one error line), so the driver's record is kept to one line at DEBUG; so are its
+    warnings that a pooled connection it pings, or a socket it closes, is already gone (it then
+    reconnects, or the caller reports the failure). Any other exception keeps its traceback."""
+
+    #: the driver's message templates, said again by the caller when they matter
+    QUIET: Final = ("Error on socket shutdown", "Error on %s ping", "Connection was closed, reconnecting")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        msg = str(record.msg)
+        if isinstance(exc, OSError) and msg.startswith("Failed to connect"):
+            record.msg = f"{msg}: %s: %s (the caller retries or reports it)"
+            record.args = (*(record.args if isinstance(record.args, tuple) else ()), type(exc).__name__, exc)
+        elif exc is not None or not msg.startswith(self.QUIET):
+            return True
+        if not logging.getLogger(record.name).isEnabledFor(logging.DEBUG):
+            return False
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        record.exc_info, record.exc_text = None, None
+        return True
+        if not logging.getLogger(record.name).isEnabledFor(logging.DEBUG):
+            return False
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        record.exc_info, record.exc_text = None, None
+        return True
 
 
 def _level(name: str) -> int:
@@ -297,7 +341,7 @@ def configure(level: str = "INFO", fmt: str = "console", *, libraries: str | Non
         logger_factory=structlog.PrintLoggerFactory(stream),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )
-    handler = _Handler(stream)
+    handler = _Handler(stream, fmt)
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[
             structlog.processors.add_log_level,
@@ -312,5 +356,12 @@ def configure(level: str = "INFO", fmt: str = "console", *, libraries: str | Non
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(lib)
+    ch = logging.getLogger(CH_CONNECTION_LOGGER)
+    if not any(isinstance(f, _ExpectedConnectFailure) for f in ch.filters):
+        ch.addFilter(_ExpectedConnectFailure())
+    # a library's warning is a log line like any other, not raw stderr text; off first, as a no-op
+    # "on" would keep a hook that something (a test runner) has replaced since
+    logging.captureWarnings(False)
+    logging.captureWarnings(True)
     sys.excepthook = _excepthook
     threading.excepthook = _thread_excepthook

@@ -48,7 +48,11 @@ async def produce(
         **settings.kafka_client_kwargs(), linger_ms=20, max_batch_size=512 * 1024, acks="all",
         request_timeout_ms=60_000,
     )
-    await producer.start()
+    try:
+        await producer.start()
+    except BaseException:
+        await producer.stop()  # else it is reported as an unclosed producer when collected, after the error
+        raise
     topics: dict[str, str] = {}
     try:
         inflight: list[asyncio.Future[Any]] = []

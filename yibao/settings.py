@@ -148,6 +148,18 @@ class Settings(BaseSettings):
             raise ValueError("database name must be an identifier (letters, digits, underscore)")
         return v
 
+    @field_validator("kafka_sasl_password_file", "ch_password_file", "pseudo_key_file", "kafka_ssl_cafile",
+                     "kafka_ssl_certfile", "kafka_ssl_keyfile", "ch_ca_certs")
+    @classmethod
+    def _readable(cls, v: Path | None) -> Path | None:
+        """A secret or TLS file that cannot be read is reported with the other bad settings, naming its
+        variable, rather than as a traceback when a client first opens it."""
+        if v is not None:
+            problem = unreadable(v)
+            if problem:
+                raise ValueError(problem)
+        return v
+
     @model_validator(mode="after")
     def _secrets_from_files(self) -> Settings:
         for name in ("kafka_sasl_password", "ch_password", "pseudo_key"):
@@ -157,11 +169,11 @@ class Settings(BaseSettings):
             try:
                 value = path.read_text(encoding="utf-8").strip()
             except OSError as exc:
-                raise ValueError(f"{name}_file: cannot read {path}: {exc.strerror}") from exc
+                raise ValueError(f"YIBAO_{name.upper()}_FILE: cannot read {path}: {exc.strerror}") from exc
             object.__setattr__(self, name, SecretStr(value))
         if self.kafka_security_protocol.value.startswith("SASL") and not self.kafka_sasl_username:
             raise ValueError(
-                "kafka_security_protocol is SASL_* but YIBAO_KAFKA_SASL_USERNAME is not set"
+                "YIBAO_KAFKA_SECURITY_PROTOCOL is SASL_* but YIBAO_KAFKA_SASL_USERNAME is not set"
             )
         return self
 
@@ -266,7 +278,23 @@ def load_settings(**overrides: Any) -> Settings:
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
-            loc = ".".join(str(p) for p in err["loc"]) or "settings"
-            env = f"YIBAO_{loc.upper()}" if loc != "settings" else "settings"
-            lines.append(f"{env}: {err['msg']}")
+            loc = ".".join(str(p) for p in err["loc"])
+            # a ValueError of ours says what is wrong in its own words; pydantic prefixes "Value error, "
+            cause = (err.get("ctx") or {}).get("error")
+            msg = str(cause) if err["type"] == "value_error" and cause is not None else err["msg"]
+            lines.append(f"YIBAO_{loc.upper()}: {msg}" if loc else msg)
         raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from None
+
+
+def unreadable(path: Path) -> str | None:
+    """Why ``path`` cannot be read as a file (``None`` when it can), in words a person can act on."""
+    if not path.exists():
+        return f"cannot read {path}: no such file"
+    if path.is_dir():
+        return f"cannot read {path}: it is a directory"
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror or exc}"
+    return None

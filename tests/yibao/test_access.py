@@ -25,7 +25,7 @@ from clickhouse_driver.errors import Error as ClickHouseError
 
 from sinks.migrate import migrate
 from sinks.server import ServerBackend
-from yibao.access import AccessError, Catalog, load_roles, render
+from yibao.access import AccessError, Catalog, accounts, load_roles, render
 from yibao.access import apply as apply_access
 from yibao.localinfra import ClickHouseServer, MissingBinaryError
 
@@ -163,6 +163,18 @@ def test_roles_on_clickhouse_18_16(server: ClickHouseServer, tmp_path: Path) -> 
                                  "GROUP BY insu_admdvs"))
     assert bj_regions == {"110105": 2}  # 1101 is a city: 110228 is another city of the province
 
+    # what `yibao access` tells the administrator: each user reaches its data in the database it names
+    told = {a.user: a for a in accounts(roles, rendered)}
+    assert not rendered.default_database  # 18.16 has no per-user default database
+    assert told["bi"].databases == (rendered.marts["bi"],) and told["bi_zhejiang"].databases == (zj_db,)
+    assert told["yibao_ingest"].databases[0] == DB and set(told["yibao_ingest"].databases[1:]) == set(
+        rendered.marts.values())
+    for name, pw in (("bi", BI_PW), ("bi_zhejiang", ZJ_PW), ("bi_beijing", BJ_PW), ("yibao_ingest", INGEST_PW)):
+        there = Client(server.host, port=server.tcp_port, user=name, password=pw, connect_timeout=3,
+                       database=told[name].databases[0])
+        assert there.execute("SELECT count() > 0 FROM settlements") == [(1,)], name
+        there.disconnect()
+
     bi = _client(server, "bi", BI_PW)
     bi_db = rendered.marts["bi"]
     assert bi.execute(f"SELECT count(), uniqExact(psn_token) FROM {bi_db}.settlements") == [(12, 6)]
@@ -233,6 +245,44 @@ def test_modern_sql_is_accepted_by_the_clickhouse_parser(tmp_path: Path) -> None
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-2000:]
     assert json.loads(res.stdout.strip().splitlines()[-1]) == []
+
+
+def test_modern_servers_set_the_default_database_where_they_can(tmp_path: Path) -> None:
+    """``CREATE USER … DEFAULT DATABASE`` exists from 21.8 (LTS) on: there every user lands in the
+    pipeline's database, which its grants and row policies cover; older servers are told nothing."""
+    from sinks.tables import TABLES
+    from yibao.access import Column
+
+    tables = {name: "MergeTree" for name in TABLES} | {f"{n}_in": "Null" for n in TABLES}
+    columns = {name: [Column(c, t, "", "") for c, t in spec.columns] for name, spec in TABLES.items()}
+    roles = load_roles(roles_file(tmp_path), DB)
+    for version, expected in (((20, 8), False), ((21, 8), True), ((24, 8), True)):
+        rendered = render(roles, Catalog(tables, columns), version)
+        creates = [s for s in rendered.sql if s.startswith("CREATE USER")]
+        assert len(creates) == len(roles.users)
+        assert all(s.endswith(f" DEFAULT DATABASE {DB}") == expected for s in creates), (version, creates)
+        assert rendered.default_database is expected
+        told = accounts(roles, rendered)
+        assert [a.user for a in told] == [u.name for u in roles.users]
+        assert all(a.databases == (DB,) for a in told)  # one database, rights and policies inside it
+
+
+def test_accounts_name_the_mart_and_the_client_line_that_reaches_it(tmp_path: Path) -> None:
+    from sinks.tables import TABLES
+    from yibao.access import Column
+
+    tables = {name: "MergeTree" for name in TABLES} | {f"{n}_in": "Null" for n in TABLES}
+    columns = {name: [Column(c, t, "", "") for c, t in spec.columns] for name, spec in TABLES.items()}
+    roles = load_roles(roles_file(tmp_path), DB)
+    rendered = render(roles, Catalog(tables, columns), (18, 16, 1))
+    told = {a.user: a for a in accounts(roles, rendered)}
+    assert told["bi"].describe() == f"bi (reader) reads {DB}_bi"
+    assert told["bi_zhejiang"].describe() == f"bi_zhejiang (regional reader, region 33) reads {DB}_r33"
+    assert told["yibao_ingest"].describe().startswith(f"yibao_ingest (writer) writes and reads {DB}; also reads ")
+    assert told["bi"].client_command("ch.internal", 9440, secure=True) == (
+        f"clickhouse-client --host ch.internal --port 9440 --secure -u bi -d {DB}_bi --password PASSWORD")
+    # the users.d file says it too, next to each user
+    assert f"<!-- bi reads {DB}_bi; 18.16 sets no default database: connect with -d {DB}_bi -->" in rendered.users_xml
 
 
 def test_access_cli_prints_example_and_refuses_a_missing_database(tmp_path: Path) -> None:

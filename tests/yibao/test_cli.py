@@ -161,5 +161,5 @@ def test_query_embedded_table_and_json(chdb_dir: Path) -> None:
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout) == {"n": 0}
 
-    res = runner.invoke(cli.app, ["query", "SELECT 1", "--data-dir", str(chdb_dir), "--format", "csv"])
-    assert res.exit_code == 2
+    res = runner.invoke(cli.app, ["query", "SELECT 1", "--data-dir", str(chdb_dir), "--format", "xml"])
+    assert res.exit_code == 2 and "--format xml: unknown format" in res.output

@@ -473,3 +473,15 @@ def test_evaluate_command_runs_the_monitors_on_replayed_events(
     assert res.exit_code == 0, res.output
     out = json.loads(res.output.strip().splitlines()[-1])["rules"]
     assert all(out[rid]["tp"] == 0 and out[rid]["fn"] == planted[rid] for rid in monitored.split(","))
+
+
+def test_run_events_reports_progress_up_to_every_event_consumed() -> None:
+    """`yibao evaluate --events` shows how far it is: the count rises to every event consumed."""
+    from yibao.sim.evaluate import PROGRESS_EVERY
+
+    seen: list[int] = []
+    events = list(TrafficGenerator(SimConfig(settlements=600, days=2, seed=9)).events())
+    run = run_events(events, progress=seen.append)
+    assert run.events == len(events) > PROGRESS_EVERY
+    assert seen == sorted(seen) and seen[-1] == len(events)
+    assert seen[:-1] == [PROGRESS_EVERY * i for i in range(1, len(events) // PROGRESS_EVERY + 1)]

@@ -284,3 +284,75 @@ def test_log_format_setting() -> None:
     assert load_settings(log_format="json").log_format.value == "json"
     with pytest.raises(SettingsError, match="YIBAO_LOG_FORMAT"):
         load_settings(log_format="xml")
+
+
+# --- an expected outage is one line, a bug keeps its traceback -------------------------------------
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_refused_clickhouse_connection_logs_no_traceback(fmt: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """clickhouse-driver logs every failed connect with its traceback; the caller reports the outage
+    (SinkUnavailable), so at INFO nothing of the driver's shows, and at DEBUG one line."""
+    from sinks.base import SinkUnavailable
+    from sinks.server import ServerBackend
+    from yibao.localinfra import free_port
+
+    port = free_port()
+    for level, expected_lines in (("INFO", 0), ("DEBUG", 1)):
+        logs.configure(level, fmt, libraries=level)
+        backend = ServerBackend(port=port, connect_timeout=2)
+        with pytest.raises(SinkUnavailable, match=f"127.0.0.1:{port}"):
+            backend.query("SELECT 1")
+        backend.close()
+        err = capsys.readouterr().err
+        assert "Traceback" not in err, err
+        said = [ln for ln in err.splitlines() if "Failed to connect" in ln]
+        assert len(said) == expected_lines, err
+        if said:
+            assert "ConnectionRefusedError" in said[0] and f"127.0.0.1:{port}" in said[0]
+            assert ("debug" in said[0]) if fmt == "console" else json.loads(said[0])["level"] == "debug"
+
+
+def test_a_driver_failure_that_is_no_outage_keeps_its_traceback(capsys: pytest.CaptureFixture[str]) -> None:
+    logs.configure("INFO", "console")
+    try:
+        raise RuntimeError("a bug in the handshake")
+    except RuntimeError:
+        logging.getLogger(logs.CH_CONNECTION_LOGGER).warning("Failed to connect to %s:%s", "h", 1, exc_info=True)
+    err = capsys.readouterr().err
+    assert "Failed to connect to h:1" in err and "Traceback" in err and "a bug in the handshake" in err
+
+
+def test_json_format_keeps_warnings_and_broken_records_one_object_a_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """A library's Python warning and a log call whose arguments do not fit its format are JSON lines too."""
+    import warnings
+
+    logs.configure("INFO", "json")
+    root = logging.getLogger()
+    root.handlers[:] = [h for h in root.handlers if isinstance(h, logs._Handler)]  # pytest's raises on bad records
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.warn("a library is unhappy", RuntimeWarning, stacklevel=1)
+        logging.getLogger("faust.worker").warning("%d partitions", "many")
+    finally:
+        logging.captureWarnings(False)
+    lines = [json.loads(x) for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert [x["logger"] for x in lines] == ["py.warnings", "faust.worker"], lines
+    assert "a library is unhappy" in lines[0]["event"]
+    assert "withheld" in lines[1]["event"] and "many" not in json.dumps(lines[1])
+
+
+def test_the_drivers_reconnect_chatter_is_debug(capsys: pytest.CaptureFixture[str]) -> None:
+    """A dropped pooled connection: the driver's ping and reconnect warnings precede the caller's own
+    back-off line, which says it all; other driver warnings stay."""
+    driver = logging.getLogger(logs.CH_CONNECTION_LOGGER)
+    for level in ("INFO", "DEBUG"):
+        logs.configure(level, "console", libraries=level)
+        driver.warning("Error on %s ping: %s", "127.0.0.1:9000", EOFError("Unexpected EOF while reading bytes"))
+        driver.warning("Connection was closed, reconnecting.")
+        driver.warning("Error on socket shutdown: %s", OSError(107, "Transport endpoint is not connected"))
+        driver.warning("Server timezone changed to %s", "UTC")
+        err = capsys.readouterr().err
+        quiet = [ln for ln in err.splitlines() if "ping" in ln or "reconnecting" in ln or "shutdown" in ln]
+        assert len(quiet) == (0 if level == "INFO" else 3), err
+        assert all("debug" in ln for ln in quiet), err
+        assert "Server timezone changed to UTC" in err

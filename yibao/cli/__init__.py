@@ -34,6 +34,7 @@ from .common import (
     err,
     fail,
     guard,
+    require_broker,
     settings_from,
 )
 from .dlq import dlq_app
@@ -77,15 +78,32 @@ def worker(
     processes: Annotated[int | None, typer.Option(help="Worker processes to run [YIBAO_PROCESSES]")] = None,
     web_port: Annotated[int | None, typer.Option(help="Metrics/health port; +i for process i; 0 disables")] = None,
     migrate_first: Annotated[bool, typer.Option("--migrate/--no-migrate", help="Apply DDL first")] = True,
+    preflight: Annotated[bool, typer.Option(
+        "--preflight/--no-preflight", hidden=True,
+        help="Check the settings, broker and ClickHouse before starting (the children of --processes N skip it: "
+             "their parent checked)")] = True,
 ) -> None:
-    """Run the stream workers against the configured broker and ClickHouse until stopped."""
+    """Run the stream workers against the configured broker and ClickHouse until stopped.
+
+    Settings, files, keys, ports, the broker and ClickHouse are checked first: every problem is
+    reported on a line of its own, before anything joins a consumer group.
+    """
 
     def run() -> None:
         s = settings_from(bootstrap=bootstrap, backend=backend, data_dir=data_dir, ch_host=ch_host,
                           ch_port=ch_port, database=database, processes=processes, web_port=web_port)
-        from ..worker import run_worker
+        from rich.markup import escape
 
-        code = run_worker(s, migrate_first=migrate_first)
+        from ..worker import WorkerRefused, run_worker
+
+        try:
+            code = run_worker(s, migrate_first=migrate_first, preflight_first=preflight)
+        except WorkerRefused as exc:
+            for p in exc.problems:  # the command's answer to whoever started it: human in either log format
+                err.print(f"[red]error:[/red] {escape(p.message)}", highlight=False)
+                if p.hint:
+                    err.print(f"[dim]hint: {escape(p.hint)}[/dim]", highlight=False)
+            raise typer.Exit(2) from None
         raise typer.Exit(code)
 
     guard(run)
@@ -100,20 +118,37 @@ def migrate(
     ch_port: ChPort = None,
     database: Database = None,
 ) -> None:
-    """Apply the versioned ClickHouse DDL (idempotent)."""
+    """Apply the versioned ClickHouse DDL (idempotent): lists each step as it is done, or says the
+    database is up to date."""
 
     def run() -> None:
+        from rich.markup import escape
+
         s = settings_from(backend=backend, data_dir=data_dir, ch_host=ch_host, ch_port=ch_port, database=database)
         from sinks import connect
+        from sinks.migrate import NOTHING_TO_DO
         from sinks.migrate import migrate as do_migrate
+
+        where = s.chdb_path if s.ch_backend.value == "embedded" else f"{s.ch_host}:{s.ch_port}"
+        name = f"the {s.ch_backend.value} database {s.ch_database} at {where}"
+        console.print(f"migrating {escape(name)}", highlight=False)  # connecting can take seconds
+        steps: list[str] = []
+
+        def step(line: str) -> None:
+            steps.append(line)
+            console.print(f"  {escape(line)}", highlight=False)
 
         be = connect(s.clickhouse())
         try:
-            done = do_migrate(be, cluster=s.ch_cluster, progress=lambda m: console.print(f"  {m}"))
+            done = do_migrate(be, cluster=s.ch_cluster, progress=step)
         finally:
             be.close()
-        console.print(f"[green]migrated[/green] {s.ch_backend.value} database {s.ch_database}: "
-                      f"{len(done)} step(s)" if done else "[green]up to date[/green]")
+        if steps:
+            console.print(f"[green]migrated[/green] {escape(name)}: {len(steps)} step(s), listed above",
+                          highlight=False)
+        else:
+            console.print(f"[green]up to date[/green]: {escape(done[0].removeprefix(NOTHING_TO_DO))}",
+                          highlight=False)
 
     guard(run)
 
@@ -161,6 +196,11 @@ def simulate(
                 fail(str(exc))
         elif truth is not None:
             fail("--truth needs --plant", "e.g. --plant all --plant-rate 0.002")
+        s = None
+        if out is None:  # a wrong broker is said at once, not after generating the traffic
+            s = settings_from(bootstrap=bootstrap)
+            require_broker(s, "start the broker, point YIBAO_KAFKA_BOOTSTRAP (or --bootstrap) at one, "
+                              "or write the events to a file with --out FILE.jsonl")
         codec = Codec()
         config = SimConfig(seed=seed, settlements=events, days=days)
         gen = planting.generator(config) if planting is not None else TrafficGenerator(config)
@@ -181,7 +221,7 @@ def simulate(
                 n = write_jsonl(events_out, out, codec)
             console.print(f"wrote {n} events to {out}")
         else:
-            s = settings_from(bootstrap=bootstrap)
+            assert s is not None
             stats = _produce_with_progress(s, events_out, codec, "producing")
             _print_counts("produced", stats.by_record)
         if resends is not None:
@@ -226,6 +266,8 @@ def evaluate(
         for f in (truth, alerts_file, events_file):
             if f is not None and not f.exists():
                 fail(f"{f}: no such file")
+            if f is not None and f.is_dir():
+                fail(f"{f} is a directory", "name a JSON-lines file")
         if alerts_file is not None and events_file is not None:
             fail("--alerts and --events exclude each other")
         try:
@@ -234,41 +276,49 @@ def evaluate(
         except ValueError as exc:
             fail(str(exc))
         duplicates: int | None = None
-        if events_file is not None:
-            from schemas import Codec
+        with _Phases() as phases:
+            if events_file is not None:
+                from schemas import Codec
 
-            from ..replay import LineError, read_jsonl
-            from ..sim.evaluate import run_events
+                from ..replay import LineError, read_jsonl
+                from ..sim.evaluate import run_events
 
-            errors: list[LineError] = []
-            ran = run_events(read_jsonl(events_file, Codec(), errors), s, collect_tables=monitors)
-            if errors:
-                fail(f"{events_file}:{errors[0].line}: {errors[0].message}", f"{len(errors)} invalid line(s)")
-            alerts = ran.alerts
-            duplicates = sum(ran.duplicates.values())
-            if monitors:
-                from ..sim.evaluate import monitor_alerts, monitor_database
+                total = _count_lines(events_file)
+                errors: list[LineError] = []
+                phases("running the rules in process", 0, total)
+                ran = run_events(read_jsonl(events_file, Codec(), errors), s, collect_tables=monitors,
+                                 progress=lambda k: phases("running the rules in process", k, total))
+                if errors:
+                    fail(f"{events_file}:{errors[0].line}: {errors[0].message}", f"{len(errors)} invalid line(s)")
+                alerts = ran.alerts
+                duplicates = sum(ran.duplicates.values())
+                if monitors:
+                    from ..sim.evaluate import monitor_alerts, monitor_database
 
-                with monitor_database(s) as mon_db:
-                    alerts = [*alerts, *monitor_alerts(ran, mon_db, s)]
-        if alerts is None:
-            from sinks import connect
+                    phases("monitor rules on a throw-away chDB database", 0, None)
+                    with monitor_database(s) as mon_db:
+                        alerts = [*alerts, *monitor_alerts(ran, mon_db, s)]
+            if alerts is None:
+                from sinks import connect
 
-            be = connect(s.clickhouse())
-            try:
-                exists = be.query(f"SELECT count() FROM system.databases WHERE name = '{s.ch_database}'").rows[0][0]
-                if not exists:
-                    fail(f"database {s.ch_database} does not exist on the {s.ch_backend.value} backend",
-                         "run the workers (or `yibao demo`) first, or pass --alerts FILE")
-                be.use_database()
-                alerts = alerts_from_backend(be)
-                if monitors:  # what a monitor run would change now (retractions included)
-                    from streams.monitors import evaluate as evaluate_monitors
-                    from streams.topology import build_rulebook
+                phases(f"reading alerts from the {s.ch_backend.value} database {s.ch_database}", 0, None)
+                be = connect(s.clickhouse())
+                try:
+                    exists = be.query(
+                        f"SELECT count() FROM system.databases WHERE name = '{s.ch_database}'").rows[0][0]
+                    if not exists:
+                        fail(f"database {s.ch_database} does not exist on the {s.ch_backend.value} backend",
+                             "run the workers (or `yibao demo`) first, or pass --alerts FILE")
+                    be.use_database()
+                    alerts = alerts_from_backend(be)
+                    if monitors:  # what a monitor run would change now (retractions included)
+                        from streams.monitors import evaluate as evaluate_monitors
+                        from streams.topology import build_rulebook
 
-                    alerts = [*alerts, *evaluate_monitors(be, build_rulebook(s.rules_file).current).emitted]
-            finally:
-                be.close()
+                        phases("monitor rules on the database as it is (nothing written)", 0, None)
+                        alerts = [*alerts, *evaluate_monitors(be, build_rulebook(s.rules_file).current).emitted]
+                finally:
+                    be.close()
         result = compare(alerts, planted, rule_ids(s), by_month=upcoding_rules(s))
         if duplicates is not None:  # re-sent events the processors recognised (and did not land twice)
             result["duplicates_recognised"] = duplicates
@@ -287,36 +337,54 @@ def replay(
     bootstrap: Bootstrap = None,
     max_errors: Annotated[int, typer.Option(help="Lines reported in detail")] = 20,
 ) -> None:
-    """Produce events from a JSON-lines file; invalid lines are reported and skipped."""
+    """Produce events from a JSON-lines file. Invalid lines are reported on stderr as FILE:LINE: what is
+    wrong, and skipped; the valid ones are still produced.
+
+    Exit status: 0 when every line was produced, 1 when any line was invalid (the others were
+    produced), 2 when nothing could be done (no such file, no broker, bad settings).
+    """
 
     def run() -> None:
+        from rich.markup import escape
+
         from schemas import Codec
 
         from ..replay import LineError, read_jsonl
 
         if not file.exists():
             fail(f"{file}: no such file")
+        if file.is_dir():
+            fail(f"{file} is a directory", "name a JSON-lines file, e.g. from `yibao simulate --out FILE`")
         s = settings_from(bootstrap=bootstrap)
+        require_broker(s, "`yibao simulate --out FILE` and `yibao evaluate --events FILE` work without one")
         codec = Codec()
         errors: list[LineError] = []
         stats = _produce_with_progress(s, read_jsonl(file, codec, errors), codec, "replaying")
         _print_counts("produced", stats.by_record)
         for e in errors[:max_errors]:
-            err.print(f"[yellow]{file}:{e.line}:[/yellow] {e.message}")
+            err.print(f"[yellow]{escape(str(file))}:{e.line}:[/yellow] {escape(e.message)}", highlight=False)
         if len(errors) > max_errors:
             err.print(f"… and {len(errors) - max_errors} more invalid lines")
-        console.print(f"{stats.sent} events produced, {len(errors)} invalid lines skipped")
-        if errors and not stats.sent:
+        console.print(f"{stats.sent:,} events produced, {len(errors):,} invalid lines skipped", highlight=False)
+        if errors:
             raise typer.Exit(1)
 
     guard(run)
 
 
 # --- query --------------------------------------------------------------------------------------
+#: What `yibao query --format` can print.
+QUERY_FORMATS = ("table", "csv", "tsv", "json")
+
+
 @app.command()
 def query(
     sql: Annotated[str, typer.Argument(help="SQL to run against the configured ClickHouse backend")],
-    fmt: Annotated[str, typer.Option("--format", "-f", help="table|json")] = "table",
+    fmt: Annotated[str, typer.Option(
+        "--format", "-f", metavar="FORMAT",
+        help="table (for people); csv (RFC 4180, header row, NULL empty); tsv (header row, tab/newline/backslash "
+             "escaped, NULL as \\N); json (JSON lines: one object per row, decimals and times as strings)")
+    ] = "table",
     backend: BackendOpt = None,
     data_dir: DataDir = None,
     ch_host: ChHost = None,
@@ -326,8 +394,12 @@ def query(
     """Run one SQL statement and print the result."""
 
     def run() -> None:
-        if fmt not in ("table", "json"):
-            fail(f"--format {fmt!r}: use table or json")
+        from rich.markup import escape
+
+        from sinks.base import SinkError, SinkUnavailable
+
+        if fmt not in QUERY_FORMATS:
+            fail(f"--format {fmt}: unknown format; use {', '.join(QUERY_FORMATS)}")
         s = settings_from(backend=backend, data_dir=data_dir, ch_host=ch_host, ch_port=ch_port, database=database)
         from sinks import connect
 
@@ -338,20 +410,66 @@ def query(
                 fail(f"database {s.ch_database} does not exist on the {s.ch_backend.value} backend",
                      "run `yibao migrate` (or `yibao demo`) first, or pass --database/--data-dir")
             be.use_database()
-            res = be.query(sql)
+            try:
+                res = be.query(sql)
+            except SinkUnavailable:
+                raise
+            except SinkError as exc:
+                hint = (f'`yibao query "SHOW TABLES"` lists the tables of {s.ch_database}'
+                        if exc.code == 60 else None)  # UNKNOWN_TABLE
+                fail(f"the query failed: {exc}", hint)
         finally:
             be.close()
-        if fmt == "json":
-            for row in res.rows:
-                print(json.dumps(dict(zip(res.columns, row, strict=True)), ensure_ascii=False, default=str))
-            return
-        t = Table(*res.columns, show_lines=False)
-        for row in res.rows:
-            t.add_row(*("" if v is None else str(v) for v in row))
-        console.print(t)
-        console.print(f"[dim]{len(res.rows)} row(s)[/dim]")
+        try:
+            if fmt == "table":
+                t = Table(*(escape(c) for c in res.columns), show_lines=False)
+                for row in res.rows:
+                    t.add_row(*(escape("" if v is None else str(v)) for v in row))
+                console.print(t)
+                console.print(f"[dim]{len(res.rows)} row(s)[/dim]")
+            else:
+                _write_rows(sys.stdout, fmt, res.columns, res.rows)
+                sys.stdout.flush()
+        except BrokenPipeError:  # `yibao query … | head`: the reader has all it wanted
+            import os
+
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
     guard(run)
+
+
+def _write_rows(out: Any, fmt: str, columns: list[str], rows: Iterable[Any]) -> None:
+    """Rows as csv, tsv or JSON lines (see `yibao query --help`), for spreadsheets, scripts and jq."""
+    import csv
+
+    if fmt == "json":
+        for row in rows:
+            out.write(json.dumps(dict(zip(columns, row, strict=True)), ensure_ascii=False, default=str) + "\n")
+        return
+    if fmt == "csv":
+        writer = csv.writer(out, lineterminator="\r\n")  # RFC 4180: CRLF, quotes only where needed
+        writer.writerow(columns)
+        writer.writerows(["" if v is None else _cell(v) for v in row] for row in rows)
+        return
+    out.write("\t".join(_tsv_escape(c) for c in columns) + "\n")
+    for row in rows:
+        out.write("\t".join("\\N" if v is None else _tsv_escape(_cell(v)) for v in row) + "\n")
+
+
+def _cell(value: Any) -> str:
+    """One value as text: arrays, tuples and maps as JSON, the rest as Python prints it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | tuple | dict):
+        return json.dumps(value, ensure_ascii=False, default=str)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+def _tsv_escape(text: str) -> str:
+    """ClickHouse's TabSeparated escaping, so that a value never breaks a line or a column."""
+    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
 
 
 # --- report -------------------------------------------------------------------------------------
@@ -429,24 +547,37 @@ def demo(
     seed: Annotated[int, typer.Option(help="Traffic seed")] = 42,
     invalid_rate: Annotated[float, typer.Option(help="Share of events broken on purpose (dead-lettering)")] = 0.01,
     plant_rate: Annotated[float, typer.Option(
-        help="Rate of planted anomalies for the monitoring rules (ground truth kept; 0: none)")] = 0.004,
+        help="Rate of planted anomalies for the monitoring rules (0: none); their ground truth is written to "
+             "DATA_DIR/demo-truth.jsonl, for `yibao evaluate --truth`")] = 0.004,
+    replace: Annotated[bool, typer.Option(
+        "--replace", help="Drop the database in the data dir even if no demo made it (its data is lost); "
+                          "a previous demo's database is always replaced")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary object as the last line")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for every event to be accounted for")] = 600.0,
 ) -> None:
-    """Start a local broker, run the workers on embedded chDB, generate traffic, show what landed."""
+    """Start a local broker, run the workers on embedded chDB, generate traffic, show what landed.
+
+    The demo starts from an empty database in the data dir: it replaces the one a previous demo
+    left there (and says so), and refuses to drop one it did not make unless --replace is given.
+    """
 
     def run() -> None:
         if not 0 <= invalid_rate < 1:
             fail("--invalid-rate must be in [0, 1)")
-        s = settings_from(data_dir=data_dir, backend="embedded")
-        configure_logging("WARNING", s.log_format.value)  # the summary is the demo's output; warnings still show
-        from ..demo import run_demo
-
         if not 0 <= plant_rate <= 1:
             fail("--plant-rate must be in [0, 1]")
-        summary = run_demo(s, events=events, input_file=input_file, seed=seed, invalid_rate=invalid_rate,
-                           timeout_s=timeout, console=console if not as_json else Console(stderr=True),
-                           plant_rate=plant_rate)
+        if input_file is not None and not input_file.is_file():
+            fail(f"--input {input_file}: no such file")
+        s = settings_from(data_dir=data_dir, backend="embedded")
+        configure_logging("WARNING", s.log_format.value)  # the summary is the demo's output; warnings still show
+        from ..demo import DemoRefused, run_demo
+
+        try:
+            summary = run_demo(s, events=events, input_file=input_file, seed=seed, invalid_rate=invalid_rate,
+                               timeout_s=timeout, console=console if not as_json else err,
+                               plant_rate=plant_rate, replace=replace)
+        except DemoRefused as exc:
+            fail(str(exc), exc.hint)
         if as_json:
             print(json.dumps(summary, ensure_ascii=False, default=str))
         if not summary["accounted"]:
@@ -465,9 +596,23 @@ def bench(
     """Measure end-to-end settlements/s (broker → worker → ClickHouse server) and per-stage cost."""
 
     def run() -> None:
-        from ..bench import run_bench
+        from ..bench import MIN_EVENTS, BenchError, print_figures, run_bench
+        from ..localinfra import InfraError
 
-        figures = run_bench(events=events, processes=processes, console=console if not as_json else err)
+        if events < MIN_EVENTS:
+            fail(f"--events {events}: at least {MIN_EVENTS:,} settlements",
+                 "a smaller run lands before it can be timed; 50,000 gives steady figures")
+        if not 1 <= processes <= 64:
+            fail(f"--processes {processes}: must be 1 to 64")
+        try:
+            with _Phases() as phases:
+                figures = run_bench(events=events, processes=processes, progress=phases)
+        except BenchError as exc:
+            fail(str(exc), f"the workers' log: {exc.log}")
+        except InfraError as exc:  # a server binary missing or not starting: its message says which
+            first, _, rest = str(exc).partition("\n")
+            fail(first, f"its log ends: {rest.strip().splitlines()[-1]}" if rest.strip() else None)
+        print_figures(console if not as_json else err, figures)
         if as_json:
             print(json.dumps(figures, ensure_ascii=False))
 
@@ -597,6 +742,59 @@ class _Bar:
         self.progress.__exit__(*exc)
 
 
+class _Phases:
+    """Progress of a command that goes through phases (bench, evaluate), on stderr: one bar per
+    phase, called as ``phases(phase, done, total)``; a phase that starts ends the one before.
+
+    Not a terminal (a pipe, a log): the bars are written once, as they ended, and not at all when
+    the command fails, so its error line is the first thing on stderr."""
+
+    def __init__(self) -> None:
+        import io
+
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.live = err.is_terminal
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), transient=False,
+                                 console=err if self.live else Console(file=io.StringIO()))
+        self.tasks: dict[str, Any] = {}
+        self.current: Any = None
+
+    def __enter__(self) -> _Phases:
+        self.progress.__enter__()
+        return self
+
+    def __call__(self, phase: str, done: int, total: int | None) -> None:
+        task = self.tasks.get(phase)
+        if task is None:
+            self._end_current()
+            task = self.tasks[phase] = self.current = self.progress.add_task(phase, total=total)
+        self.progress.update(task, completed=done, total=total)
+
+    def _end_current(self) -> None:
+        if self.current is not None:
+            t = next(t for t in self.progress.tasks if t.id == self.current)
+            if t.total is None:  # nothing was counted: the bar shows the phase as done
+                self.progress.update(self.current, total=1, completed=1)
+            self.progress.stop_task(self.current)
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if exc_type is None:
+            self._end_current()
+        elif self.live:  # the error line is then the first thing on stderr, not the bars
+            self.progress.live.transient = True
+        self.progress.__exit__(exc_type, exc, tb)
+        if exc_type is None and not self.live and self.tasks:
+            err.print(self.progress.get_renderable())
+
+
+def _count_lines(path: Path) -> int:
+    """Non-empty lines of ``path``: the total a progress bar over its events counts to."""
+    with path.open("rb") as fh:
+        return sum(1 for line in fh if line.strip())
+
+
 def _tick(it: Any, bar: _Bar, every: int = 1000) -> Any:
     n = 0
     for x in it:
@@ -622,12 +820,34 @@ def _print_counts(title: str, counts: Any) -> None:
 
 
 def main() -> None:
+    """The console script: click's usage errors (a misspelt option, a value of the wrong type) end
+    as one ``error:`` line and a hint like every other fixable mistake, not in a framed panel."""
+    try:
+        from typer._click import exceptions as cx  # typer vendors click since 0.2x
+    except ImportError:  # pragma: no cover
+        from click import exceptions as cx  # type: ignore[no-redef]
+
+    from .common import say_error
+
     started = time.monotonic()
     try:
-        app()
+        code = app(standalone_mode=False)
+    except cx.NoArgsIsHelpError:  # `yibao` or `yibao rules` alone: typer has printed its help
+        code = 0
+    except cx.UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx else "yibao"
+        say_error(exc.format_message(), f"see `{where} --help`")
+        code = exc.exit_code
+    except cx.ClickException as exc:
+        say_error(exc.format_message())
+        code = exc.exit_code
+    except typer.Abort:
+        err.print("interrupted")
+        code = 130
     finally:
         if "--verbose-timing" in sys.argv:
             err.print(f"{time.monotonic() - started:.1f}s")
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

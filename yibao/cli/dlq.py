@@ -1,4 +1,5 @@
-"""`yibao dlq`: dead letters by reason, one in detail, replay after a fix (the work: yibao.dlq)."""
+"""`yibao dlq`: the newest dead letters and counts by reason, one in detail, replay after a fix
+(the work: yibao.dlq)."""
 
 from __future__ import annotations
 
@@ -8,16 +9,27 @@ from typing import Annotated
 
 import structlog
 import typer
+from rich.markup import escape
 
 from sinks.base import Backend, literal
 
-from ..dlq import describe, make_sealer, parse_since, plan_replay, primary_tables, produce_raw, reason_counts, select
+from ..dlq import (
+    describe,
+    make_sealer,
+    parse_since,
+    plan_replay,
+    primary_tables,
+    produce_raw,
+    reason_counts,
+    recent,
+    select,
+)
 from ..settings import Settings
-from .common import BackendOpt, Database, DataDir, console, fail, guard, settings_from
+from .common import BackendOpt, Database, DataDir, console, fail, guard, require_broker, settings_from
 
 log = structlog.get_logger(__name__)
 
-dlq_app = typer.Typer(help="Dead letters: counts by reason, one in detail, replay after a fix.",
+dlq_app = typer.Typer(help="Dead letters: the newest and counts by reason, one in detail, replay after a fix.",
                       no_args_is_help=True)
 
 
@@ -29,7 +41,6 @@ def _open(s: Settings) -> Backend:
                            "AND name = 'dead_letters'").scalar()
     if not exists:
         backend.close()
-
         fail(f"no dead_letters table in {s.ch_database} on the {s.ch_backend.value} backend",
              "run `yibao migrate` first, or pass --database/--data-dir")
     return backend
@@ -37,28 +48,54 @@ def _open(s: Settings) -> Backend:
 
 @dlq_app.command("list")
 def list_cmd(
-    fmt: Annotated[str, typer.Option("--format", "-f", help="table|json")] = "table",
+    limit: Annotated[int, typer.Option("--limit", "-n", help="How many dead letters to list, newest first")] = 20,
+    reason: Annotated[str | None, typer.Option("--reason", help="Only dead letters with this reason_code")] = None,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="One JSON object per dead letter and line (event_id, reason_code, field, reason_detail, "
+                       "source, event_type, failed_at); no summary")] = False,
     backend: BackendOpt = None, data_dir: DataDir = None, database: Database = None,
 ) -> None:
-    """Dead letters by reason and source topic, with counts and first/last failure times."""
+    """The newest dead letters (the event_id `dlq show` and `dlq replay --ids` take, reason, source
+    position, failure time), then the counts by reason and source topic."""
     def run() -> None:
+        if limit < 1:
+            fail(f"--limit {limit}: must be at least 1")
         s = settings_from(backend=backend, data_dir=data_dir, database=database)
         b = _open(s)
         try:
-            rows = reason_counts(b)
+            rows = recent(b, limit=limit, reason=reason)
+            counts = [] if as_json else reason_counts(b, reason)
         finally:
             b.close()
-        if fmt == "json":
+        if as_json:
             for r in rows:
                 print(json.dumps(r, ensure_ascii=False))
             return
-        from rich.table import Table
+        from rich.table import Column, Table
 
-        t = Table("reason", "source topic", "count", "first failed", "last failed")
+        total = sum(r["count"] for r in counts)
+        which = f" with reason {reason}" if reason else ""
+        if not total:
+            console.print(f"no dead letters{which} in {s.ch_database}", highlight=False)
+            return
+        shown = f"the {len(rows)} newest of {total}" if len(rows) < total else f"all {total}"
+        id_col = Column("event_id", no_wrap=True, min_width=max((len(r["event_id"]) for r in rows), default=8))
+        t = Table(id_col, "failed at", "reason", "field", "source", "event", highlight=False,
+                  title=f"dead letters{which}: {shown}, newest first", title_justify="left")
         for r in rows:
-            t.add_row(r["reason_code"], r["source_topic"], str(r["count"]), r["first_failed_at"], r["last_failed_at"])
+            src = r["source"]
+            t.add_row(r["event_id"], r["failed_at"][:19].replace("T", " "), r["reason_code"], escape(r["field"] or ""),
+                      escape(f"{src['topic']}:{src['partition']}@{src['offset']}"), r["event_type"] or "")
         console.print(t)
-        console.print(f"[dim]{sum(r['count'] for r in rows)} dead letter(s)[/dim]")
+        c = Table("reason", "source topic", "count", "first failed", "last failed", highlight=False,
+                  title="by reason", title_justify="left")
+        for r in counts:
+            c.add_row(r["reason_code"], escape(r["source_topic"]), str(r["count"]), r["first_failed_at"][:19],
+                      r["last_failed_at"][:19])
+        console.print(c)
+        more = " (--limit N for more)" if len(rows) < total else ""
+        console.print(f"[dim]{total} dead letter(s){which}{more}; `yibao dlq show EVENT_ID` for one[/dim]",
+                      highlight=False)
 
     guard(run)
 
@@ -108,6 +145,8 @@ def replay_cmd(
         if not (reason or since or ids):
             fail("say which dead letters to replay", "use --reason, --since and/or --ids")
         s = settings_from(backend=backend, data_dir=data_dir, database=database)
+        if not dry_run:
+            require_broker(s, "`--dry-run` says what would be replayed without a broker")
         sealer = make_sealer(s)
         codec = Codec()
         id_list = [i.strip() for x in (ids or []) for i in x.split(",") if i.strip()]

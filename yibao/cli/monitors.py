@@ -11,14 +11,12 @@ import json
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from .common import fail, guard, settings_from
+from .common import console, err, fail, guard, settings_from
 
 monitors_app = typer.Typer(help="Fund-operation and cross-table monitors evaluated from ClickHouse.",
                            no_args_is_help=True)
-console = Console()
 
 
 @monitors_app.command("run")
@@ -48,8 +46,9 @@ def monitors_run(
             if not be.query(f"SELECT count() FROM system.tables WHERE database = '{s.ch_database}' "
                             "AND name = 'alerts'").scalar():
                 fail(f"no alerts table in database {s.ch_database}", "run `yibao migrate` first")
-            result = run_monitors(be, build_rulebook(s.rules_file).current, kafka_publisher(s) if publish else None,
-                                  as_of=as_of)
+            with err.status("running the monitors over the closed months…"):
+                result = run_monitors(be, build_rulebook(s.rules_file).current,
+                                      kafka_publisher(s) if publish else None, as_of=as_of)
         finally:
             be.close()
         if as_json:

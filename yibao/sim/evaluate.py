@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import Container, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -52,6 +52,8 @@ MONITOR_TABLES = ("settlements", "fee_details", "fund_income", "inventory_moveme
 #: Migrations an evaluation database needs (raw tables and their projections, and the credit-score
 #: view; not the BI aggregates, whose materialized views only slow the inserts down).
 MONITOR_MIGRATIONS = ("0001", "0002", "0004", "0005", "0007")
+#: Events between two progress reports of :func:`run_events`.
+PROGRESS_EVERY = 500
 
 
 # --- alerts -------------------------------------------------------------------------------------
@@ -296,7 +298,8 @@ class _TrafficClock:
 
 
 def run_events(events: Iterable[Any], settings: Settings | None = None, planted_ids: Container[str] = (),
-               batch: int = 5000, collect_tables: bool = False) -> InProcessRun:
+               batch: int = 5000, collect_tables: bool = False,
+               progress: Callable[[int], None] | None = None) -> InProcessRun:
     """Run the rules in process on ``events`` (anything with ``record``, ``key`` and a raw
     ``datum``: generated ``SimEvent`` or replayed ``OutEvent``), in order: the settlement
     ``BatchProcessor`` (decode, validate, person rules) and the two ``GroupedProcessor`` instances
@@ -306,7 +309,8 @@ def run_events(events: Iterable[Any], settings: Settings | None = None, planted_
     processors recognise as re-sent is counted in ``duplicates``). ``planted_ids``: event ids
     whose settlements are kept in ``planted_events`` (looked up as each event arrives).
     ``collect_tables``: keep the rows of :data:`MONITOR_TABLES` in ``tables``, for
-    :func:`monitor_alerts`."""
+    :func:`monitor_alerts`. ``progress``: called with the events consumed so far, every
+    :data:`PROGRESS_EVERY` events and at the end."""
     import dataclasses
 
     from streams.messages import Message
@@ -388,6 +392,8 @@ def run_events(events: Iterable[Any], settings: Settings | None = None, planted_
     sup_offset = 0
     for ev in events:
         run.events += 1
+        if progress is not None and run.events % PROGRESS_EVERY == 0:
+            progress(run.events)
         if ev.record.startswith(SUPERVISION_NS):
             latest = max(latest, int(ev.datum[EVENT_TIME_FIELD[ev.record]]))
             sup_pending.append(Message(0, sup_offset, ev.key.encode(), codec.encode(ev.record, ev.datum)))
@@ -419,6 +425,8 @@ def run_events(events: Iterable[Any], settings: Settings | None = None, planted_
         flush_procurement()
     if sup_pending:
         flush_supervision()
+    if progress is not None:
+        progress(run.events)
     total = time.perf_counter() - t0
     run.seconds = {"total": round(total, 2), "pipeline": round(t_rules, 2), "generate": round(total - t_rules, 2)}
     return run
