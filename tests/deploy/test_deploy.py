@@ -73,11 +73,15 @@ def setting_of(variable: str) -> str:
     return variable.removeprefix("YIBAO_").lower()
 
 
+#: Settings naming a file the settings read or check when loaded (secrets, TLS material).
+FILE_SETTINGS = frozenset({"kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile", "ch_ca_certs"})
+
+
 def assert_valid_settings(env: dict[str, str], where: str) -> Settings:
     """Every YIBAO_* key is a setting, and the values together pass the settings' validation.
 
-    Secret files do not exist here, so ``*_FILE`` values are checked for being absolute paths
-    and then left out.
+    Secret and TLS files do not exist here, so their paths are checked for being absolute and
+    then left out.
     """
     kw: dict[str, Any] = {}
     for key, value in env.items():
@@ -85,7 +89,7 @@ def assert_valid_settings(env: dict[str, str], where: str) -> Settings:
             continue
         name = setting_of(key)
         assert name in Settings.model_fields, f"{where}: {key} is not a setting (yibao/settings.py)"
-        if name.endswith("_file"):
+        if name.endswith("_file") or name in FILE_SETTINGS:
             assert value.startswith(("/", "%d/")), f"{where}: {key}={value} must be an absolute path"
             continue
         kw[name] = value
@@ -119,7 +123,7 @@ def compose_config() -> dict[str, Any]:
 
 def test_compose_config_validates_and_orders_migrate_before_workers(compose_config: dict[str, Any]) -> None:
     services = compose_config["services"]
-    assert set(services) == {"kafka", "clickhouse", "migrate", "worker", "prometheus", "grafana"}
+    assert set(services) == {"kafka", "clickhouse", "migrate", "access", "worker", "prometheus", "grafana"}
 
     kafka = services["kafka"]
     assert kafka["image"].startswith("apache/kafka:")
@@ -149,6 +153,14 @@ def test_compose_config_validates_and_orders_migrate_before_workers(compose_conf
     grafana = services["grafana"]
     assert "grafana-clickhouse-datasource" in grafana["environment"]["GF_INSTALL_PLUGINS"]
     assert set(compose_config["secrets"]) >= {"clickhouse_password", "pseudo_key"}
+
+    # the BI user exists before anything reads as it: `yibao access apply` after every migration
+    access = services["access"]
+    assert access["image"] == migrate["image"] and access.get("restart") == "no"
+    assert access["command"][:3] == ["access", "apply", "--roles"]
+    assert access["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    for reader in ("worker", "grafana"):
+        assert services[reader]["depends_on"]["access"]["condition"] == "service_completed_successfully", reader
 
 
 def _seconds(text: str) -> float:
@@ -185,13 +197,213 @@ def test_grafana_provisions_both_data_sources_and_the_dashboard_folders(compose_
     assert set(paths) == {"yibao-workers", "yibao-bi"}
     for path in paths.values():
         local = dashboards_root / Path(path).relative_to("/var/lib/grafana/dashboards")
-        assert local.is_dir(), local  # the BI folder exists (empty) for the later BI issue
+        assert local.is_dir(), local
     workers = list((dashboards_root / "workers").glob("*.json"))
     assert workers
     for f in workers:
         dash = json.loads(f.read_text(encoding="utf-8"))
         uids = {t["datasource"]["uid"] for p in dash["panels"] for t in p.get("targets", [])}
         assert uids == {by_type["prometheus"]["uid"]}
+
+
+def _roles_file(compose_config: dict[str, Any], tmp_path: Path) -> tuple[Path, Any]:
+    """The roles file the access service applies (host path), loaded by yibao.access with every
+    password file replaced by a local one (the secrets are not generated here)."""
+    from yibao.access import load_roles
+
+    access = compose_config["services"]["access"]
+    in_container = access["command"][3]
+    mounts = {v.split(":")[1]: Path(v.split(":")[0]) for v in access["volumes"] if v.startswith("/")}
+    path = mounts[in_container]
+    secret = tmp_path / "secret"
+    secret.write_text("not-the-real-one\n", encoding="utf-8")
+    text = re.sub(r'password_file = "[^"]*"', f'password_file = "{secret}"', path.read_text(encoding="utf-8"))
+    local = tmp_path / "roles.toml"
+    local.write_text(text, encoding="utf-8")
+    worker_env = compose_config["services"]["worker"]["environment"]
+    return path, load_roles(local, worker_env["YIBAO_CH_DATABASE"])
+
+
+def test_grafana_reads_clickhouse_as_a_read_only_bi_user_not_the_writer(compose_config: dict[str, Any],
+                                                                       tmp_path: Path) -> None:
+    """Grafana's ClickHouse data source is a reader of the roles file the access service applies,
+    with that user's password secret and the database that user reads; it never gets the
+    writer's password."""
+    import tomllib
+
+    from yibao.access import MODERN_ACCESS_VERSION, mart_name
+
+    services = compose_config["services"]
+    grafana, worker, access = services["grafana"], services["worker"], services["access"]
+    mounts = {v.split(":")[1]: Path(v.split(":")[0]) for v in grafana["volumes"] if v.startswith("/")}
+    sources = yaml.safe_load((mounts["/etc/grafana/provisioning"] / "datasources" / "datasources.yaml")
+                             .read_text(encoding="utf-8"))
+    ch = next(d for d in sources["datasources"] if d["type"] == "grafana-clickhouse-datasource")
+    user = ch["jsonData"]["username"]
+    writer = worker["environment"]["YIBAO_CH_USER"]
+    assert user != writer and user != services["clickhouse"]["environment"]["CLICKHOUSE_USER"]
+
+    path, roles = _roles_file(compose_config, tmp_path)
+    reader = next((u for u in roles.users if u.name == user), None)
+    assert reader is not None, f"Grafana's user {user} is not in {path.name}"
+    assert reader.role.kind == "reader" and reader.region is None
+    # its password is the secret compose gives Grafana and the access service, and nothing else is
+    password_file = tomllib.loads(path.read_text(encoding="utf-8"))["users"][user]["password_file"]
+    secret = re.fullmatch(r"\$__file\{(/run/secrets/\w+)\}", ch["secureJsonData"]["password"])
+    assert secret and secret.group(1) == password_file
+    name = password_file.rsplit("/", 1)[1]
+    grafana_secrets = {x["source"] for x in grafana["secrets"]}
+    assert name in grafana_secrets and name in {x["source"] for x in access["secrets"]}
+    writer_secret = worker["environment"]["YIBAO_CH_PASSWORD_FILE"].rsplit("/", 1)[1]
+    assert writer_secret not in grafana_secrets
+    # the database it reads: the pipeline's own (column grants, ClickHouse >= 20.5) or its mart (18.16)
+    tag = services["clickhouse"]["image"].rsplit(":", 1)[1]
+    version = tuple(int(x) for x in tag.split(".")[:2])
+    expected = roles.database if version >= MODERN_ACCESS_VERSION else mart_name(roles.database, reader.role, None)
+    assert ch["jsonData"]["defaultDatabase"] == expected
+    # the server's owner may manage access, or `yibao access apply` could not create the user
+    assert services["clickhouse"]["environment"]["CLICKHOUSE_DEFAULT_ACCESS_MANAGEMENT"] == "1"
+
+
+# --- the BI dashboard ---------------------------------------------------------------------------
+BI_DASHBOARD = COMPOSE / "grafana/dashboards/bi/yibao-bi.json"
+#: Columns a region prefix is matched against (a hospital's code carries its region's 6 digits).
+REGION_COLUMNS = {"insu_admdvs", "mdtrt_admdvs", "admdvs", "fixmedins_code"}
+MONTH_COLUMNS = {"month", "day"}
+VARIABLES = ("region", "month")
+
+
+def _macro_args(sql: str, start: int) -> tuple[list[str], int]:
+    """Arguments of the macro call whose "(" is at ``start`` (split on top-level commas), and the
+    index after its ")"."""
+    depth, args, last = 0, [], start + 1
+    for i in range(start, len(sql)):
+        c = sql[i]
+        if c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+            if depth == 0:
+                args.append(sql[last:i])
+                return args, i + 1
+        elif c == "," and depth == 1:
+            args.append(sql[last:i])
+            last = i + 1
+    raise AssertionError(f"unbalanced macro call in {sql!r}")
+
+
+def interpolate(sql: str, values: dict[str, str | None]) -> str:
+    """What the ClickHouse plugin sends for ``values`` (None: All): ``$__conditionalAll(cond, $v)``
+    becomes ``1=1`` for All, else ``cond``; then ``$__dateFilter(col)`` a date range and ``$v``/``${v}``
+    the value. A variable used outside ``$__conditionalAll`` while All is selected is an error."""
+    while (i := sql.find("$__conditionalAll(")) >= 0:
+        (cond, var), end = _macro_args(sql, i + len("$__conditionalAll"))
+        name = var.strip().strip("${}")
+        assert name in values, f"$__conditionalAll on an unknown variable {var!r}"
+        sql = sql[:i] + ("1=1" if values[name] is None else cond) + sql[end:]
+    while (i := sql.find("$__dateFilter(")) >= 0:
+        (col,), end = _macro_args(sql, i + len("$__dateFilter"))
+        sql = sql[:i] + f"{col} >= toDate('2020-01-01') AND {col} <= toDate('2030-12-31')" + sql[end:]
+    for name, value in values.items():
+        if "$" + name in sql or "${" + name + "}" in sql:
+            assert value is not None, f"${name} is used outside $__conditionalAll: All would break it\n{sql}"
+            sql = sql.replace("${" + name + "}", value).replace("$" + name, value)
+    assert "$" not in sql, sql
+    return sql
+
+
+_RUN_ON_CHDB = """
+import json, sys, tempfile
+from pathlib import Path
+from sinks import ClickHouseConfig, connect
+from sinks.migrate import migrate
+queries = json.load(sys.stdin)
+with tempfile.TemporaryDirectory() as tmp:
+    be = connect(ClickHouseConfig(chdb_path=Path(tmp) / "chdb", database="yibao"))
+    migrate(be)
+    be.use_database()
+    cols = {}
+    for t, c in be.query("SELECT table, name FROM system.columns WHERE database = 'yibao' "
+                         "AND table LIKE 'bi\\_%'").rows:
+        cols.setdefault(str(t), []).append(str(c))
+    errors = {}
+    for key, sql in queries.items():
+        try:
+            be.query(sql)
+        except Exception as exc:
+            errors[key] = str(exc)[:400]
+    be.close()
+print(json.dumps({"columns": cols, "errors": errors}))
+"""
+
+
+@pytest.fixture(scope="module")
+def bi_dashboard() -> dict[str, Any]:
+    dashboard: dict[str, Any] = json.loads(BI_DASHBOARD.read_text(encoding="utf-8"))
+    return dashboard
+
+
+def _bi_queries(dashboard: dict[str, Any]) -> dict[str, str]:
+    """Each panel target's SQL, keyed "panel title/refId"."""
+    return {f"{p['title']}/{t['refId']}": t["rawSql"] for p in dashboard["panels"] for t in p.get("targets", [])}
+
+
+@pytest.fixture(scope="module")
+def bi_checked(bi_dashboard: dict[str, Any]) -> dict[str, Any]:
+    """Every panel and variable query, interpolated with All and with one value of each variable,
+    run on a freshly migrated chDB database (in a child process: chDB holds one data dir per process)."""
+    pytest.importorskip("chdb")
+    runs: dict[str, str] = {}
+    chosen = {"region": "3301", "month": "202609"}
+    for key, sql in _bi_queries(bi_dashboard).items():
+        runs[f"{key} (All)"] = interpolate(sql, dict.fromkeys(VARIABLES))
+        runs[f"{key} (chosen)"] = interpolate(sql, dict(chosen))
+    for v in bi_dashboard["templating"]["list"]:
+        runs[f"variable {v['name']}"] = interpolate(v["query"], dict.fromkeys(VARIABLES))
+    done = subprocess.run([sys.executable, "-c", _RUN_ON_CHDB], input=json.dumps(runs), capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def test_bi_dashboard_has_region_and_month_variables(bi_dashboard: dict[str, Any]) -> None:
+    variables = {v["name"]: v for v in bi_dashboard["templating"]["list"]}
+    assert set(VARIABLES) <= set(variables)
+    for name in VARIABLES:
+        v = variables[name]
+        assert v["type"] == "query" and v["datasource"]["uid"] == "yibao-clickhouse", v
+        assert v["includeAll"] and not v["multi"] and v["current"]["value"] == "$__all", v
+        assert v["query"].strip() and v["definition"] == v["query"]
+
+
+def test_every_bi_panel_query_uses_the_variables_where_its_view_has_the_column(
+        bi_dashboard: dict[str, Any], bi_checked: dict[str, Any]) -> None:
+    columns = {t: set(c) for t, c in bi_checked["columns"].items()}
+    queries = _bi_queries(bi_dashboard)
+    assert len(queries) >= 12
+    for key, sql in queries.items():
+        views = re.findall(r"\bFROM\s+(bi_\w+)", sql)
+        assert views and all(v in columns for v in views), (key, views)
+        for view in views:
+            if columns[view] & REGION_COLUMNS:
+                assert "$region" in sql, f"{key}: {view} has a region column but the query ignores $region"
+            if columns[view] & MONTH_COLUMNS:
+                assert "$month" in sql, f"{key}: {view} has a month column but the query ignores $month"
+
+
+def test_every_bi_query_runs_on_the_migrated_schema(bi_checked: dict[str, Any]) -> None:
+    """Panels and variables, with All and with one region and month, on the views as migrated."""
+    assert not bi_checked["errors"], json.dumps(bi_checked["errors"], indent=1, ensure_ascii=False)
+
+
+def test_interpolate_follows_the_plugin() -> None:
+    sql = "WHERE $__conditionalAll((a LIKE '${region}%' OR b LIKE '${region}%'), $region) AND $__dateFilter(day)"
+    assert interpolate(sql, {"region": None}) == ("WHERE 1=1 AND day >= toDate('2020-01-01') AND "
+                                                  "day <= toDate('2030-12-31')")
+    assert interpolate(sql, {"region": "33"}).startswith("WHERE (a LIKE '33%' OR b LIKE '33%') AND day >= ")
+    with pytest.raises(AssertionError, match="outside"):
+        interpolate("WHERE a LIKE '${region}%'", {"region": None})
 
 
 def _exprs(node: Any) -> Iterator[str]:

@@ -10,6 +10,7 @@ cd "$(dirname "$0")"
 chmod 700 .
 umask 022
 new() { [ -s "$1" ] || { python3 -c "import secrets; print(secrets.token_hex($2))" > "$1"; echo "created $1"; }; }
-new clickhouse_password 24
+new clickhouse_password 24      # the database owner: migration, access, workers
+new clickhouse_bi_password 24   # the read-only BI user Grafana connects as (access.toml)
 new grafana_admin_password 16
 new pseudo_key 32
