@@ -13,6 +13,7 @@ so every aggregate is fed by its materialized view exactly as in production. The
 
 from __future__ import annotations
 
+import calendar
 import contextlib
 import datetime as dt
 import json
@@ -52,7 +53,7 @@ BI_VIEWS = {
     ],
     "bi_procurement_completion": [
         "fixmedins_code", "med_list_codg", "cntr_id", "agreed_volume", "purchased", "completion_pct",
-        "elapsed_pct", "lag_points",
+        "elapsed_pct", "lag_points", "as_of",
     ],
     "bi_procurement_savings": [
         "fixmedins_code", "med_list_codg", "cntr_id", "win_pric", "base_pric", "price_cut_pct", "purchased",
@@ -60,7 +61,7 @@ BI_VIEWS = {
     ],
     "bi_supplier_payments": [
         "fixmedins_code", "month", "deliveries", "delivered_amt", "paid_deliveries", "on_time", "on_time_rate",
-        "weighted_avg_pay_days", "overdue_unpaid",
+        "weighted_avg_pay_days", "overdue_unpaid", "as_of",
     ],
     "bi_supervision_outcomes": ["admdvs", "month", "kind", "type", "cnt", "amount"],
 }
@@ -266,6 +267,11 @@ def checks(db: str) -> list[Check]:
             f"FROM {db}.fund_income GROUP BY insu_admdvs, insutype, month",
         ),
         Check(
+            "agg_settlement_days", 1,
+            f"SELECT day, sum(settlements) FROM {db}.agg_settlement_days GROUP BY day",
+            f"SELECT toDate(setl_time) AS day, count() FROM {db}.settlements GROUP BY day",
+        ),
+        Check(
             "agg_cross_province_daily", 3,
             f"SELECT insu_admdvs, mdtrt_admdvs, day, sum(settlements), {sums('medfee_sumamt', 'fund_pay_sumamt')} "
             f"FROM {db}.agg_cross_province_daily GROUP BY insu_admdvs, mdtrt_admdvs, day",
@@ -345,7 +351,7 @@ def test_migration_creates_the_aggregates_and_the_bi_views(migrated: Backend) ->
     for check in checks(db):
         assert engines[check.name] == "SummingMergeTree", check.name
     views = [n for n, e in engines.items() if n.startswith("agg_") and e == "MaterializedView"]
-    assert len(views) == 11, views
+    assert len(views) == 12, views
     for view in BI_VIEWS:
         assert engines[view] == "View", view
     assert not any(n.endswith("_all") for n in engines)  # Distributed tables only in cluster mode
@@ -506,9 +512,9 @@ def hand_made_batches(now: int, today: dt.date) -> list[tuple[str, list[Row]]]:
                 "agreed_volume": volume * 10_000, "cycle_begn_date": days(today + dt.timedelta(begin)),
                 "cycle_end_date": days(today + dt.timedelta(end)), "sign_time": signed}
 
-    def order(cntr: str, h: str, drug: str, cnt: str) -> Row:
+    def order(cntr: str, h: str, drug: str, cnt: str) -> Row:  # placed now: the data end today
         return {"cntr_id": cntr, "fixmedins_code": h, "med_list_codg": drug, "admdvs": "330102",
-                "purc_cnt": int(Decimal(cnt) * 10_000), "purc_amt": 100, "ord_time": ts(2025, 6, 1)}
+                "purc_cnt": int(Decimal(cnt) * 10_000), "purc_amt": 100, "ord_time": now}
 
     contracts = [
         contract("CT1", "H1", "X1", 1000, -100, 265, ts(2025, 1, 1)),
@@ -615,8 +621,24 @@ def test_bi_views_have_the_contracted_columns(hand_made: HandMade) -> None:
                 assert ch_type == "Date", (view, name, ch_type)
 
 
+def months_elapsed(month: dt.date, first_day: dt.date, last_day: dt.date) -> float:
+    """The part of ``month``'s year up to its end that lies between the first and the last day with
+    settlements, in months (a partial month by its share of days): bi_fund_health's divisor."""
+    def days_in(d: dt.date) -> int:
+        return calendar.monthrange(d.year, d.month)[1]
+
+    end = month.replace(day=days_in(month))
+    first, last = max(month.replace(month=1), first_day), min(end, last_day)
+    if last < first:
+        return 0.0
+    return last.month - first.month + last.day / days_in(last) - (first.day - 1) / days_in(first)
+
+
 def expected_fund_health(settlements: Iterable[Row], incomes: Iterable[Row]) -> list[tuple[Any, ...]]:
     """bi_fund_health by its definition, in fen, from the raw rows."""
+    settlements = list(settlements)
+    days_on_record = [cn_date(s["setl_time"]) for s in settlements]
+    first_day, last_day = min(days_on_record), max(days_on_record)
     months: dict[tuple[str, str], dict[dt.date, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0, 0, 0]))
     for s in settlements:  # a county's settlements count in its pooling region (XXXX99)
         m = months[(s["insu_admdvs"][:4] + "99", s["insutype"])][cn_month(s["setl_time"])]
@@ -632,7 +654,8 @@ def expected_fund_health(settlements: Iterable[Row], incomes: Iterable[Row]) -> 
         for month, (income, spending, hifp, inscp) in sorted(series.items()):
             cumulative += income - spending
             ytd[month.year] += spending
-            capacity = cumulative / (ytd[month.year] / month.month) if ytd[month.year] > 0 else None
+            elapsed = months_elapsed(month, first_day, last_day)
+            capacity = cumulative / (ytd[month.year] / elapsed) if ytd[month.year] > 0 and elapsed > 0 else None
             ratio = hifp / inscp if inscp else None
             out.append((region, insutype, month, money(income), money(spending), money(income - spending),
                         money(cumulative), capacity, ratio))
@@ -647,18 +670,39 @@ def test_bi_fund_health(hand_made: HandMade) -> None:
         assert g[:7] == w[:7], (g, w)
         assert g[7] == (pytest.approx(w[7]) if w[7] is not None else None), (g, w)
         assert g[8] == (pytest.approx(w[8]) if w[8] is not None else None), (g, w)
-    # the definition spelled out for the 330199 employee fund
+    # the definition spelled out for the 330199 employee fund. Settlements on record run from
+    # 2025-04-10 (X1) to 2026-01-15 (S4): months elapsed count from April 10 in 2025, and end on
+    # January 15 in 2026, whatever the month of the row
     fund = {r[2]: r for r in got if r[:2] == ("330199", "310")}
     nov, dec, jan, feb = (fund[dt.date(y, m, 1)] for y, m in ((2025, 11), (2025, 12), (2026, 1), (2026, 2)))
     assert (nov[3], nov[4], nov[5], nov[6]) == (Decimal("1000"), Decimal("400"), Decimal("600"), Decimal("600"))
-    assert nov[7] == pytest.approx(600 / (400 / 11)) and nov[8] == pytest.approx(310 / 420)
+    since_april_10 = 21 / 30 + 7  # the rest of April, then May .. November
+    assert nov[7] == pytest.approx(600 / (400 / since_april_10)) and nov[8] == pytest.approx(310 / 420)
     assert (dec[4], dec[6]) == (Decimal("100"), Decimal("1000"))  # S2's reversal counts in December
-    assert dec[7] == pytest.approx(1000 / (500 / 12)) and dec[8] == pytest.approx(0.8)
+    assert dec[7] == pytest.approx(1000 / (500 / (since_april_10 + 1))) and dec[8] == pytest.approx(0.8)
     assert (jan[5], jan[6]) == (Decimal("-400"), Decimal("600"))
-    assert jan[7] == pytest.approx(600 / (400 / 1))  # year-to-date restarts in January
-    assert feb[4] == 0 and feb[6] == Decimal("1400") and feb[7] == pytest.approx(1400 / (400 / 2))
+    assert jan[7] == pytest.approx(600 / (400 / (15 / 31)))  # year-to-date restarts in January
+    assert feb[4] == 0 and feb[6] == Decimal("1400") and feb[7] == pytest.approx(1400 / (400 / (15 / 31)))
     assert feb[8] is None  # no in-scope costs: no ratio
     assert [r[7:] for r in got if r[0] == "110199"] == [(None, None)]  # income only: no capacity
+    # 330202's people (pool 330299) spent in April 2025, from the first day on record: X1 and X3, X1
+    # reversed the same day; a deficit with no income on record is a negative capacity
+    assert [r[2:8] for r in got if r[:2] == ("330299", "310")] == [
+        (dt.date(2025, 4, 1), 0, Decimal("90.00"), Decimal("-90.00"), Decimal("-90.00"), pytest.approx(-21 / 30))]
+
+
+def test_fund_capacity_of_a_week_of_data_divides_by_a_week(migrated: Backend) -> None:
+    """A pipeline that has run for the first 7 days of October: the week's spending is 7/31 of a
+    month, not a tenth of the year (toMonth(month) = 10 made a fund with ~10 months of reserve show
+    ~430, the demo's 380-2,314 months)."""
+    week = [_settlement(f"W{d}", "330106", "310", ts(2026, 10, d, 10), 100_000, 80_000, 100_000) for d in range(1, 8)]
+    reserve = 10 * 700_000 * 31 // 7  # ten months of this spending rate, in fen
+    insert(migrated, "settlements", week)
+    insert(migrated, "fund_income", [{"insu_admdvs": "330199", "insutype": "310", "income_amt": reserve,
+                                      "book_time": ts(2026, 10, 1, 0)}])
+    [(capacity,)] = migrated.query(f"SELECT months_capacity FROM {migrated.database}.bi_fund_health").rows
+    assert capacity == pytest.approx((reserve - 700_000) / (700_000 / (7 / 31)))
+    assert 9.5 < capacity < 10
 
 
 def test_bi_alerts_by_rule_counts_open_alerts_once(hand_made: HandMade) -> None:
@@ -670,25 +714,37 @@ def test_bi_alerts_by_rule_counts_open_alerts_once(hand_made: HandMade) -> None:
 
 
 def test_bi_cross_province_flows(hand_made: HandMade) -> None:
+    """Settlements (county codes) and filings (pooling-region codes) meet at the pooling region:
+    330202 → 110105 settlements and the filings for 110105 and 110199 are one pair, 330299 → 110199."""
     assert hand_made.view("bi_cross_province_flows", "day, insu_admdvs, mdtrt_admdvs") == [
-        (dt.date(2025, 4, 9), "330202", "110199", 0, 0, 0, 2),
-        (dt.date(2025, 4, 10), "330202", "110105", 1, Decimal("200.00"), Decimal("150.00"), 1),
-        (dt.date(2025, 4, 12), "330202", "110105", -1, Decimal("-200.00"), Decimal("-150.00"), 0),
+        (dt.date(2025, 4, 9), "330299", "110199", 0, 0, 0, 2),
+        (dt.date(2025, 4, 10), "330299", "110199", 1, Decimal("200.00"), Decimal("150.00"), 1),
+        (dt.date(2025, 4, 12), "330299", "110199", -1, Decimal("-200.00"), Decimal("-150.00"), 0),
     ]
 
 
 def test_bi_cross_province_flows_monthly_sums_the_days(hand_made: HandMade) -> None:
     monthly = hand_made.view("bi_cross_province_flows_monthly", "month, insu_admdvs, mdtrt_admdvs")
-    assert monthly == [
-        (dt.date(2025, 4, 1), "330202", "110105", 0, Decimal("0.00"), Decimal("0.00"), 1),
-        (dt.date(2025, 4, 1), "330202", "110199", 0, 0, 0, 2),
-    ]
+    assert monthly == [(dt.date(2025, 4, 1), "330299", "110199", 0, Decimal("0.00"), Decimal("0.00"), 3)]
     summed: dict[tuple[Any, ...], list[Any]] = {}
     for day, *key_vals in hand_made.view("bi_cross_province_flows", "day, insu_admdvs, mdtrt_admdvs"):
         acc = summed.setdefault((day.replace(day=1), *key_vals[:2]), [0, 0, 0, 0])
         for i, v in enumerate(key_vals[2:]):
             acc[i] += v
     assert [(*k, *v) for k, v in sorted(summed.items())] == monthly
+
+
+def test_pooling_regions_of_province_pools_stay_as_they_are(migrated: Backend) -> None:
+    """A filing for a province-level pool (XX9900) cannot be split into cities: it stays a pair of its own."""
+    insert(migrated, "cross_province_filings", [
+        {"insu_admdvs": "330106", "mdtrt_area_admdvs": "469900", "dcla_type": "TEMPORARY",
+         "begndate": days(dt.date(2025, 4, 9)), "dcla_time": ts(2025, 4, 9, 10)},
+        {"insu_admdvs": "330199", "mdtrt_area_admdvs": "460100", "dcla_type": "TEMPORARY",
+         "begndate": days(dt.date(2025, 4, 9)), "dcla_time": ts(2025, 4, 9, 11)},
+    ])
+    got = migrated.query(f"SELECT insu_admdvs, mdtrt_admdvs, filings FROM {migrated.database}.bi_cross_province_flows "
+                         "ORDER BY mdtrt_admdvs").rows
+    assert [tuple(r) for r in got] == [("330199", "460199", 1), ("330199", "469900", 1)]
 
 
 def test_bi_procurement_completion(hand_made: HandMade) -> None:
@@ -699,9 +755,10 @@ def test_bi_procurement_completion(hand_made: HandMade) -> None:
     elapsed = 100 * 100 / 365
     assert ct1[5] == pytest.approx(450.5 / 1200 * 100) and ct1[6] == pytest.approx(elapsed)
     assert ct1[7] == pytest.approx(elapsed - 450.5 / 1200 * 100)
-    assert ct2[3:] == (Decimal("500"), 0, 0.0, 100.0, 100.0)
-    assert ct3[3:] == (0, 0, None, 0.0, None)
-    assert ct4[4:] == (Decimal("12.5"), pytest.approx(125.0), 100.0, pytest.approx(-25.0))
+    assert ct2[3:8] == (Decimal("500"), 0, 0.0, 100.0, 100.0)
+    assert ct3[3:8] == (0, 0, None, 0.0, None)
+    assert ct4[4:8] == (Decimal("12.5"), pytest.approx(125.0), 100.0, pytest.approx(-25.0))
+    assert {r[8] for r in got.values()} == {hand_made.today}  # the orders were placed today
 
 
 def test_bi_supplier_payments(hand_made: HandMade) -> None:
@@ -715,8 +772,36 @@ def test_bi_supplier_payments(hand_made: HandMade) -> None:
     assert h1[6] == pytest.approx(2 / (4 + 2))
     assert h1[7] == pytest.approx(weighted)
     assert h1[8] == 2  # D4 and D6: more than 30 days, nothing paid
-    assert got[1][2:] == (1, Decimal("70.00"), 0, 0, None, None, 0)  # D7: unpaid, not yet due
-    assert got[2][2:] == (1, Decimal("99.00"), 1, 1, 1.0, pytest.approx((9 * 3600 + 60) / DAY_S), 0)
+    assert got[1][2:9] == (1, Decimal("70.00"), 0, 0, None, None, 0)  # D7: unpaid, not yet due
+    assert got[2][2:9] == (1, Decimal("99.00"), 1, 1, 1.0, pytest.approx((9 * 3600 + 60) / DAY_S), 0)
+    # judged at the latest acceptance on record, D7's, five days ago
+    assert {int(r[9].timestamp()) for r in got} == {hand_made.now - 5 * DAY_S}
+
+
+def test_procurement_views_judge_data_that_end_in_the_past_where_they_end(migrated: Backend) -> None:
+    """Data that end before today (a replay, the demo's simulated weeks) are judged as of their last
+    order or acceptance, as the rules judge them in event time: a contract one month into its year
+    is 8.5% elapsed, not 100%, and a delivery accepted a week before the data end is not overdue."""
+    db = migrated.database
+    insert(migrated, "proc_contracts", [{
+        "cntr_id": "CT1", "fixmedins_code": "H1", "med_list_codg": "X1", "admdvs": "330000",
+        "agreed_volume": 3650 * 10_000, "cycle_begn_date": days(dt.date(2025, 1, 1)),
+        "cycle_end_date": days(dt.date(2026, 1, 1)), "sign_time": ts(2025, 1, 1, 9)}])
+    insert(migrated, "proc_orders", [{
+        "cntr_id": "CT1", "fixmedins_code": "H1", "med_list_codg": "X1", "admdvs": "330102",
+        "purc_cnt": 200 * 10_000, "purc_amt": 100, "ord_time": ts(2025, 2, 1, 10)}])
+    [row] = migrated.query(f"SELECT completion_pct, elapsed_pct, lag_points, as_of "
+                           f"FROM {db}.bi_procurement_completion").rows
+    assert row[3] == dt.date(2025, 2, 1)
+    assert row[1] == pytest.approx(31 * 100 / 365) and row[2] == pytest.approx(31 * 100 / 365 - 200 / 36.5)
+
+    accepted, last = ts(2025, 3, 1, 10), ts(2025, 3, 8, 10)
+    insert(migrated, "proc_deliveries", [
+        {"dlv_id": "D1", "fixmedins_code": "H1", "admdvs": "330102", "acpt_time": accepted, "dlv_amt": 1000},
+        {"dlv_id": "D2", "fixmedins_code": "H1", "admdvs": "330102", "acpt_time": last, "dlv_amt": 1000}])
+    [row] = migrated.query(f"SELECT deliveries, overdue_unpaid, on_time_rate, as_of "
+                           f"FROM {db}.bi_supplier_payments").rows
+    assert (row[0], row[1], row[2], int(row[3].timestamp())) == (2, 0, None, last)
 
 
 def test_bi_supervision_outcomes(hand_made: HandMade) -> None:

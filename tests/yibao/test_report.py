@@ -18,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
+import itertools
 import json
+import math
 import os
 import re
 import shutil
@@ -28,7 +30,7 @@ import sys
 import tempfile
 import time
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -52,12 +54,15 @@ from yibao.report import (
     ReportError,
     as_date,
     charts,
+    completion_chart,
+    fund_chart,
     latest_capacity,
     load,
     nice_ticks,
     render,
     resolve_views,
 )
+from yibao.report.svg import WIDTH, bin_points, log_ticks, text_width, value_scale, wrap
 
 from ..conftest import require_infra
 
@@ -109,6 +114,13 @@ class FakeBackend:
         view = re.search(r"\.(bi_\w+)", sql)
         assert view, sql
         rows = self.rows.get(view.group(1), [])
+        if sql.startswith("SELECT max(as_of)"):
+            return QueryResult(["as_of"], [], [(self.rows.get(f"{view.group(1)}_as_of", [(None,)])[0][0],)])
+        if view.group(1) == "bi_alerts_by_rule" and sql.endswith("GROUP BY rule_id"):
+            totals: dict[str, int] = {}
+            for _day, rule, n in rows:
+                totals[rule] = totals.get(rule, 0) + n
+            return QueryResult(["rule_id", "n"], [], list(totals.items()))
         if sql.startswith("SELECT count() FROM (SELECT insu_admdvs"):
             return QueryResult(["n"], ["UInt64"], [(len(rows),)])
         if sql.startswith(("SELECT count()", "SELECT uniqExact")):
@@ -134,7 +146,9 @@ def _sample_rows() -> dict[str, list[tuple[Any, ...]]]:
         "bi_cross_province_flows": [("330106", "110105", 12, Decimal("3400.50"), Decimal("2100.00"), 3)],
         "bi_procurement_completion": [("H33010600001", "XA01ABD075A002010100483", "C1", 20.0, 60.0, 40.0),
                                       ("H33010600001", "ZA04CAE0023010100166", "C2", 80.0, 60.0, -20.0)],
+        "bi_procurement_completion_as_of": [(dt.date(2026, 9, 20),)],
         "bi_supplier_payments": [("H33010600001", 10, 7, 5, 2)],
+        "bi_supplier_payments_as_of": [(dt.datetime(2026, 9, 20, 16, 30, tzinfo=CN),)],
         "bi_supervision_outcomes_recovery": [("330106", dt.date(2026, 8, 1), Decimal("5000.00"))],
         "bi_supervision_outcomes_kinds": [("inspection", 4, Decimal("0")), ("recovery", 1, Decimal("5000.00"))],
     }
@@ -242,6 +256,133 @@ def test_a_fund_in_deficit_is_drawn_left_of_zero_and_flagged() -> None:
     assert ticks[0].startswith("-") and "0" in ticks
     (neg_x, neg_w), (pos_x, _) = bars
     assert neg_x + neg_w == pytest.approx(pos_x, abs=0.2)  # both bars start at the zero line
+
+
+# --- scales and labels that show every value as it is ----------------------------------------------
+
+def _fund(values: Sequence[float | None]) -> list[FundCapacity]:
+    return [FundCapacity(f"{330100 + i}", "310", dt.date(2026, 9, 1), v, 1.0, 1.0) for i, v in enumerate(values)]
+
+
+def _positions(svg: str) -> dict[str, float]:
+    """x of each fund's mark (a bar's end or a dot's centre) by region, from the chart's tooltips."""
+    out = {}
+    for m in re.finditer(r'<(rect|circle) class="mark (?:bar|dot)" (?:x="([\d.]+)" y="[\d.]+" width="([\d.]+)"|'
+                         r'cx="([\d.]+)")[^>]*><title>(\d+)', svg):
+        out[m.group(5)] = float(m.group(2)) + float(m.group(3)) if m.group(1) == "rect" else float(m.group(4))
+    return out
+
+
+def _tick_x(svg: str) -> dict[str, float]:
+    return {m.group(2): float(m.group(1))
+            for m in re.finditer(r'<text x="([\d.]+)" y="[\d.]+" text-anchor="middle" class="tick">([^<]+)<', svg)}
+
+
+def test_a_scale_over_half_a_month_to_two_thousand_is_logarithmic_and_places_every_value() -> None:
+    values = [0.5, 3.0, 15.0, 2000.0]
+    scale = value_scale(values, include=[3.0])
+    assert scale.kind == "log" and scale.lo <= 0.5 and scale.hi >= 2000
+    assert [scale.clipped(v) for v in values] == [0, 0, 0, 0]
+    fracs = [scale.frac(v) for v in values]
+    assert fracs == sorted(fracs) and fracs[0] >= 0 and fracs[-1] <= 1
+    # equal ratios are equal distances: 0.5 → 15 is 30×, as is 15 → 450
+    assert scale.frac(15) - scale.frac(0.5) == pytest.approx(scale.frac(450) - scale.frac(15))
+    assert {1, 10, 100, 1000} <= set(scale.ticks) and list(scale.ticks) == sorted(scale.ticks)
+
+
+def test_values_of_one_size_get_a_linear_scale_from_zero() -> None:
+    scale = value_scale([6.0, 9.0, 15.0], include=[3.0, 6.0])
+    assert scale.kind == "linear" and scale.lo == 0 and scale.hi >= 15 and scale.origin == 0
+    assert scale.frac(15) <= 1 and scale.frac(3) == pytest.approx(3 / scale.hi)
+    deficit = value_scale([-2.0, 3.0, 15.0])
+    assert deficit.kind == "linear" and deficit.lo <= -2 and deficit.clipped(-2) == 0
+
+
+def test_a_deficit_on_a_log_scale_is_clipped_and_labelled_with_its_true_value() -> None:
+    scale = value_scale([-5.0, 0.5, 15.0, 2000.0])
+    assert scale.kind == "log" and scale.clipped(-5.0) == -1 and scale.frac(-5.0) == 0
+    svg = fund_chart(_fund([-5.0, 0.5, 15.0, 2000.0])).svg or ""
+    assert "‹ -5.0 ⚠ deficit" in svg and "0.5 ⚠" in svg and "15.0<" in svg and "2,000.0<" in svg
+
+
+@pytest.mark.parametrize(("values", "log"), [([0.5, 3.0, 15.0, 2000.0], True), ([6.5, 9.0, 11.0, 15.0], False),
+                                           ([0.3, 8.0, 12.0, 45.6], True), ([380.0, 2322.0], True)])
+def test_fund_capacity_shows_every_value_where_its_axis_says(values: list[float], log: bool) -> None:
+    """No mark beyond the axis and none pinned at a cap: each fund's mark sits where the tick labels
+    put its value (interpolated between the ticks around it), and its true value is written next to it."""
+    svg = fund_chart(_fund(values)).svg or ""
+    marks = _positions(svg)
+    ticks = sorted((float(t.replace(",", "")), x) for t, x in _tick_x(svg).items())
+    assert ("logarithmic scale" in svg) == log
+    for i, v in enumerate(values):
+        assert f"{v:,.1f}" in svg
+        (t0, x0), (t1, x1) = next((a, b) for a, b in itertools.pairwise(ticks) if a[0] <= v <= b[0])
+        share = (math.log(v / t0) / math.log(t1 / t0)) if log else (v - t0) / (t1 - t0)
+        assert marks[f"{330100 + i}"] == pytest.approx(x0 + share * (x1 - x0), abs=1.0), (v, ticks)
+    # the warning line is drawn where 3 months is on this axis
+    line = float(re.search(r'<line x1="([\d.]+)"[^>]*class="threshold"', svg).group(1))  # type: ignore[union-attr]
+    (t0, x0), (t1, x1) = next((a, b) for a, b in itertools.pairwise(ticks) if a[0] <= 3 <= b[0])
+    share = (math.log(3 / t0) / math.log(t1 / t0)) if log else (3 - t0) / (t1 - t0)
+    assert line == pytest.approx(x0 + share * (x1 - x0), abs=1.0)
+
+
+def test_log_ticks_are_round_and_thin_out_over_many_decades() -> None:
+    assert log_ticks(2, 50) == [2, 5, 10, 20, 50]
+    assert log_ticks(0.5, 2000) == [0.5, 1, 10, 100, 1000, 2000]
+    with pytest.raises(ValueError):
+        log_ticks(0, 10)
+
+
+def test_coinciding_contracts_are_one_dot_with_their_count() -> None:
+    """779 contracts at the same point are one dot labelled 779, the largest on the chart."""
+    same = [Completion(f"H{i}", "X", f"C{i}", 0.0, 18.0, 18.0) for i in range(779)]
+    others = [Completion(f"H{i}", "X", f"D{i}", 30.0 * i, 18.0, 18.0 - 30.0 * i) for i in range(1, 4)]
+    assert bin_points([(18.0, 0.0)] * 779 + [(50.0, 50.0)]) == [(18.0, 0.0, 779), (50.0, 50.0, 1)]
+    svg = completion_chart(same + others, 1405).svg or ""
+    dots = re.findall(r'<circle class="mark dot" cx="[\d.]+" cy="[\d.]+" r="([\d.]+)"[^>]*><title>([\d,]+) contract',
+                      svg)
+    assert len(dots) == 4 and max(dots, key=lambda d: float(d[0]))[1] == "779"
+    assert re.search(r'class="value warn">779<', svg)
+
+
+def test_the_procurement_chart_says_how_its_count_relates_to_the_rule() -> None:
+    items = [Completion("H1", "X", "C1", 5.0, 40.0, 35.0)]
+    chart = completion_chart(items, 1, as_of=dt.date(2026, 10, 7), today=dt.date(2026, 12, 6), alerts=0)
+    svg = chart.svg or ""
+    assert "1 of 1 shown lags" in chart.subtitle and "as of 2026-10-07" in chart.subtitle
+    assert "Judged as of 2026-10-07" in svg and "YB-PROC-VOLUME-LAG raised 0 alerts" in svg
+    assert "not today" not in (completion_chart(items, 1, as_of=dt.date(2026, 12, 6), today=dt.date(2026, 12, 6),
+                                                alerts=1).svg or "")
+
+
+@pytest.mark.parametrize(("paid", "on_time", "overdue", "label"), [
+    (1, 1, 27, "4% on time (1 of 28) · 27 overdue"),
+    (5, 5, 0, "100% on time (5 of 5)"),
+    (0, 0, 3, "0% on time (0 of 3) · 3 overdue"),
+    (0, 0, 0, "none due yet"),
+])
+def test_supplier_labels_count_overdue_deliveries_against_the_on_time_rate(paid: int, on_time: int, overdue: int,
+                                                                          label: str) -> None:
+    from yibao.report import payments_chart
+
+    p = Payments("H33010600001", 30, paid, on_time, overdue)
+    svg = payments_chart([p], 1).svg or ""
+    assert f">{label}<" in svg
+
+
+def test_the_longest_supplier_label_fits_in_the_chart() -> None:
+    from yibao.report import payments_chart
+
+    items = [Payments(f"H3301060000{i}", 10 + 20 * i, 10 + 20 * i - 27 * (i == 4), 1, 27 * (i == 4)) for i in range(5)]
+    svg = payments_chart(items, 5).svg or ""
+    for m in re.finditer(r'<text x="([\d.]+)" y="[\d.]+" text-anchor="start" class="value[^"]*">([^<]+)<', svg):
+        assert float(m.group(1)) + text_width(m.group(2)) <= WIDTH, m.group(2)
+
+
+def test_wrapped_notes_stay_within_their_width() -> None:
+    note = "YB-PROC-VOLUME-LAG raised 0 alerts: it judges each contract at every China midnight in event time " * 3
+    lines = wrap(note, 400)
+    assert len(lines) > 3 and all(text_width(ln) <= 400 for ln in lines) and " ".join(lines) == note.strip()
 
 
 def test_every_text_from_the_database_is_escaped() -> None:
@@ -373,6 +514,8 @@ def grafana_sql(sql: str) -> str:
     sql = re.sub(r"\$__dateFilter\((\w+)\)", r"(\1 >= toDate('2000-01-01') AND \1 <= toDate('2100-01-01'))", sql)
     sql = re.sub(r"\$__timeFilter\((\w+)\)",
                  r"(\1 >= toDateTime('2000-01-01 00:00:00') AND \1 <= toDateTime('2100-01-01 00:00:00'))", sql)
+    # the region and month variables at their default, "All": the plugin makes the condition true
+    sql = re.sub(r"\$__conditionalAll\((.+?),\s*\$\{?\w+\}?\)", "1 = 1", sql)
     assert "$" not in sql, f"unexpanded macro or variable in {sql}"
     return sql
 

@@ -305,8 +305,8 @@ def test_code_formats(stream: list[SimEvent], long_gen: TrafficGenerator) -> Non
             assert all(OPRN.match(o) for o in d["oprn_codes"])
         elif ev.record == INCOME:
             assert POOL.match(d["insu_admdvs"])
-        elif ev.record == FILING:
-            assert POOL.match(d["mdtrt_area_admdvs"]) and CERT.match(d["psn_cert_no"])
+        elif ev.record == FILING:  # both regions are pooling regions, so filings and settlements join
+            assert POOL.match(d["mdtrt_area_admdvs"]) and POOL.match(d["insu_admdvs"]) and CERT.match(d["psn_cert_no"])
         elif ev.record == INVENTORY:
             assert all(TRACE.match(c) for c in d["drug_trac_codg"])
         elif ev.record == CONTRACT:
@@ -445,6 +445,7 @@ def test_cross_province_settlements_have_a_prior_filing(stream: list[SimEvent]) 
             assert f is not None, "cross-province settlement without an earlier filing"
             assert f["dcla_time"] < d["setl_time"]
             assert f["mdtrt_area_admdvs"][:4] == d["mdtrt_admdvs"][:4], "care in the filed city"
+            assert f["insu_admdvs"] == d["insu_admdvs"][:4] + "99", "filed with the insured's pooling agency"
             assert f["begndate"] <= local_day(d["setl_time"])
             assert f["enddate"] is None or f["enddate"] >= local_day(d["setl_time"])
             if f["fixmedins_code"] is not None:

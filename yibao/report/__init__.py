@@ -9,7 +9,7 @@ see it as a console error). Charts are inline SVG drawn here in Python; tooltips
 
 Layers, so each can be tested on its own:
 
-- :func:`resolve_views` checks that the views of migration ``0003_bi_aggregates.sql`` exist with
+- :func:`resolve_views` checks that the BI views (migrations 0003, 0006, 0008) exist with
   the columns this module reads (:data:`VIEWS`, the contract) and names where to read them;
 - :func:`load` runs a few small aggregate queries (valid on ClickHouse 18.16 and chDB) and turns
   the rows into plain dataclasses (:class:`ReportData`);
@@ -19,6 +19,12 @@ Layers, so each can be tested on its own:
 Every chart has a title, axes with units, a legend where colours carry meaning, and an explicit
 "no data" state (``data-state="empty"``) instead of an empty frame. Each data mark (bar, line,
 point) carries ``class="mark"``: the browser test counts them in the DOM.
+
+Every value is shown as it is: an axis that would crowd most values into a corner (funds of 10
+months next to one of 2,000) turns logarithmic, a value the axis cannot place is drawn at its edge
+with its true figure written, points that coincide are counted, and a chart whose view judges as
+of the data's last day (simulated or replayed data end in the past) says so, and sets its figure
+against the alerts of the rule that judges the same thing.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Protocol
 
+from schemas.calendar import CHINA
 from sinks.base import QueryResult, literal
 
 from .svg import (
@@ -42,20 +49,27 @@ from .svg import (
     WARN_COLOR,
     WIDTH,
     Chart,
+    Scale,
+    bin_points,
     clip,
     color_map,
     esc,
+    fmt_axis,
     fmt_cny,
+    fmt_cny_tick,
     fmt_num,
     legend_html,
     nice_ticks,
     svg_doc,
     text,
+    text_width,
+    value_scale,
+    wrap,
     x_axis,
     y_axis,
 )
 
-#: The BI views and the columns the report reads from each (the contract with 0003_bi_aggregates.sql).
+#: The BI views and the columns the report reads from each (the contract with sinks/ddl/0003 and 0008).
 VIEWS: dict[str, tuple[str, ...]] = {
     "bi_fund_health": ("insu_admdvs", "insutype", "month", "income", "spending", "current_balance",
                        "cumulative_balance", "months_capacity", "policy_ratio"),
@@ -63,9 +77,9 @@ VIEWS: dict[str, tuple[str, ...]] = {
     "bi_cross_province_flows": ("day", "insu_admdvs", "mdtrt_admdvs", "settlements", "medfee_sumamt",
                                 "fund_pay_sumamt", "filings"),
     "bi_procurement_completion": ("fixmedins_code", "med_list_codg", "cntr_id", "agreed_volume", "purchased",
-                                  "completion_pct", "elapsed_pct", "lag_points"),
+                                  "completion_pct", "elapsed_pct", "lag_points", "as_of"),
     "bi_supplier_payments": ("fixmedins_code", "month", "deliveries", "delivered_amt", "paid_deliveries", "on_time",
-                             "on_time_rate", "weighted_avg_pay_days", "overdue_unpaid"),
+                             "on_time_rate", "weighted_avg_pay_days", "overdue_unpaid", "as_of"),
     "bi_supervision_outcomes": ("admdvs", "month", "kind", "type", "cnt", "amount"),
 }
 
@@ -73,8 +87,14 @@ VIEWS: dict[str, tuple[str, ...]] = {
 CAPACITY_WARNING_MONTHS = 3.0
 #: Completion lagging the elapsed share of the contract cycle by more than this many points is a warning.
 LAG_WARNING_POINTS = 10.0
-#: Capacity axis cap: a fund with years of reserve would squash every bar near the warning line.
-CAPACITY_AXIS_CAP = 36.0
+#: The rules whose alerts a chart sets its own figures against.
+VOLUME_LAG_RULE = "YB-PROC-VOLUME-LAG"
+PAY_OVERDUE_RULE = "YB-PROC-PAY-OVERDUE"
+CAPACITY_RULE = "YB-FUND-CAPACITY"
+#: Days the data may end before today before a chart says that it judges as of the data's end.
+STALE_DAYS = 2
+#: Completion above this share of the agreed volume is drawn at the top of the procurement chart.
+COMPLETION_AXIS_MAX = 200.0
 
 INSUTYPE_NAMES = {"310": "employee", "390": "resident"}
 
@@ -155,6 +175,12 @@ class Payments:
         return max(0, self.paid - self.on_time)
 
     @property
+    def known(self) -> int:
+        """Deliveries whose outcome is known: paid, or unpaid past the 30 days (the view's
+        ``on_time_rate`` is ``on_time`` of these)."""
+        return self.paid + self.overdue_unpaid
+
+    @property
     def pending(self) -> int:
         """Unpaid deliveries that are not overdue yet."""
         return max(0, self.deliveries - self.paid - self.overdue_unpaid)
@@ -190,8 +216,14 @@ class ReportData:
     flow_pairs: int = 0
     completion: list[Completion] = field(default_factory=list)
     contracts: int = 0
+    #: the China day bi_procurement_completion judges at (its latest order or contract, or today)
+    completion_as_of: date | None = None
     payments: list[Payments] = field(default_factory=list)
     hospitals: int = 0
+    #: the moment bi_supplier_payments judges overdue at (its latest acceptance or payment, or now)
+    payments_as_of: datetime | None = None
+    #: standing alerts per rule over every day on record (bi_alerts_by_rule)
+    rule_totals: dict[str, int] = field(default_factory=dict)
     recoveries: list[Recovery] = field(default_factory=list)
     outcomes: list[Outcome] = field(default_factory=list)
     rule_names: dict[str, str] = field(default_factory=dict)
@@ -227,7 +259,7 @@ def resolve_views(backend: _Queryable) -> dict[str, str]:
             incomplete.append(f"{view} (no {', '.join(lacking)})")
             continue
         sources[view] = f"{db}.{view}"
-    hint = "run `yibao migrate` (it creates the BI views of sinks/ddl/0003_bi_aggregates.sql), then try again"
+    hint = "run `yibao migrate` (it creates and updates the BI views, sinks/ddl/), then try again"
     if missing:
         raise ReportError(f"database {db} has no BI view {', '.join(missing)}", hint)
     if incomplete:
@@ -263,6 +295,8 @@ def load(backend: _Queryable, *, backend_name: str = "", alert_days: int = 90, t
             f"WHERE day >= (SELECT max(day) FROM {{src}}) - {int(alert_days) - 1} "
             "GROUP BY day, rule_id ORDER BY day, rule_id")
     data.alerts = [AlertCount(as_date(r[0]), str(r[1]), as_int(r[2])) for r in res.rows]
+    res = backend.query(f"SELECT rule_id, sum(alerts) AS n FROM {src['bi_alerts_by_rule']} GROUP BY rule_id")
+    data.rule_totals = {str(r[0]): as_int(r[1]) for r in res.rows}
 
     res = q("bi_cross_province_flows",
             "SELECT insu_admdvs, mdtrt_admdvs, sum(settlements) AS n_setl, sum(medfee_sumamt) AS medfee, "
@@ -281,6 +315,9 @@ def load(backend: _Queryable, *, backend_name: str = "", alert_days: int = 90, t
     data.completion = [Completion(str(r[0]), str(r[1]), str(r[2]), as_float(r[3]), as_float(r[4]), as_float(r[5]))
                        for r in res.rows if r[3] is not None and r[4] is not None]
     data.contracts = as_int(backend.query(f"SELECT count() FROM {src['bi_procurement_completion']}").scalar())
+    if data.contracts:
+        data.completion_as_of = as_date(backend.query(
+            f"SELECT max(as_of) FROM {src['bi_procurement_completion']}").scalar())
 
     res = q("bi_supplier_payments",
             "SELECT fixmedins_code, sum(deliveries) AS n_dlv, sum(paid_deliveries) AS n_paid, "
@@ -289,6 +326,9 @@ def load(backend: _Queryable, *, backend_name: str = "", alert_days: int = 90, t
     data.payments = [Payments(str(r[0]), as_int(r[1]), as_int(r[2]), as_int(r[3]), as_int(r[4])) for r in res.rows]
     data.hospitals = as_int(backend.query(
         f"SELECT uniqExact(fixmedins_code) FROM {src['bi_supplier_payments']}").scalar())
+    if data.hospitals:
+        data.payments_as_of = as_datetime(backend.query(
+            f"SELECT max(as_of) FROM {src['bi_supplier_payments']}").scalar())
 
     res = q("bi_supervision_outcomes",
             "SELECT admdvs, month, sum(amount) AS amt FROM {src} WHERE kind = 'recovery' "
@@ -330,6 +370,15 @@ def as_int(v: Any) -> int:
     return 0 if v is None else int(v)
 
 
+def as_datetime(v: Any) -> datetime | None:
+    """A DateTime from the view as an aware datetime (China time when the driver gives it naive)."""
+    if isinstance(v, datetime):
+        return v if v.tzinfo is not None else v.replace(tzinfo=CHINA)
+    if isinstance(v, int | float) and v > 0:
+        return datetime.fromtimestamp(v, CHINA)
+    return None
+
+
 def as_date(v: Any) -> date:
     """A month or day as a date, whether the view gives a Date, a DateTime, YYYYMM or text."""
     if isinstance(v, datetime):
@@ -347,67 +396,93 @@ def as_date(v: Any) -> date:
 
 # --- the charts ---------------------------------------------------------------------------------
 
-def fund_chart(items: Sequence[FundCapacity], threshold: float = CAPACITY_WARNING_MONTHS, limit: int = 30) -> Chart:
-    """(a) Months of payout capacity per pooling region and insurance type against the warning line."""
+def fund_chart(items: Sequence[FundCapacity], threshold: float = CAPACITY_WARNING_MONTHS, limit: int = 30,
+               alerts: int | None = None) -> Chart:
+    """(a) Months of payout capacity per pooling region and insurance type against the warning line.
+
+    Every value is shown as it is: the axis turns logarithmic when the largest are many times the
+    typical ones (a small pool with a week of data can show 50 months next to 10), and a value the
+    axis cannot place (a deficit on a log axis) is drawn at its edge with the true value written."""
     title = "Fund months of payout capacity by pooling region"
     ranked = sorted(items, key=lambda f: (f.months_capacity is None, f.months_capacity or 0.0, f.region, f.insutype))
     shown = ranked[:limit]
     as_of = max((f.month for f in items), default=None)
     below = sum(1 for f in items if f.months_capacity is not None and f.months_capacity < threshold)
-    sub = (f"Latest month per region and insurance type{f' (up to {as_of:%Y-%m})' if as_of else ''}: "
-           f"cumulative balance ÷ average monthly spending this year, against the {threshold:g}-month warning line.")
+    sub = (f"Latest month per pooling region and insurance type{f' (up to {as_of:%Y-%m})' if as_of else ''}: "
+           f"cumulative balance ÷ average monthly spending over the part of the year the data cover, against "
+           f"the {threshold:g}-month warning line.")
     if items:
         sub += (f" {below} of {len(items)} below it; lowest first"
                 f"{f', {len(shown)} of {len(items)} shown' if len(shown) < len(items) else ''}.")
+        if alerts is not None:
+            sub += f" {CAPACITY_RULE} (closed months only) has {alerts:,} standing alert{'' if alerts == 1 else 's'}."
     if not shown:
         return Chart("fund", title, sub, None,
                      empty_reason="bi_fund_health has no rows: no fund income or spending yet")
     types = sorted({f.insutype for f in shown})
     colors = color_map(types)
     values = [f.months_capacity for f in shown if f.months_capacity is not None]
-    # A fund in deficit (negative cumulative balance) has negative capacity: the axis extends left.
-    axis_max = min(max([*values, threshold * 2]), CAPACITY_AXIS_CAP)
-    axis_min = max(min([*values, 0.0]), -CAPACITY_AXIS_CAP)
-    ticks = nice_ticks(axis_max, lo=axis_min)
-    left, right, top, bar_h, gap = 190, 80, 26, 18, 6
+    scale = value_scale(values, include=[threshold, 2 * threshold])
+    labels = [_capacity_label(f.months_capacity, threshold, scale) for f in shown]
+    left, top, bar_h, gap = 190, 26, 18, 6
+    right = max(80.0, max(text_width(t) for t in labels) + 16)
     plot_w = WIDTH - left - right
     height = top + len(shown) * (bar_h + gap) + 52
 
     def x(v: float) -> float:
-        return left + plot_w * (max(ticks[0], min(v, ticks[-1])) - ticks[0]) / (ticks[-1] - ticks[0])
+        return left + plot_w * scale.frac(v)
 
     bottom = top + len(shown) * (bar_h + gap)
-    body = x_axis(ticks, x, top - 4, bottom, "months of payout capacity")
-    for i, f in enumerate(shown):
+    axis = "months of payout capacity" + (" (logarithmic scale)" if scale.kind == "log" else "")
+    body = x_axis(scale.ticks, x, top - 4, bottom, axis, fmt=fmt_axis)
+    for i, (f, value) in enumerate(zip(shown, labels, strict=True)):
         y = top + i * (bar_h + gap)
         label = f"{f.region} · {insutype_label(f.insutype)}"
         body.append(text(left - 8, y + bar_h - 4, clip(label, 25), anchor="end", cls="label"))
         if f.months_capacity is None:
-            body.append(text(x(0) + 6, y + bar_h - 4, "n/a: no spending this year", cls="note"))
+            body.append(text(x(scale.origin) + 6, y + bar_h - 4, "n/a: no spending this year", cls="note"))
             continue
         v = f.months_capacity
         warn = v < threshold
         stroke = f' stroke="{WARN_COLOR}" stroke-width="2"' if warn else ""
         tip = (f"{label}, {f.month:%Y-%m}: {v:.2f} months of payout capacity; cumulative balance "
                f"{fmt_cny(f.cumulative_balance)}, spending this month {fmt_cny(f.spending)}")
-        x0, x1 = sorted((x(0), x(v)))
-        body.append(f'<rect class="mark bar" x="{x0:.1f}" y="{y}" width="{max(1.0, x1 - x0):.1f}" '
-                    f'height="{bar_h}" fill="{colors[f.insutype]}"{stroke}><title>{esc(tip)}</title></rect>')
-        clipped = " ›" if v > ticks[-1] else " ‹" if v < ticks[0] else ""
-        value = f"{v:.1f}{clipped}" + (" ⚠ deficit" if v < 0 else " ⚠" if warn else "")
-        if v >= 0:
-            body.append(text(x(v) + 5, y + bar_h - 4, value, cls="value warn" if warn else "value"))
-        elif x1 - x0 > 7.5 * len(value):  # inside a long deficit bar, by the zero line
-            body.append(text(x1 - 5, y + bar_h - 4, value, anchor="end", cls="value-in"))
+        x0, x1 = sorted((x(scale.origin), x(v)))
+        if scale.kind == "log":  # a bar's length means nothing on a log axis: a dot on a guide line
+            cy = y + bar_h / 2
+            body.append(f'<line x1="{x(scale.lo):.1f}" y1="{cy:.1f}" x2="{x1:.1f}" y2="{cy:.1f}" class="guide"/>')
+            body.append(f'<circle class="mark dot" cx="{x1:.1f}" cy="{cy:.1f}" r="6" fill="{colors[f.insutype]}"'
+                        f'{stroke}><title>{esc(tip)}</title></circle>')
+            x1 += 6
         else:
-            body.append(text(x0 - 5, y + bar_h - 4, value, anchor="end", cls="value warn"))
+            body.append(f'<rect class="mark bar" x="{x0:.1f}" y="{y}" width="{max(2.0, x1 - x0):.1f}" '
+                        f'height="{bar_h}" fill="{colors[f.insutype]}"{stroke}><title>{esc(tip)}</title></rect>')
+        cls = "value warn" if warn else "value"
+        if scale.kind == "linear" and v < 0:
+            if x1 - x0 > text_width(value) + 10:  # inside a long deficit bar, by the zero line
+                body.append(text(x1 - 5, y + bar_h - 4, value, anchor="end", cls="value-in"))
+            else:
+                body.append(text(x0 - 5, y + bar_h - 4, value, anchor="end", cls=cls))
+        else:
+            body.append(text(max(x1, x0 + 2) + 5, y + bar_h - 4, value, cls=cls))
     tx = x(threshold)
     body.append(f'<line x1="{tx:.1f}" y1="{top - 18}" x2="{tx:.1f}" y2="{bottom:.1f}" class="threshold"/>')
     body.append(text(tx + 4, top - 10, f"{threshold:g}-month warning line", cls="threshold-label"))
-    legend = legend_html([*((insutype_label(t), colors[t], "box") for t in types),
-                      (f"below {threshold:g} months (warning)", WARN_COLOR, "outline"),
-                      (f"{threshold:g}-month warning line", WARN_COLOR, "dash")])
+    shape = "dot" if scale.kind == "log" else "box"
+    legend = legend_html([*((insutype_label(t), colors[t], shape) for t in types),
+                          (f"below {threshold:g} months (warning)", WARN_COLOR, "outline"),
+                          (f"{threshold:g}-month warning line", WARN_COLOR, "dash")])
     return Chart("fund", title, sub, svg_doc(int(height), body, title), legend)
+
+
+def _capacity_label(v: float | None, threshold: float, scale: Scale) -> str:
+    """The value written next to a fund's bar: always the true figure, flagged below the warning
+    line, and marked "‹" when the axis cannot place it (a deficit on a logarithmic axis)."""
+    if v is None:
+        return "n/a: no spending this year"
+    edge = "‹ " if scale.clipped(v) < 0 else ""
+    flag = " ⚠ deficit" if v < 0 else " ⚠" if v < threshold else ""
+    return f"{edge}{v:,.1f}{flag}"
 
 
 def insutype_label(code: str) -> str:
@@ -421,7 +496,9 @@ def alerts_chart(rows: Sequence[AlertCount], days: int, rule_names: Mapping[str,
     title = "Monitoring alerts by rule over time"
     names = rule_names or {}
     total = sum(r.alerts for r in rows)
-    sub = f"Alerts per day and rule over the last {days} days of data; {fmt_num(total)} alerts in the period."
+    sub = (f"Standing alerts per day and rule over the last {days} days of data; {fmt_num(total)} alerts in the "
+           "period. An alert counts on the first day of the window it judges, so a rule that looks back (30 "
+           "days of prescriptions, 7 days of visits) counts some before the data begin.")
     if not rows or total == 0:
         return Chart("alerts", title, sub, None, empty_reason="no alerts in bi_alerts_by_rule for this period")
     by_rule: dict[str, int] = defaultdict(int)
@@ -456,8 +533,9 @@ def alerts_chart(rows: Sequence[AlertCount], days: int, rule_names: Mapping[str,
         d = first + timedelta(days=i)
         body.append(f'<line x1="{x(i):.1f}" y1="{top + plot_h}" x2="{x(i):.1f}" y2="{top + plot_h + 5}" class="axis"/>')
         body.append(text(x(i), top + plot_h + 20, f"{d:%m-%d}", anchor="middle", cls="tick"))
-    body.append(text(left + plot_w / 2, top + plot_h + 42, f"day ({first:%Y-%m-%d} to {last:%Y-%m-%d})",
-                      anchor="middle", cls="axis-title"))
+    body.append(text(left + plot_w / 2, top + plot_h + 42,
+                     f"day the alert's window begins ({first:%Y-%m-%d} to {last:%Y-%m-%d})",
+                     anchor="middle", cls="axis-title"))
     for k, values in series.items():
         label = k if k == other else f"{k}: {names[k]}" if k in names else k
         tip = f"{label}: {sum(values):,} alerts"
@@ -476,9 +554,10 @@ def flows_chart(flows: Sequence[Flow], pairs: int) -> Chart:
     """(c) The largest cross-province flows, insured region → region of treatment."""
     title = "Cross-province flows: insured region → treatment region"
     total = sum(f.settlements for f in flows)
-    sub = "Cross-province settlements and filings per pair of regions (insured → treated)."
+    sub = ("Cross-province settlements and filings per pair of pooling regions (XXXX99: insured → treated), "
+           "the level at which both are recorded.")
     if flows:
-        sub += (f" Largest {len(flows)} of {pairs} pairs, {fmt_num(total)} settlements; "
+        sub += (f" The largest {len(flows)} of {pairs} pairs ({fmt_num(total)} settlements among them); "
                 "hover a bar for the amounts.")
     if not flows:
         return Chart("flows", title, sub, None, empty_reason="no cross-province settlements or filings yet")
@@ -508,21 +587,30 @@ def flows_chart(flows: Sequence[Flow], pairs: int) -> Chart:
     return Chart("flows", title, sub, svg_doc(int(bottom + 48), body, title), legend)
 
 
-def completion_chart(items: Sequence[Completion], contracts: int, lag: float = LAG_WARNING_POINTS) -> Chart:
-    """(d) Volume-based procurement: completion of the agreed volume against elapsed contract time."""
+def completion_chart(items: Sequence[Completion], contracts: int, lag: float = LAG_WARNING_POINTS,
+                     as_of: date | None = None, today: date | None = None, alerts: int | None = None) -> Chart:
+    """(d) Volume-based procurement: completion of the agreed volume against elapsed contract time.
+
+    Contracts of one cycle judged on one day sit on the same point (hundreds of them at 0% bought
+    early in a cycle), so points are counted per 2 × 2-point cell and drawn as one dot whose area
+    grows with the count, the count written beside it. The view judges as of the data's last day;
+    the note under the chart says how that relates to what the volume-lag rule raised."""
     title = "Procurement completion vs elapsed share of the contract cycle"
     lagging = sum(1 for c in items if c.lag_points > lag)
-    sub = (f"One point per volume-based procurement contract: share of the agreed volume bought against the "
-           f"share of the contract cycle elapsed; warning when it lags by more than {lag:g} points.")
+    when = f" as of {as_of:%Y-%m-%d}" if as_of else ""
+    sub = (f"Share of the agreed volume bought against the share of the contract cycle elapsed{when}, per "
+           f"volume-based procurement contract; a warning when completion lags by more than {lag:g} points.")
     if items:
-        sub += f" {lagging} of {len(items)} shown lag{'s' if lagging == 1 else ''} ({contracts} contracts in all)."
+        sub += (f" {lagging:,} of {len(items):,} shown lag{'s' if lagging == 1 else ''} "
+                f"({contracts:,} contracts in all).")
     if not items:
         return Chart("procurement", title, sub, None,
                      empty_reason="no procurement contracts in bi_procurement_completion")
     left, right, top, plot_h = 70, 24, 16, 320
     plot_w = WIDTH - left - right
     x_ticks = nice_ticks(100.0)
-    y_ticks = nice_ticks(min(max(100.0, *(c.completion_pct for c in items)), 200.0))
+    y_top = min(max(100.0, *(c.completion_pct for c in items)), COMPLETION_AXIS_MAX)
+    y_ticks = nice_ticks(y_top)
 
     def x(v: float) -> float:
         return left + plot_w * max(0.0, min(v, x_ticks[-1])) / x_ticks[-1]
@@ -531,26 +619,68 @@ def completion_chart(items: Sequence[Completion], contracts: int, lag: float = L
         return top + plot_h - plot_h * max(0.0, min(v, y_ticks[-1])) / y_ticks[-1]
 
     body = y_axis(y_ticks, y, left, left + plot_w, "completion of agreed volume (%)", fmt=lambda v: f"{v:g}%")
-    body += x_axis(x_ticks, x, top, top + plot_h, "elapsed share of the contract cycle (%)", fmt=lambda v: f"{v:g}%")
+    body += x_axis(x_ticks, x, top, top + plot_h, f"elapsed share of the contract cycle{when} (%)",
+                   fmt=lambda v: f"{v:g}%")
     body.append(f'<line x1="{x(0):.1f}" y1="{y(0):.1f}" x2="{x(100):.1f}" y2="{y(100):.1f}" class="ref-line"/>')
     body.append(f'<line x1="{x(lag):.1f}" y1="{y(0):.1f}" x2="{x(100):.1f}" y2="{y(100 - lag):.1f}" '
                 'class="threshold"/>')
-    for c in items:
-        warn = c.lag_points > lag
-        tip = (f"contract {c.cntr_id}, {c.fixmedins_code}, {c.med_list_codg}: {c.completion_pct:.1f}% bought, "
-               f"{c.elapsed_pct:.1f}% of the cycle elapsed ({c.lag_points:+.1f} points lag)")
-        body.append(f'<circle class="mark dot" cx="{x(c.elapsed_pct):.1f}" cy="{y(c.completion_pct):.1f}" r="4" '
-                    f'fill="{WARN_COLOR if warn else OK_COLOR}" fill-opacity="0.75"><title>{esc(tip)}</title></circle>')
+    groups = {True: [c for c in items if c.lag_points > lag], False: [c for c in items if c.lag_points <= lag]}
+    binned = {k: bin_points(((c.elapsed_pct, min(c.completion_pct, y_ticks[-1])) for c in v), cell=5.0)
+              for k, v in groups.items()}
+    most = max(n for b in binned.values() for _, _, n in b)
+    placed: list[tuple[float, float, float, float]] = []  # count labels drawn so far (x0, y0, x1, y1)
+    for warn in (False, True):
+        for ex, ey, n in binned[warn]:
+            r = max(3.5, 24 * math.sqrt(n / most))
+            state = f"lagging by more than {lag:g} points" if warn else "on schedule or ahead"
+            tip = (f"{n:,} contract{'s' if n > 1 else ''} {state}: about {ey:.0f}% bought, "
+                   f"{ex:.0f}% of the cycle elapsed")
+            body.append(f'<circle class="mark dot" cx="{x(ex):.1f}" cy="{y(ey):.1f}" r="{r:.1f}" '
+                        f'fill="{WARN_COLOR if warn else OK_COLOR}" fill-opacity="0.6" stroke="#fff" '
+                        f'stroke-width="1"><title>{esc(tip)}</title></circle>')
+            box = (x(ex) + r + 2, y(ey) - 7, x(ex) + r + 4 + text_width(f"{n:,}"), y(ey) + 6)
+            if n > 1 and not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in placed):
+                placed.append(box)
+                body.append(text(box[0] + 1, y(ey) + 4, f"{n:,}", cls="value warn" if warn else "value"))
+    above = sum(1 for c in items if c.completion_pct > y_ticks[-1])
+    if above:
+        body.append(text(left + plot_w - 4, top + 12, f"{above:,} above {y_ticks[-1]:g}% drawn at the top",
+                         anchor="end", cls="note"))
+    notes = [ln for note in _lag_notes(as_of, today, alerts) for ln in wrap(note, plot_w)]
+    for i, line in enumerate(notes):
+        body.append(text(left, top + plot_h + 58 + 16 * i, line, cls="note"))
     legend = legend_html([("on schedule or ahead", OK_COLOR, "dot"), (f"lagging > {lag:g} points", WARN_COLOR, "dot"),
-                      ("completion = elapsed", "#555", "line"), (f"{lag:g}-point lag line", WARN_COLOR, "dash")])
-    return Chart("procurement", title, sub, svg_doc(top + plot_h + 52, body, title), legend)
+                          ("completion = elapsed", "#555", "line"), (f"{lag:g}-point lag line", WARN_COLOR, "dash"),
+                          ("dot area: contracts at that point (number beside it)", "#8c959f", "dot")])
+    height = top + plot_h + 52 + 16 * len(notes) + (8 if notes else 0)
+    return Chart("procurement", title, sub, svg_doc(height, body, title), legend)
 
 
-def payments_chart(items: Sequence[Payments], hospitals: int) -> Chart:
-    """(d) Supplier payments per hospital: on time, late, overdue and unpaid, not yet due."""
+def _lag_notes(as_of: date | None, today: date | None, alerts: int | None) -> list[str]:
+    """What sets the chart's count apart from the alerts of the volume-lag rule, in words."""
+    notes = []
+    if as_of is not None and today is not None and (today - as_of).days >= STALE_DAYS:
+        notes.append(f"Judged as of {as_of:%Y-%m-%d}, the latest order or contract on record, not today "
+                     f"({today:%Y-%m-%d}): purchases after the data end are unknown.")
+    if alerts is not None:
+        notes.append(f"{VOLUME_LAG_RULE} raised {alerts:,} alert{'' if alerts == 1 else 's'}: it judges each "
+                     "contract at every China midnight in event time, and only when the volume behind is a "
+                     "whole unit and worth its minimum.")
+    return notes
+
+
+def payments_chart(items: Sequence[Payments], hospitals: int, as_of: datetime | None = None,
+                   today: date | None = None, alerts: int | None = None) -> Chart:
+    """(d) Supplier payments per hospital: on time, late, overdue and unpaid, not yet due.
+
+    The label beside each bar uses the view's definition of the on-time rate (paid in full within
+    30 days, among the deliveries whose outcome is known: paid, or overdue), so that a hospital with
+    27 overdue deliveries never reads "100% on time"."""
     title = "Supplier payments and overdue deliveries by hospital"
     overdue = sum(p.overdue_unpaid for p in items)
-    sub = "Accepted deliveries by payment status: hospitals must pay their suppliers within 30 days."
+    when = f" as of {as_of:%Y-%m-%d %H:%M}" if as_of else ""
+    sub = (f"Accepted deliveries by payment status{when}: hospitals must pay their suppliers within 30 days of "
+           "acceptance. On time: paid in full within them, out of the deliveries paid or overdue.")
     if items:
         sub += (f" {len(items)} of {hospitals} hospitals shown, most overdue first; "
                 f"{fmt_num(overdue)} overdue unpaid deliveries among them.")
@@ -560,7 +690,9 @@ def payments_chart(items: Sequence[Payments], hospitals: int) -> Chart:
         ("paid on time", OK_COLOR, lambda p: p.on_time), ("paid late", LATE_COLOR, lambda p: p.paid_late),
         ("overdue, unpaid", WARN_COLOR, lambda p: p.overdue_unpaid),
         ("unpaid, not yet due", PENDING_COLOR, lambda p: p.pending)]
-    left, right, top, bar_h, gap = 150, 150, 12, 16, 7
+    labels = [_payment_label(p) for p in items]
+    left, top, bar_h, gap = 150, 12, 16, 7
+    right = max(60.0, max(text_width(t) for t in labels) + 14)
     plot_w = WIDTH - left - right
     ticks = nice_ticks(max(max(p.deliveries, p.paid + p.overdue_unpaid) for p in items))
     bottom = top + len(items) * (bar_h + gap)
@@ -569,7 +701,7 @@ def payments_chart(items: Sequence[Payments], hospitals: int) -> Chart:
         return left + plot_w * v / ticks[-1]
 
     body = x_axis(ticks, x, top - 4, bottom, "accepted deliveries (count)")
-    for i, p in enumerate(items):
+    for i, (p, label) in enumerate(zip(items, labels, strict=True)):
         y = top + i * (bar_h + gap)
         body.append(text(left - 8, y + bar_h - 3, clip(p.fixmedins_code, 20), anchor="end", cls="label"))
         acc = 0
@@ -581,14 +713,32 @@ def payments_chart(items: Sequence[Payments], hospitals: int) -> Chart:
             body.append(f'<rect class="mark bar" x="{x(acc):.1f}" y="{y}" width="{max(1.0, x(acc + v) - x(acc)):.1f}" '
                         f'height="{bar_h}" fill="{color}"><title>{esc(tip)}</title></rect>')
             acc += v
-        rate = f"{100 * p.on_time / p.paid:.0f}% on time" if p.paid else "nothing paid"
-        body.append(text(x(acc) + 5, y + bar_h - 3, f"{p.overdue_unpaid:,} overdue · {rate}",
-                          cls="value warn" if p.overdue_unpaid else "value"))
+        body.append(text(x(acc) + 5, y + bar_h - 3, label, cls="value warn" if p.overdue_unpaid else "value"))
+    notes = []
+    if as_of is not None and today is not None and (today - as_of.astimezone(CHINA).date()).days >= STALE_DAYS:
+        notes.append(f"Judged as of {as_of:%Y-%m-%d %H:%M}, the latest acceptance or payment on record, not "
+                     f"today ({today:%Y-%m-%d}): payments after the data end are unknown.")
+    if alerts is not None:
+        notes.append(f"{PAY_OVERDUE_RULE} has {alerts:,} standing alert{'' if alerts == 1 else 's'} (one per overdue "
+                     "delivery, judged in event time).")
+    lines = [ln for note in notes for ln in wrap(note, WIDTH - left - 10)]
+    for j, line in enumerate(lines):
+        body.append(text(left, bottom + 58 + 16 * j, line, cls="note"))
     legend = legend_html((name, color, "box") for name, color, _ in parts)
-    return Chart("payments", title, sub, svg_doc(int(bottom + 48), body, title), legend)
+    height = int(bottom + 48 + 16 * len(lines) + (10 if lines else 0))
+    return Chart("payments", title, sub, svg_doc(height, body, title), legend)
 
 
-def recoveries_chart(items: Sequence[Recovery], max_regions: int = 6) -> Chart:
+def _payment_label(p: Payments) -> str:
+    """'4% on time (1 of 28) · 27 overdue': the on-time share among deliveries whose outcome is known."""
+    if not p.known:
+        return "none due yet"
+    label = f"{100 * p.on_time / p.known:.0f}% on time ({p.on_time:,} of {p.known:,})"
+    return f"{label} · {p.overdue_unpaid:,} overdue" if p.overdue_unpaid else label
+
+
+def recoveries_chart(items: Sequence[Recovery], max_regions: int = 6, inspections: int = 0,
+                     penalties: int = 0) -> Chart:
     """(e) Recovered funds per month, stacked by region (the largest regions, the rest as "other")."""
     title = "Recovered funds by region and month"
     total = sum(r.amount for r in items)
@@ -596,7 +746,12 @@ def recoveries_chart(items: Sequence[Recovery], max_regions: int = 6) -> Chart:
     if items:
         sub += f" {fmt_cny(total)} in total."
     if not items or total <= 0:
-        return Chart("recoveries", title, sub, None, empty_reason="no recovered funds in bi_supervision_outcomes")
+        reason = "no recovered funds in bi_supervision_outcomes"
+        if inspections:
+            reason += (f": recoveries follow an inspection by weeks, and the data hold {inspections:,} "
+                       f"inspection{'' if inspections == 1 else 's'} and {penalties:,} "
+                       f"penalt{'y' if penalties == 1 else 'ies'} so far")
+        return Chart("recoveries", title, sub, None, empty_reason=reason)
     by_region: dict[str, float] = defaultdict(float)
     for r in items:
         by_region[r.admdvs] += r.amount
@@ -619,7 +774,7 @@ def recoveries_chart(items: Sequence[Recovery], max_regions: int = 6) -> Chart:
     def y(v: float) -> float:
         return top + plot_h - plot_h * v / ticks[-1]
 
-    body = y_axis(ticks, y, left, left + plot_w, "recovered (CNY)", fmt=fmt_cny)
+    body = y_axis(ticks, y, left, left + plot_w, "recovered (CNY)", fmt=fmt_cny_tick)
     label_every = max(1, math.ceil(len(months) / 12))
     for i, m in enumerate(months):
         cx = left + slot * (i + 0.5)
@@ -644,13 +799,18 @@ def recoveries_chart(items: Sequence[Recovery], max_regions: int = 6) -> Chart:
 
 def charts(data: ReportData, threshold: float = CAPACITY_WARNING_MONTHS) -> list[Chart]:
     """The report's figures, in reading order."""
+    today = data.generated_at.astimezone(CHINA).date()
+    totals = data.rule_totals
+    counts = {o.kind: o.count for o in data.outcomes}
     return [
-        fund_chart(data.fund, threshold),
+        fund_chart(data.fund, threshold, alerts=totals.get(CAPACITY_RULE, 0) if totals else None),
         alerts_chart(data.alerts, data.alert_days, data.rule_names),
         flows_chart(data.flows, data.flow_pairs),
-        completion_chart(data.completion, data.contracts),
-        payments_chart(data.payments, data.hospitals),
-        recoveries_chart(data.recoveries),
+        completion_chart(data.completion, data.contracts, as_of=data.completion_as_of, today=today,
+                         alerts=totals.get(VOLUME_LAG_RULE, 0) if totals else None),
+        payments_chart(data.payments, data.hospitals, as_of=data.payments_as_of, today=today,
+                       alerts=totals.get(PAY_OVERDUE_RULE, 0) if totals else None),
+        recoveries_chart(data.recoveries, inspections=counts.get("inspection", 0), penalties=counts.get("penalty", 0)),
     ]
 
 
@@ -661,8 +821,8 @@ def _kpis(data: ReportData, threshold: float) -> str:
     items = [
         (f"funds below {threshold:g} months", f"{below} of {len(data.fund)}", below > 0),
         (f"alerts, last {data.alert_days} days", fmt_num(sum(a.alerts for a in data.alerts)), False),
-        ("contracts lagging > 10 points", f"{sum(1 for c in data.completion if c.lag_points > LAG_WARNING_POINTS)}"
-                                          f" of {data.contracts}", False),
+        ("contracts lagging > 10 points" + (f" (as of {data.completion_as_of:%m-%d})" if data.completion_as_of else ""),
+         f"{sum(1 for c in data.completion if c.lag_points > LAG_WARNING_POINTS):,} of {data.contracts:,}", False),
     ]
     for kind, label in (("inspection", "inspections"), ("tip", "tips from the public"), ("penalty", "penalties")):
         o = outcome.get(kind)
@@ -694,7 +854,7 @@ svg text{fill:#1f2328}
 .value-in{fill:#fff;font-size:11px;font-weight:600}
 .note{fill:#8c959f;font-style:italic;font-size:11px}
 .threshold{stroke:#d62728;stroke-width:2;stroke-dasharray:6 4}.threshold-label{fill:#d62728;font-size:11px}
-.ref-line{stroke:#555;stroke-width:1.5}
+.ref-line{stroke:#555;stroke-width:1.5}.guide{stroke:#d0d7de;stroke-width:1}
 .empty-frame{fill:#fafbfc;stroke:#d0d7de;stroke-dasharray:4 4}
 .empty-title{font-size:16px;font-weight:600;fill:#57606a}.empty-reason{fill:#8c959f}
 .legend{list-style:none;display:flex;flex-wrap:wrap;gap:6px 16px;margin:8px 0 0;padding:0;font-size:12px}

@@ -19,7 +19,8 @@ How the traffic is shaped:
   chronic refills at least 30 days apart, repeat tests respect their minimum interval,
   sex/age/level-restricted items only where allowed, prices never above the cap, one bed and one
   nursing charge per day, nothing sold that is not in stock, every cross-province settlement backed
-  by an earlier filing for that city), so a rule that fires on it is a false positive. Anomalies are
+  by an earlier filing for that city, purchases under a volume-based procurement contract kept at
+  the pace of its cycle), so a rule that fires on it is a false positive. Anomalies are
   planted later through :class:`EventHook` with their own RNG, so planting never shifts the base
   traffic and the planted event ids are the ground truth.
 * Identifiers are deterministic and unique within a run; ``event_id`` is a UUID-4-formatted string
@@ -28,7 +29,8 @@ How the traffic is shaped:
 Formats chosen where the contracts leave room: supplier codes are valid 18-char unified social
 credit codes (``91`` + 6-digit region + GB 11714 organization code + GB 32100 check char);
 traceability codes are 7-digit product id + 9-digit unit serial + 4 check digits, one per
-movement; filings name the treatment city as its pool code ``XXXX99``; contracts name the
+movement; a filing names the insured person's and the treatment city's pooling regions (统筹区,
+``XXXX99``: it is made with the insured's pooling agency), not their counties; contracts name the
 provincial alliance ``XX0000``; line amounts are cnt x pric rounded half-up, and catalogue prices
 are chosen so that no line is ever a half-fen tie (half-up and half-even agree).
 
@@ -80,6 +82,7 @@ AUTO = -1
 _MIN = 60_000
 _CNT = 10_000  # scale 4
 MAX_TRACES = 100  # traceability codes listed per movement (one per unit, capped)
+PACE_SLACK_PM = 60  # contract purchases may lag the elapsed share of the cycle by 6 points before a top-up
 _D0_GROWTH_CAP = 64  # a stock-out raises the daily demand estimate to at most 64× its start (or one request)
 _PRIC = 1_000_000  # scale 6
 _HALF = 50_000_000  # half a fen at scale 10 (cnt x pric)
@@ -455,23 +458,33 @@ PENALTY_POINTS = {"WARNING": 20, "FINE": 50, "SUSPEND_AGREEMENT": 200, "TERMINAT
 FINE_FEN_PER_POINT = 1_000_000
 MAX_FINE_POINTS = 100
 PENALTY_ROOM = 400
+# Pooled-fund (hifp) payment by the settlement's kind. Calibrated so that hifp_pay / inscp_amt over
+# all settlements (bi_fund_health.policy_ratio) is about 80% for employees and 70% for residents
+# (domain reference), with inpatient care at about 85% / 75% (national 2022: 84.4% / 68.3%;
+# residents have critical-illness insurance on top). Measured at seeds 42 and 7: 0.80 / 0.69-0.71.
 # inpatient deductible (fen) and pooled-fund rate (‰) by [employee?][level]
-_DEDUCT = {True: {1: 10_000, 2: 30_000, 3: 60_000}, False: {1: 10_000, 2: 30_000, 3: 60_000}}
-_INP_RATE = {True: {1: 960, 2: 930, 3: 910}, False: {1: 920, 2: 850, 3: 800}}
+_DEDUCT = {True: {1: 5_000, 2: 15_000, 3: 30_000}, False: {1: 5_000, 2: 20_000, 3: 40_000}}
+_INP_RATE = {True: {1: 960, 2: 940, 3: 920}, False: {1: 930, 2: 880, 3: 830}}
 # per-stay stand-ins for the annual thresholds of critical-illness insurance (residents, paying 60%
 # above it) and large-amount supplementary payment (employees, 50%)
 _HIFMI_FROM = 500_000
 _HIFOB_FROM = 300_000
-_OUT_RATE = {True: {1: 700, 2: 600, 3: 500}, False: {1: 600, 2: 500, 3: 400}}
+# general outpatient (门诊共济 since the 2021 reform): employees' visits above the year's deductible
+# (a share _EMP_OUT_POOLED of them) are pooled at _OUT_RATE, the others paid from the personal
+# account; residents' are pooled at _OUT_RATE up to _RES_OUT_CAP fen a visit
+_OUT_RATE = {True: {1: 850, 2: 750, 3: 650}, False: {1: 700, 2: 600, 3: 500}}
+_EMP_OUT_POOLED = 0.85
+_RES_OUT_CAP = 20_000
+_CHRONIC_RATE = {True: 800, False: 650}  # chronic-disease outpatient (门诊慢特病)
 _LEVEL_PRICE_PM = {1: 800, 2: 900, 3: 1000, 9: 1000}
 # FundIncome components per insutype: (income_type, share of the day's contributions)
 _INCOME_MIX = {"310": (("EMPLOYER", 0.69), ("INDIVIDUAL", 0.31)),
                "390": (("FISCAL_SUBSIDY", 0.66), ("INDIVIDUAL", 0.34))}
 # Expected fund spending (fen) of each insutype per settlement of a pool's insured (all insutypes
 # together), measured on generated
-# traffic (≈100-130 yuan; small pools vary more, their realised share of persons is noisy). Used
+# traffic (≈115-150 yuan; small pools vary more, their realised share of persons is noisy). Used
 # only to size the opening balance, so an estimate off by 1.5× still leaves > 6 months of capacity.
-_FUND_PER_SETTLEMENT = {"310": 11_000, "390": 13_000}
+_FUND_PER_SETTLEMENT = {"310": 12_000, "390": 14_000}
 #: Opening balance (carried-over fund balance, 累计结存) in months of expected spending: drawn in
 #: [lo, hi] per pool × insutype. 6-9 months is normal, above 15 too much (domain reference).
 OPENING_BALANCE_MONTHS = (9.0, 12.0)
@@ -643,9 +656,15 @@ class TrafficGenerator:
                    "rcvr": 0, "inc": 0, "dcla": 0, "cntr": 0}
         self._trace_next = list(self._trace_start)
         self._contracts: dict[tuple[int, int], str] = {}
+        #: the generator's own books of each contract: [agreed volume, cycle start, cycle end (ms),
+        #: bought under it, ordered to keep pace and not yet sent] (planting changes copies only)
+        self._pace: dict[tuple[int, int], list[int]] = {}
         self._penalised: dict[int, tuple[int, int]] = {}  # institution → penalty points, fines (fen)
         self._spent = [[0, 0] for _ in self.pools]  # fund spending by pool, [employee, resident]
         self._income_marks = [[0, 0, 0, 0] for _ in self.pools]  # spending already matched by income
+        # contributions have their own RNG: whether a booking happens (an amount > 0) depends on the
+        # payment rates, and tuning those must not shift the rest of the traffic
+        self._inc_rng = random.Random(f"{cfg.seed}/income")
         self.hook_context = HookContext(self)
         self._handlers: list[Callable[[int, Any], None]] = [
             self._h_ready, self._h_reversal, self._h_filing, self._h_contract, self._h_order,
@@ -1026,13 +1045,13 @@ class TrafficGenerator:
             rate = min(980, _INP_RATE[emp][lv] + (30 if p.retired else 0)) - (40 if cross else 0)
             hifp = max(0, base - _DEDUCT[emp][lv]) * rate // 1000
         elif mt == "14":
-            hifp = base * (700 if emp else 600) // 1000
+            hifp = base * _CHRONIC_RATE[emp] // 1000
         elif mt == "11":
             if emp:
-                if rand() < 0.35:
+                if rand() < _EMP_OUT_POOLED:
                     hifp = base * _OUT_RATE[True][lv] // 1000
             else:
-                hifp = min(base * _OUT_RATE[False][lv] // 1000, 10_000)
+                hifp = min(base * _OUT_RATE[False][lv] // 1000, _RES_OUT_CAP)
         elif rand() < (0.10 if emp else 0.05):
             hifp = base // 2
         if mt in ("21", "14"):
@@ -1567,7 +1586,7 @@ class TrafficGenerator:
             "psn_cert_no": p.cert,
             "psn_name": p.name if rand() < 0.95 else None,
             "tel": p.tel if rand() < 0.85 else None,
-            "insu_admdvs": self.regions[p.ins_region].code,
+            "insu_admdvs": self.regions[p.ins_region].pool,
             "mdtrt_area_admdvs": treat.pool,
             "dcla_type": cr.dcla_type,
             "fixmedins_code": self.institutions[cr.referral].code if cr.referral >= 0 else None,
@@ -1603,6 +1622,8 @@ class TrafficGenerator:
         self._n["cntr"] += 1
         cntr_id = f"CT{inst.admdvs}{self._n['cntr']:06d}"
         self._contracts[(inst_idx, it_idx)] = cntr_id
+        end_day = start_day + (729 if it.kind == "CONS" else 364)
+        self._pace[(inst_idx, it_idx)] = [volume, day_start_ms(start_day), day_start_ms(end_day + 1), 0, 0]
         self._emit(CONTRACT, inst.code, {
             "event_id": self._eid(),
             "cntr_id": cntr_id,
@@ -1614,7 +1635,7 @@ class TrafficGenerator:
             "win_pric": it.pric,
             "base_pric": it.base_pric,
             "cycle_begn_date": start_day,
-            "cycle_end_date": start_day + (729 if it.kind == "CONS" else 364),
+            "cycle_end_date": end_day,
             "sign_time": t,
         })
 
@@ -1630,12 +1651,40 @@ class TrafficGenerator:
         when = self._business(t + 5 * _MIN + int(self._rand() * 3 * HOUR_MS))
         self._schedule(when, _K_ORDER, (inst.index, it_idx, qty))
 
-    def _h_order(self, t: int, payload: tuple[int, int, int]) -> None:
-        inst_idx, it_idx, qty = payload
+    def _keep_pace(self, t: int, day: int) -> None:
+        """A hospital is assessed on completing its agreed volumes (带量采购考核), so it keeps its
+        purchases under a contract at the pace of the cycle: on a working day when they lag the
+        share elapsed by tonight by more than :data:`PACE_SLACK_PM`, it orders what brings them
+        to the share a week ahead. Without it a drug used less than reported (an inpatient
+        injectable between two courses) lagged by more than YB-PROC-VOLUME-LAG's 10 points in clean
+        traffic (seeds 1 and 2 of the evaluation's shape)."""
+        tonight = day_start_ms(day + 1)
+        for (inst_idx, it_idx), c in self._pace.items():
+            volume, begin, end, bought, pending = c
+            if not begin < tonight <= end:
+                continue
+            cycle = end - begin
+            if (bought + pending) * 1000 >= volume * ((tonight - begin) * 1000 // cycle - PACE_SLACK_PM):
+                continue
+            target = volume * min(cycle, tonight - begin + 7 * DAY_MS) // cycle
+            pack = CATALOGUE[it_idx].pack * _CNT
+            qty = max(pack, -(-(target - bought - pending) // pack) * pack)
+            c[4] += qty
+            self._stock[inst_idx][it_idx].on_order += qty
+            self._schedule(self._business(t + 9 * HOUR_MS + int(self._rand() * 6 * HOUR_MS)), _K_ORDER,
+                           (inst_idx, it_idx, qty, True))
+
+    def _h_order(self, t: int, payload: tuple[int, ...]) -> None:
+        inst_idx, it_idx, qty = payload[:3]
         rand = self._rand
         inst = self.institutions[inst_idx]
         it = CATALOGUE[it_idx]
         pric = self._purchase_pric(inst, it)
+        books = self._pace.get((inst_idx, it_idx))
+        if books is not None:
+            books[3] += qty
+            if len(payload) > 3:
+                books[4] -= qty
         self._n["ord"] += 1
         ord_id = f"PO{inst.admdvs}{self._n['ord']:08d}"
         splr = self.suppliers[self._item_supplier[it_idx]].code
@@ -1775,6 +1824,8 @@ class TrafficGenerator:
         self._tip_carry -= n
         for _ in range(n):
             self._schedule(at(8, 14), _K_TIP, None)
+        if weekday:
+            self._keep_pace(t, day)
         for x in self.institutions:
             if rand() < 0.08:
                 items = self._stocked[x.profile]
@@ -1786,7 +1837,7 @@ class TrafficGenerator:
         booking, times ``income_spending_ratio``: income tracks the scale of the generated
         settlements whatever the mix, so months of payout capacity stay plausible."""
         pool, j, _day = payload
-        rand = self._rand
+        rand = self._inc_rng.random
         cfg = self.config
         if j < 0:  # quarterly interest on a balance of about nine months of spending
             elapsed = max(1.0, (t - self._start) / DAY_MS)
@@ -1812,7 +1863,7 @@ class TrafficGenerator:
         self._n["inc"] += 1
         code = self.pools[pool]
         self._emit(INCOME, code, {
-            "event_id": self._eid(),
+            "event_id": _uuid4(self._inc_rng.getrandbits(128)),
             "income_id": f"FI{code}{self._n['inc']:08d}",
             "insu_admdvs": code,
             "insutype": insutype,
