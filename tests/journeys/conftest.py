@@ -332,15 +332,25 @@ def _land(u: User, log: Path) -> User:
     return replace(u, truth=truth, extra={"events": events, "produced": n, "broken": BROKEN})
 
 
-@pytest.fixture(scope="session", params=["embedded", "server"])
-def landed(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
-           broker: KafkaEndpoint) -> Iterator[User]:
+@pytest.fixture(scope="session")
+def _landed_runs() -> dict[str, User]:
+    """The pipeline runs made so far in this test process, by engine."""
+    return {}
+
+
+@pytest.fixture(params=["embedded", "server"])
+def landed(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, broker: KafkaEndpoint,
+           _landed_runs: dict[str, User]) -> User:
     """A user whose database holds one small pipeline run (planted anomalies, alerts, dead letters).
 
-    Shared by the journeys of one test process: read it, never write to its database or topics.
+    Made once per engine and test process (a session-scoped parametrized fixture would be made
+    again whenever the order of tests switches engines), shared by the journeys: read it, never
+    write to its database or topics.
     """
     engine = str(request.param)
-    ch = request.getfixturevalue("clickhouse_server") if engine == "server" else None
-    root = tmp_path_factory.mktemp(f"landed-{engine}")
-    u = _on_engine(_online(_new_user(root), broker), engine, ch)
-    yield _land(u, root / "worker.log")
+    if engine not in _landed_runs:
+        ch = request.getfixturevalue("clickhouse_server") if engine == "server" else None
+        root = tmp_path_factory.mktemp(f"landed-{engine}")
+        u = _on_engine(_online(_new_user(root), broker), engine, ch)
+        _landed_runs[engine] = _land(u, root / "worker.log")
+    return _landed_runs[engine]
