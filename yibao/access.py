@@ -428,14 +428,18 @@ def apply(backend: Backend, rendered: Rendered, database: str) -> list[str]:
             continue
         if stmt.startswith("-- copy-view "):
             src, dst = stmt[len("-- copy-view "):].split(" -> ")
-            if tuple(dst.split(".")) in existing:
-                continue
             ddl = str(backend.query(f"SHOW CREATE TABLE {src}").scalar())
             mart = dst.split(".")[0]
             ddl = ddl.replace(f"{src}", dst, 1).replace(f"{database}.", f"{mart}.")
-            ddl = re.sub(r"^CREATE VIEW", "CREATE VIEW IF NOT EXISTS", ddl)
-            backend.execute(ddl)
-            done.append(f"copied view {src} -> {dst}")
+            verb = "copied"
+            if tuple(dst.split(".")) in existing:  # a migration may have re-created the view since
+                current = str(backend.query(f"SHOW CREATE TABLE {dst}").scalar())
+                if " ".join(current.split()) == " ".join(ddl.split()):
+                    continue
+                backend.execute(f"DROP TABLE {dst}")  # a view holds no data
+                verb = "refreshed"
+            backend.execute(re.sub(r"^CREATE VIEW", "CREATE VIEW IF NOT EXISTS", ddl))
+            done.append(f"{verb} view {src} -> {dst}")
             continue
         if stmt.startswith("-- backfill-if-new "):
             target = stmt.split("\n", 1)[0][len("-- backfill-if-new "):]

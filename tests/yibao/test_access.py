@@ -135,6 +135,14 @@ def test_roles_on_clickhouse_18_16(server: ClickHouseServer, tmp_path: Path) -> 
     apply_access(admin, rendered, DB)
     again = apply_access(admin, rendered, DB)  # idempotent: no second backfill
     assert not any(line.startswith("backfilled") for line in again)
+    assert not any(line.startswith(("copied view", "refreshed view")) for line in again)
+    # a migration re-created a view: the marts' copies follow at the next apply, once
+    admin.execute(f"DROP TABLE {DB}.bi_settlement_totals")
+    admin.execute(f"CREATE VIEW {DB}.bi_settlement_totals AS SELECT insu_admdvs, count() AS n, "
+                  f"sum(medfee_sumamt) AS amount, max(setl_time) AS latest FROM {DB}.settlements GROUP BY insu_admdvs")
+    refreshed = [line for line in apply_access(admin, rendered, DB) if line.startswith("refreshed view")]
+    assert refreshed and all("bi_settlement_totals" in line for line in refreshed), refreshed
+    assert not any(line.startswith("refreshed view") for line in apply_access(admin, rendered, DB))
     document = rendered.users_document()
     for pw in (INGEST_PW, BI_PW, ZJ_PW, BJ_PW):
         assert pw not in document
@@ -179,6 +187,7 @@ def test_roles_on_clickhouse_18_16(server: ClickHouseServer, tmp_path: Path) -> 
     bi_db = rendered.marts["bi"]
     assert bi.execute(f"SELECT count(), uniqExact(psn_token) FROM {bi_db}.settlements") == [(12, 6)]
     assert dict(bi.execute(f"SELECT insu_admdvs, n FROM {bi_db}.bi_settlement_totals"))["330106"] == 4
+    assert bi.execute(f"SELECT count(latest) > 0 FROM {bi_db}.bi_settlement_totals") == [(1,)]
     assert bi.execute(f"SELECT reason_code FROM {bi_db}.dead_letters") == [("BAD_MAGIC",), ("BAD_MAGIC",)]
     for column in ("payload", "source_key", "payload_digest"):
         error = _denied(bi, f"SELECT {column} FROM {bi_db}.dead_letters")

@@ -159,6 +159,10 @@ def simulate(
     events: Annotated[int, typer.Option("--events", "-n", help="Settlements (other traffic scales with it)")] = 10_000,
     seed: Annotated[int, typer.Option(help="Random seed: the same seed gives the same traffic")] = 42,
     days: Annotated[int, typer.Option(help="Days of traffic to generate")] = 7,
+    start: Annotated[str | None, typer.Option(
+        "--start", metavar="YYYY-MM-DD",
+        help="First China day of the traffic (default 2026-10-01, so a seed always gives the same traffic); "
+             "the span must end before now: workers refuse events from the future")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Write JSON lines here instead of to Kafka")] = None,
     bootstrap: Bootstrap = None,
     plant: Annotated[str | None, typer.Option(
@@ -186,6 +190,7 @@ def simulate(
         from ..sim.planting import PlantError
 
         _check_delivery(shuffle_within, resend_rate)
+        first_day = _check_span(start, days)
         planting = None
         if plant is not None:
             if truth is None:
@@ -202,7 +207,7 @@ def simulate(
             require_broker(s, "start the broker, point YIBAO_KAFKA_BOOTSTRAP (or --bootstrap) at one, "
                               "or write the events to a file with --out FILE.jsonl")
         codec = Codec()
-        config = SimConfig(seed=seed, settlements=events, days=days)
+        config = SimConfig(seed=seed, settlements=events, days=days, **({"start": first_day} if first_day else {}))
         gen = planting.generator(config) if planting is not None else TrafficGenerator(config)
         resends: int | None = None  # re-sends added by --resend-rate, when delivery is simulated
         events_out: Iterable[Any] = gen.events()
@@ -707,6 +712,32 @@ def config_show() -> None:
 
 
 # --- helpers ------------------------------------------------------------------------------------
+def _check_span(start: str | None, days: int) -> Any:
+    """The first day of simulated traffic (None: the generator's fixed default), refused in one line
+    when the span is empty or reaches past now: a worker dead-letters future events (FUTURE_TIME)."""
+    import datetime as dt
+
+    from schemas.calendar import CHINA
+
+    from ..sim.generator import DEFAULT_START
+
+    if days < 1:
+        fail(f"--days {days}: must be at least 1")
+    first = DEFAULT_START
+    if start is not None:
+        try:
+            first = dt.datetime.combine(dt.date.fromisoformat(start), dt.time(), CHINA)
+        except ValueError:
+            fail(f"--start {start!r}: expected a date YYYY-MM-DD")
+    end = first + dt.timedelta(days=days)
+    now = dt.datetime.now(CHINA)
+    if end > now:
+        latest = (now - dt.timedelta(days=days)).date()
+        fail(f"--days {days} from {first.date()} ends {end.date()}, after today ({now.date()}): the workers "
+             "would dead-letter the later events as FUTURE_TIME", f"start earlier, e.g. --start {latest}")
+    return first if start is not None else None
+
+
 def _check_delivery(shuffle_within: float, resend_rate: float) -> None:
     """The delivery options (yibao.sim.delivery.deliver), refused in one line when out of range."""
     import math

@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from .common import console, err, fail, guard, settings_from
+from .common import console, err, fail, guard, require_broker, settings_from
 
 monitors_app = typer.Typer(help="Fund-operation and cross-table monitors evaluated from ClickHouse.",
                            no_args_is_help=True)
@@ -41,6 +41,9 @@ def monitors_run(
         s = settings_from(backend=backend, data_dir=data_dir, database=database, bootstrap=bootstrap)
         if as_of is not None and not (190001 <= as_of <= 999912 and 1 <= as_of % 100 <= 12):
             fail(f"--as-of {as_of}: expected YYYYMM")
+        if publish:
+            require_broker(s, "start the broker or point YIBAO_KAFKA_BOOTSTRAP at one; --no-publish writes the "
+                              "alerts to the table only")
         be = connect(s.clickhouse())
         try:
             if not be.query(f"SELECT count() FROM system.tables WHERE database = '{s.ch_database}' "
