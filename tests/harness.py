@@ -313,13 +313,25 @@ class BackgroundProducer:
     def __init__(self, s: Settings, events: list[Any], rate: float) -> None:
         self.ledger = Ledger()
         self.error: BaseException | None = None
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(s, events, rate), daemon=True)
 
     def _run(self, s: Settings, events: list[Any], rate: float) -> None:
         try:
-            asyncio.run(produce_events(s, events, Codec(), rate=rate, ledger=self.ledger))
+            asyncio.run(produce_events(s, self._until_stopped(events), Codec(), rate=rate, ledger=self.ledger))
         except BaseException as exc:  # reported by join()
             self.error = exc
+
+    def _until_stopped(self, events: list[Any]) -> Iterator[Any]:
+        for ev in events:
+            if self._stop.is_set():
+                return
+            yield ev
+
+    def stop(self) -> None:
+        """Send no more events (those sent stay in the ledger): traffic that lasts as long as a test
+        needs it, however long its steps take on a loaded machine, instead of a guess in seconds."""
+        self._stop.set()
 
     def start(self) -> BackgroundProducer:
         self._thread.start()

@@ -183,8 +183,10 @@ def test_sigkill_at_random_moments_lands_everything_exactly_once(kill_env: Setti
     s = kill_env
     rng = random.Random()
     seed = rng.randrange(1_000_000)
-    events = traffic(1000, seed=seed, bad_rate=0.03)
-    producer = BackgroundProducer(s, events, rate=55).start()  # traffic until the last kill
+    # more traffic than the kills need (1000 events took 18 s, less than six restarts on a loaded
+    # machine): the producer is stopped after the last kill, and what it sent is what is checked
+    events = traffic(4000, seed=seed, bad_rate=0.03)
+    producer = BackgroundProducer(s, events, rate=55).start()
     worker = WorkerProcess(worker_env(s), tmp_path / "worker.log", tmp_path)
     kills: list[str] = []
     try:
@@ -208,6 +210,7 @@ def test_sigkill_at_random_moments_lands_everything_exactly_once(kill_env: Setti
             worker.kill()
             done, produced = progress(s, producer.ledger.ends())
             kills.append(f"random@{done}/{produced}" + ("" if producer.running() else " (traffic over)"))
+        producer.stop()
         ledger = producer.join(timeout=120)
         worker.start()
         worker.wait_ready()
@@ -215,9 +218,10 @@ def test_sigkill_at_random_moments_lands_everything_exactly_once(kill_env: Setti
         assert worker.terminate() == 0, worker.log_tail()
     finally:
         worker.stop_quietly()
+        producer.stop()
         producer.join(timeout=120)
     sent = ledger.snapshot()
-    assert len(sent) == len(events)
+    assert 0 < len(sent) <= len(events)
     during = [k for k in kills if k.startswith("random") and "traffic over" not in k]
     assert len(during) >= 5 and "before-commit" in kills, f"five random kills while traffic flows: {kills}"
     want = expected_from(sent)

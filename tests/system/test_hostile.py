@@ -276,10 +276,10 @@ def test_dlq_list_show_and_replay_after_the_limit_is_fixed(
         dl_id = _wait_scalar(backend, f"SELECT event_id FROM {s.ch_database}.dead_letters", worker)
         assert worker.terminate() == 0
 
-        listed = run_cli(["dlq", "list", "--format", "json"], env, tmp_path)
+        listed = run_cli(["dlq", "list", "--json"], env, tmp_path)
         assert listed.returncode == 0, listed.stderr
         rows = [json.loads(line) for line in listed.stdout.splitlines() if line.strip()]
-        assert [(r["reason_code"], r["count"]) for r in rows] == [("FUTURE_TIME", 1)]
+        assert [(r["event_id"], r["reason_code"]) for r in rows] == [(dl_id, "FUTURE_TIME")], rows
 
         masked = run_cli(["dlq", "show", dl_id], env, tmp_path)
         assert masked.returncode == 0, masked.stderr
