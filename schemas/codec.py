@@ -16,6 +16,8 @@ from __future__ import annotations
 import datetime as dt
 import io
 import struct
+import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
@@ -26,7 +28,7 @@ import fastavro._read as _fa_read
 import fastavro._write as _fa_write
 
 from .calendar import CHINA
-from .registry import Registry, Schema, SchemaVersion
+from .registry import Registry, RegistryError, Schema, SchemaVersion, backward_incompatibilities
 
 MAGIC = 0
 HEADER = struct.Struct(">bI")
@@ -57,6 +59,24 @@ class DecodeError(Exception):
         self.reason_code = reason_code
         self.detail = detail
         self.schema_id = schema_id
+
+
+class ResolveError(Exception):
+    """Why a :data:`Resolver` gave no schema for an id; ``permanent`` when asking again cannot help
+    (a registered id's schema never changes), else the codec asks again after ``retry_after_s``;
+    ``outage`` when the registry itself failed: then no id is asked for until that time either."""
+
+    def __init__(self, reason_code: str, detail: str, *, permanent: bool = False, outage: bool = False) -> None:
+        super().__init__(f"{reason_code}: {detail}")
+        self.reason_code = reason_code
+        self.detail = detail
+        self.permanent = permanent
+        self.outage = outage
+
+
+#: The writer schema of a schema id that is not in the manifest (from a Schema Registry, say);
+#: raises ResolveError. Called at most once per id while it answers (see :class:`Codec`).
+Resolver = Callable[[int], Schema]
 
 
 class ConversionError(ValueError):
@@ -145,14 +165,39 @@ class _Compiled:
     full: Any
     dec_reader: Any  # latest decode schema when this is an older version, else None
     single: str | None
+    full_reader: Any = None  # logical decode of a foreign id: the latest contract, with logical types
 
 
 class Codec:
-    """Encode/decode framed messages for every registered subject version."""
+    """Encode/decode framed messages for every registered subject version.
 
-    def __init__(self, registry: Registry | None = None, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+    With a ``resolver``, an id outside the manifest (a producer registered its own schema in the
+    shop's registry) is fetched once and accepted only when the contract the pipeline knows for the
+    subject can read it (:func:`unreadable_by`); its events are then decoded *into that contract*
+    (Avro schema resolution: writer = fetched, reader = the latest contract), so everything after
+    the codec sees the record shapes it knows. Refusals are dead letters with a reason:
+    ``INCOMPATIBLE_SCHEMA`` (cached: the id's schema never changes), ``UNKNOWN_SCHEMA_ID`` (the
+    registry does not hold it either) or ``REGISTRY_UNAVAILABLE``; those two are asked again after
+    ``retry_after_s``, so one outage does not condemn an id. Each lookup blocks its caller (up to the
+    registry's timeout), so a registry that failed is not asked again, for any id, until
+    ``retry_after_s`` has passed, and at most ``max_lookups`` ids are looked up per ``retry_after_s``:
+    a flood of random ids must not become a flood of registry calls.
+    """
+
+    def __init__(self, registry: Registry | None = None, max_bytes: int = DEFAULT_MAX_BYTES, *,
+                 resolver: Resolver | None = None, retry_after_s: float = 10.0, max_lookups: int = 64,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.registry = registry or Registry.load()
         self.max_bytes = max_bytes
+        self.resolver = resolver
+        self.retry_after_s = retry_after_s
+        self.max_lookups = max_lookups
+        self._clock = clock
+        self._fetched: dict[int, Schema] = {}
+        self._foreign: dict[tuple[int, str | None], _Compiled | DecodeError] = {}
+        self._failed: dict[int, tuple[float, DecodeError]] = {}
+        self._lookups: deque[float] = deque()
+        self._outage: tuple[float, str] | None = None  # until when, and what the registry last said
         self._by_id: dict[int, _Compiled] = {}
         self._record_schemas: dict[str, dict[str, Any]] = {}
         latest_dec: dict[str, Any] = {}
@@ -177,6 +222,7 @@ class Codec:
             rec: s for s in self.registry.subjects() for rec in self.registry.latest(s).records
         }
         self._unscalers = {name: compile_unscaler(rec) for name, rec in self._record_schemas.items()}
+        self._latest_dec = latest_dec
 
     # --- lookups ------------------------------------------------------------------------------
     def subject_of(self, record: str) -> str:
@@ -214,7 +260,15 @@ class Codec:
 
     # --- decode -------------------------------------------------------------------------------
     def header(self, data: bytes) -> int:
-        """Validate the frame and return its schema id."""
+        """Validate the frame and return its schema id (any id when a resolver may know it)."""
+        schema_id = self._frame(data)
+        if schema_id not in self._by_id and self.resolver is None:
+            # an id beyond Avro's int (the header is 4 raw bytes) is reported in the detail only
+            known = schema_id if schema_id <= INT32_MAX else None
+            raise DecodeError("UNKNOWN_SCHEMA_ID", f"schema id {schema_id} is not registered", known)
+        return schema_id
+
+    def _frame(self, data: bytes) -> int:
         if len(data) > self.max_bytes:
             raise DecodeError("OVERSIZED", f"{len(data)} bytes exceeds the {self.max_bytes}-byte limit")
         if len(data) < HEADER.size:
@@ -222,16 +276,12 @@ class Codec:
         magic, schema_id = HEADER.unpack_from(data)
         if magic != MAGIC:
             raise DecodeError("BAD_MAGIC", f"magic byte {magic & 0xFF} is not 0 (Confluent wire format)")
-        if schema_id not in self._by_id:
-            # an id beyond Avro's int (the header is 4 raw bytes) is reported in the detail only
-            known = schema_id if schema_id <= INT32_MAX else None
-            raise DecodeError("UNKNOWN_SCHEMA_ID", f"schema id {schema_id} is not registered", known)
         return int(schema_id)
 
     def decode(self, data: bytes, *, subject: str | None = None, logical: bool = False) -> Decoded:
         """Decode one framed message; raises DecodeError with a reason code."""
         schema_id = self.header(data)
-        comp = self._by_id[schema_id]
+        comp = self._by_id.get(schema_id) or self._foreign_compiled(schema_id, subject)
         if subject is not None and comp.version.subject != subject:
             raise DecodeError(
                 "WRONG_SUBJECT",
@@ -243,7 +293,7 @@ class Codec:
         out: Any
         try:
             if logical:
-                out = fastavro.schemaless_reader(buf, comp.full, None, return_record_name=True)
+                out = fastavro.schemaless_reader(buf, comp.full, comp.full_reader, return_record_name=True)
             else:
                 out = fastavro.schemaless_reader(buf, comp.dec, comp.dec_reader, return_record_name=True)
         except EOFError:
@@ -263,6 +313,81 @@ class Codec:
             if unscale is not None:
                 unscale(datum)
         return Decoded(schema_id, comp.version.subject, name, datum)
+
+    # --- ids outside the manifest ---------------------------------------------------------------
+    def _foreign_compiled(self, schema_id: int, subject: str | None) -> _Compiled:
+        """The compiled reader of a registry id for ``subject`` (see the class docstring), or DecodeError."""
+        known = schema_id if schema_id <= INT32_MAX else None
+        if self.resolver is None or known is None:
+            raise DecodeError("UNKNOWN_SCHEMA_ID", f"schema id {schema_id} is not registered", known)
+        got = self._foreign.get((schema_id, subject))
+        if got is None:
+            got = self._compile_foreign(schema_id, self._writer_schema(schema_id), subject)
+            self._foreign[(schema_id, subject)] = got
+        if isinstance(got, DecodeError):
+            raise got
+        return got
+
+    def _writer_schema(self, schema_id: int) -> Schema:
+        if schema_id in self._fetched:
+            return self._fetched[schema_id]
+        now = self._clock()
+        failed = self._failed.get(schema_id)
+        if failed is not None and now < failed[0]:
+            raise failed[1]
+        if self._outage is not None and now < self._outage[0]:
+            raise DecodeError("REGISTRY_UNAVAILABLE", f"schema id {schema_id} not looked up: {self._outage[1]} "
+                              f"(less than {self.retry_after_s:g} s ago)", schema_id)
+        while self._lookups and self._lookups[0] <= now - self.retry_after_s:
+            self._lookups.popleft()
+        if len(self._lookups) >= self.max_lookups:
+            raise DecodeError("UNKNOWN_SCHEMA_ID", f"schema id {schema_id} is not in the manifest and was not "
+                              f"looked up: {len(self._lookups)} unknown ids were looked up in the last "
+                              f"{self.retry_after_s:g} s", schema_id)
+        self._lookups.append(now)
+        assert self.resolver is not None
+        try:
+            schema = self.resolver(schema_id)
+        except ResolveError as exc:
+            err = DecodeError(exc.reason_code, exc.detail, schema_id)
+            if len(self._failed) > 4 * self.max_lookups:
+                self._failed = {k: v for k, v in self._failed.items() if v[0] > now}
+            self._failed[schema_id] = (float("inf") if exc.permanent else now + self.retry_after_s, err)
+            if exc.outage:
+                self._outage = (now + self.retry_after_s, exc.detail)
+            raise err from None
+        self._failed.pop(schema_id, None)
+        self._fetched[schema_id] = schema
+        return schema
+
+    def _compile_foreign(self, schema_id: int, writer: Schema, subject: str | None) -> _Compiled | DecodeError:
+        subjects = [subject] if subject is not None else self.registry.subjects()
+        problems: list[str] = []
+        for s in subjects:
+            try:
+                latest = self.registry.latest(s)
+            except RegistryError:
+                problems.append(f"no contract for subject {s!r}")
+                continue
+            why = unreadable_by(latest.schema, writer)
+            if why:
+                problems.append(f"{s}: " + "; ".join(why))
+                continue
+            try:
+                return _Compiled(
+                    version=SchemaVersion(s, 0, schema_id, writer, _record_names(writer)),
+                    fast=None,
+                    dec=fastavro.parse_schema(_strip_logical(writer, keep_decimal=False)),
+                    full=fastavro.parse_schema(writer),
+                    dec_reader=self._latest_dec[s],
+                    single=_fullname(writer) if isinstance(writer, dict) else None,
+                    full_reader=fastavro.parse_schema(latest.schema),
+                )
+            except Exception as exc:  # fastavro refuses what the checker let through
+                problems.append(f"{s}: {type(exc).__name__}: {exc}")
+        detail = (f"schema id {schema_id} (registered outside the manifest) cannot be read with the pipeline's "
+                  f"contract: " + " | ".join(problems))
+        return DecodeError("INCOMPATIBLE_SCHEMA", detail[:1000], schema_id)
 
     # --- conversions --------------------------------------------------------------------------
     def to_logical(self, record: str, raw: dict[str, Any]) -> dict[str, Any]:
@@ -287,6 +412,100 @@ def _fullname(rec: dict[str, Any]) -> str:
     name = str(rec["name"])
     ns = rec.get("namespace")
     return name if "." in name or not ns else f"{ns}.{name}"
+
+
+def _record_names(schema: Schema) -> tuple[str, ...]:
+    parts = schema if isinstance(schema, list) else [schema]
+    return tuple(_fullname(p) for p in parts if isinstance(p, dict) and p.get("type") == "record")
+
+
+def unreadable_by(reader: Schema, writer: Schema) -> list[str]:
+    """Why data written with ``writer`` cannot be decoded into ``reader`` (empty when it can).
+
+    Avro's own resolution rules first (:func:`schemas.registry.backward_incompatibilities`), then
+    what they leave out: logical types. Avro resolves a ``decimal(16,3)`` written value into a
+    ``decimal(16,2)`` reader field, or ``timestamp-micros`` into ``timestamp-millis``, without a
+    word, and the amounts or times would land wrong by a power of ten.
+    """
+    if isinstance(reader, list) and isinstance(writer, dict) and writer.get("type") == "record":
+        name = _fullname(writer)
+        branch = next((r for r in reader if isinstance(r, dict) and r.get("type") == "record"
+                       and _fullname(r) == name), None)
+        if branch is None:
+            return [f"record {name} is not one of this topic's records"]
+        problems = [f"{name}{p}" for p in backward_incompatibilities(reader=branch, writer=writer)]
+    else:
+        problems = backward_incompatibilities(reader=reader, writer=writer)
+    return problems or _logical_mismatches(reader, writer)
+
+
+def _named_records(schema: Any, ns: str | None, out: dict[str, dict[str, Any]]) -> None:
+    if isinstance(schema, list):
+        for s in schema:
+            _named_records(s, ns, out)
+    elif isinstance(schema, dict):
+        t = schema.get("type")
+        if t == "record":
+            name = str(schema["name"])
+            space = schema.get("namespace", ns)
+            full = name if "." in name or not space else f"{space}.{name}"
+            out[full] = schema
+            inner = full.rpartition(".")[0] or None
+            for f in schema.get("fields", []):
+                _named_records(f["type"], inner, out)
+        elif t == "array":
+            _named_records(schema.get("items"), ns, out)
+        elif t == "map":
+            _named_records(schema.get("values"), ns, out)
+        elif isinstance(t, (dict, list)):
+            _named_records(t, ns, out)
+
+
+def _logical(t: Any) -> tuple[Any, ...] | None:
+    """A field type's logical meaning: (logicalType, precision, scale), through ``["null", T]``."""
+    if isinstance(t, list):
+        sigs = [s for s in (_logical(b) for b in t if b != "null") if s is not None]
+        return sigs[0] if len(sigs) == 1 else None
+    if isinstance(t, dict):
+        if isinstance(t.get("type"), (dict, list)):
+            return _logical(t["type"])
+        lt = t.get("logicalType")
+        if lt is not None:
+            return (lt, t.get("precision"), t.get("scale", 0) if lt == "decimal" else None)
+    return None
+
+
+def _logical_mismatches(reader: Schema, writer: Schema) -> list[str]:
+    readers: dict[str, dict[str, Any]] = {}
+    writers: dict[str, dict[str, Any]] = {}
+    _named_records(reader, None, readers)
+    _named_records(writer, None, writers)
+    out = []
+    for name, w in writers.items():
+        r = readers.get(name)
+        if r is None:
+            continue
+        r_fields = {f["name"]: f for f in r.get("fields", [])}
+        for wf in w.get("fields", []):
+            rf = r_fields.get(wf["name"])
+            if rf is None:
+                continue
+            ws, rs = _logical(wf["type"]), _logical(rf["type"])
+            if ws == rs:
+                continue
+            if (ws and rs and ws[0] == rs[0] == "decimal" and ws[2] == rs[2]
+                    and int(ws[1] or 0) <= int(rs[1] or 0)):
+                continue  # a narrower decimal of the same scale fits
+            out.append(f"{name}.{wf['name']}: written as {_describe(ws)}, the contract reads {_describe(rs)}")
+    return out
+
+
+def _describe(sig: tuple[Any, ...] | None) -> str:
+    if sig is None:
+        return "a plain Avro value"
+    if sig[0] == "decimal":
+        return f"decimal({sig[1]},{sig[2]})"
+    return str(sig[0])
 
 
 # --- schema-driven conversion ------------------------------------------------------------------

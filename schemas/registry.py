@@ -40,6 +40,10 @@ class IncompatibleSchemaError(RegistryError):
     """A proposed version cannot read data written with the previous one."""
 
 
+class InvalidSchemaError(RegistryError):
+    """A text that is not a valid Avro schema."""
+
+
 Schema = dict[str, Any] | list[Any]
 
 
@@ -218,6 +222,32 @@ class Registry:
             json.dumps(self.manifest, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
         )
         return sv
+
+
+def value_subject(subject: str, topic_prefix: str = "yibao.") -> str:
+    """The Confluent TopicNameStrategy subject of a manifest subject's topic: ``yibao.settlement-value``.
+
+    The inverse of :meth:`Registry.by_subject`; Schema Registry clients look schemas up by this name.
+    """
+    return f"{topic_prefix}{subject}-value"
+
+
+def canonical_form(schema: Schema | str) -> str:
+    """The schema as Avro parses it, as sorted compact JSON; raises InvalidSchemaError.
+
+    Two texts that say the same (key order, whitespace, a name given short or full) have one form,
+    so a schema sent back by a client is recognised; docs and defaults count, unlike Avro's Parsing
+    Canonical Form, because a registry must not call a changed default the same schema.
+    """
+    import avro.errors
+    import avro.schema
+
+    try:
+        text = schema if isinstance(schema, str) else json.dumps(schema)
+        parsed = avro.schema.parse(text)
+    except (avro.errors.AvroException, json.JSONDecodeError, TypeError, ValueError) as exc:
+        raise InvalidSchemaError(f"not a valid Avro schema: {exc}") from None
+    return json.dumps(parsed.to_json(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 def backward_incompatibilities(reader: Schema, writer: Schema) -> list[str]:

@@ -29,6 +29,7 @@ from sinks.base import Backend
 from . import metrics
 from .config import KafkaConfig, WorkerConfig
 from .ingest import Ingestor
+from .messages import framed_headers
 from .privacy import Pseudonymizer, Sealer, load_key
 from .processors import BatchProcessor, GroupedProcessor
 from .rules import RuleBook
@@ -60,7 +61,7 @@ class IngestService(mode.Service):
     async def on_start(self) -> None:
         c = self.config
         kafka = c.kafka
-        codec = Codec()
+        codec = worker_codec(c)
         # what can fail on local settings (the key here, the rule base in build_pipeline) before any topic is made
         key = load_key(c.privacy.key, c.privacy.key_file, c.data_dir, create=True)
         pseudo = Pseudonymizer(key, c.privacy.key_id)
@@ -176,8 +177,12 @@ class IngestService(mode.Service):
                 try:
                     rules = self.rulebook.current
                     run = await loop.run_in_executor(executor, monitors.evaluate, backend, rules)
-                    futures = [await self._dl_producer.send(topic, codec.encode(monitors.ALERT_RECORD, d),
-                                                            key=monitors.alert_key(d)) for d in run.emitted]
+                    futures = []
+                    for d in run.emitted:
+                        value = codec.encode(monitors.ALERT_RECORD, d)
+                        futures.append(await self._dl_producer.send(
+                            topic, value, key=monitors.alert_key(d),
+                            headers=framed_headers(codec.subject_of(monitors.ALERT_RECORD), value)))
                     await asyncio.gather(*futures)
                     await loop.run_in_executor(executor, monitors.write_alerts, backend, run.emitted)
                     for d in run.emitted:
@@ -207,6 +212,18 @@ class IngestService(mode.Service):
 
     def ready(self) -> bool:
         return bool(self.ingestors) and all(i.ready.is_set() for i in self.ingestors.values())
+
+
+def worker_codec(config: WorkerConfig) -> Codec:
+    """The ingestors' codec: with the shop's Schema Registry when one is configured, so that events its
+    producers framed with ids they registered themselves are decoded into the known contracts
+    (schemas.codec.Codec). Its lookups block the event loop, once per new id (timeout: the
+    registry's), as confluent-kafka's deserializer blocks its caller."""
+    if config.schema_registry is None:
+        return Codec()
+    from schemas.registry_client import SchemaRegistryClient, schema_resolver
+
+    return Codec(resolver=schema_resolver(SchemaRegistryClient(config.schema_registry)))
 
 
 def runs_monitors(ingestors: Mapping[str, Any]) -> bool:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from schemas.registry_client import RegistryClientConfig
 from sinks.config import ClickHouseConfig
 
 
@@ -81,3 +82,5 @@ class WorkerConfig:
     sink_retry_max_seconds: float
     web_port: int
     shutdown_deadline_s: float
+    #: the shop's Schema Registry: events framed with ids outside the manifest are decoded through it
+    schema_registry: RegistryClientConfig | None = None

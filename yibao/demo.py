@@ -8,6 +8,9 @@ are counted in ClickHouse; re-sends land nowhere, so they are counted by the wor
 ``yibao_duplicates_recognised_total`` (:data:`DUPLICATES_METRIC`), which the in-process workers
 increment once a batch is durable, as they do ``yibao_events_landed_total``. The data stays under
 ``--data-dir``, with the planted anomalies' ground truth (:data:`TRUTH_FILE`) for `yibao evaluate`.
+While it runs, the schemas are served over Confluent's Schema Registry API (yibao.schema_registry)
+on a free local port, so Kafka tools can decode its topics; the URL is printed and in the summary
+(``schema_registry_url``), and the registry stops with the demo.
 
 The demo starts from an empty database, so it replaces the one it finds, but only one that a demo
 made (its comment starts with :data:`DEMO_MARK`): a user who pointed it at data they care about is
@@ -163,6 +166,7 @@ async def _demo(settings: Settings, events: int, input_file: Path | None, seed: 
     from streams.app import create_app
 
     from .localinfra import TansuBroker
+    from .schema_registry import RegistryServer, SchemaStore
 
     data_dir = settings.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -170,6 +174,7 @@ async def _demo(settings: Settings, events: int, input_file: Path | None, seed: 
     backend = connect(s.clickhouse())
     broker = None
     app = None
+    registry: RegistryServer | None = None
     try:
         replaced = claim_database(backend, data_dir, replace)
         console.print(f"[bold]yibao demo[/bold]: data in {escape(str(data_dir))}", highlight=False)
@@ -181,6 +186,10 @@ async def _demo(settings: Settings, events: int, input_file: Path | None, seed: 
         broker.start()
         console.print(f"  broker  Tansu at {broker.bootstrap} (memory storage)")
         s = s.model_copy(update={"kafka_bootstrap": broker.bootstrap})
+        registry = RegistryServer(SchemaStore.from_manifest(topic_prefix=s.topic_prefix), port=0)
+        registry_url = await registry.start()
+        console.print(f"  schemas Schema Registry API at {registry_url} (read-only, while the demo runs)",
+                      highlight=False)
         migrate(backend)
         console.print(f"  sink    chDB {'.'.join(map(str, backend.version()))} at {s.chdb_path}")
         tables = sorted(set(PRIMARY_TABLE.values()) | {"fee_details", "dead_letters"})
@@ -253,6 +262,7 @@ async def _demo(settings: Settings, events: int, input_file: Path | None, seed: 
             "produce_s": round(t_produced - t0, 2),
             "events_per_s": round(stats.sent / elapsed, 1) if elapsed else None,
             "data_dir": str(data_dir),
+            "schema_registry_url": registry_url,
             "highlights": _highlights(backend, s.ch_database),
         }
         if planting is not None:
@@ -265,6 +275,8 @@ async def _demo(settings: Settings, events: int, input_file: Path | None, seed: 
     finally:
         if app is not None:
             await app.stop()
+        if registry is not None:
+            await registry.stop()
         backend.close()
         if broker is not None:
             broker.stop()

@@ -16,6 +16,7 @@ import platformdirs
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from schemas.registry_client import RegistryClientConfig
 from sinks.config import ClickHouseConfig
 from streams.config import KafkaConfig, PrivacyConfig, RulesConfig, ValidationConfig, WorkerConfig
 
@@ -86,6 +87,18 @@ class Settings(BaseSettings):
     ch_cluster: str | None = Field(None, description="ClickHouse cluster name for ON CLUSTER DDL")
     data_dir: Path = Field(default_factory=default_data_dir, description="chDB data and local state")
 
+    # --- Schema Registry (the shop's; optional) ----------------------------------------------
+    schema_registry_url: str | None = Field(
+        None, description="Confluent-compatible Schema Registry: ids outside the manifest are fetched from it, "
+                          "and `yibao schemas register` publishes the manifest there")
+    schema_registry_username: str | None = None
+    schema_registry_password: SecretStr | None = None
+    schema_registry_password_file: Path | None = None
+    schema_registry_ca_file: Path | None = None
+    schema_registry_cert_file: Path | None = None
+    schema_registry_key_file: Path | None = None
+    schema_registry_timeout_s: float = Field(5.0, gt=0, le=60, description="Timeout of one registry request")
+
     # --- Sink batching -----------------------------------------------------------------------
     batch_max_events: int = Field(5000, ge=1, le=1_000_000)
     batch_max_seconds: float = Field(1.0, gt=0, le=60)
@@ -148,8 +161,26 @@ class Settings(BaseSettings):
             raise ValueError("database name must be an identifier (letters, digits, underscore)")
         return v
 
+    @field_validator("schema_registry_url")
+    @classmethod
+    def _registry_url(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        import urllib.parse
+
+        parts = urllib.parse.urlsplit(v.strip())
+        try:
+            _ = parts.port  # raises on a port that is not a number
+        except ValueError:
+            raise ValueError(f"{_without_password(v)!r} has a port that is not a number") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{_without_password(v)!r} is not http(s)://host[:port]; "
+                             "e.g. YIBAO_SCHEMA_REGISTRY_URL=https://registry.internal:8081")
+        return v.strip()
+
     @field_validator("kafka_sasl_password_file", "ch_password_file", "pseudo_key_file", "kafka_ssl_cafile",
-                     "kafka_ssl_certfile", "kafka_ssl_keyfile", "ch_ca_certs")
+                     "kafka_ssl_certfile", "kafka_ssl_keyfile", "ch_ca_certs", "schema_registry_password_file",
+                     "schema_registry_ca_file", "schema_registry_cert_file", "schema_registry_key_file")
     @classmethod
     def _readable(cls, v: Path | None) -> Path | None:
         """A secret or TLS file that cannot be read is reported with the other bad settings, naming its
@@ -162,7 +193,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _secrets_from_files(self) -> Settings:
-        for name in ("kafka_sasl_password", "ch_password", "pseudo_key"):
+        for name in ("kafka_sasl_password", "ch_password", "pseudo_key", "schema_registry_password"):
             path: Path | None = getattr(self, f"{name}_file")
             if path is None:
                 continue
@@ -175,7 +206,25 @@ class Settings(BaseSettings):
             raise ValueError(
                 "YIBAO_KAFKA_SECURITY_PROTOCOL is SASL_* but YIBAO_KAFKA_SASL_USERNAME is not set"
             )
+        self._check_registry()
         return self
+
+    def _check_registry(self) -> None:
+        """Registry settings that cannot work together, named before any request fails on them."""
+        tls = [n for n in ("ca_file", "cert_file", "key_file") if getattr(self, f"schema_registry_{n}") is not None]
+        auth = [n for n in ("username", "password") if getattr(self, f"schema_registry_{n}") is not None]
+        if self.schema_registry_url is None:
+            if tls or auth:
+                raise ValueError(f"YIBAO_SCHEMA_REGISTRY_{(tls + auth)[0].upper()} is set but "
+                                 "YIBAO_SCHEMA_REGISTRY_URL is not")
+            return
+        if tls and not self.schema_registry_url.lower().startswith("https://"):
+            raise ValueError(f"YIBAO_SCHEMA_REGISTRY_{tls[0].upper()} is set but YIBAO_SCHEMA_REGISTRY_URL is not "
+                             "https://: TLS files are only used over https")
+        if self.schema_registry_key_file is not None and self.schema_registry_cert_file is None:
+            raise ValueError("YIBAO_SCHEMA_REGISTRY_KEY_FILE is set but YIBAO_SCHEMA_REGISTRY_CERT_FILE is not")
+        if self.schema_registry_password is not None and not self.schema_registry_username:
+            raise ValueError("YIBAO_SCHEMA_REGISTRY_PASSWORD is set but YIBAO_SCHEMA_REGISTRY_USERNAME is not")
 
     # --- derived -----------------------------------------------------------------------------
     def topic(self, stream: str) -> str:
@@ -213,6 +262,18 @@ class Settings(BaseSettings):
             privacy=self.privacy(), data_dir=self.data_dir, batch_max_events=self.batch_max_events,
             batch_max_seconds=self.batch_max_seconds, sink_retry_max_seconds=self.sink_retry_max_seconds,
             web_port=self.web_port, shutdown_deadline_s=self.shutdown_deadline_s,
+            schema_registry=self.schema_registry(),
+        )
+
+    def schema_registry(self) -> RegistryClientConfig | None:
+        """How to reach the shop's Schema Registry (schemas.registry_client); None when none is set."""
+        if self.schema_registry_url is None:
+            return None
+        return RegistryClientConfig(
+            url=self.schema_registry_url, username=self.schema_registry_username,
+            password=self.schema_registry_password.get_secret_value() if self.schema_registry_password else None,
+            ca_file=self.schema_registry_ca_file, cert_file=self.schema_registry_cert_file,
+            key_file=self.schema_registry_key_file, timeout_s=self.schema_registry_timeout_s,
         )
 
     def clickhouse(self) -> ClickHouseConfig:
@@ -262,6 +323,8 @@ class Settings(BaseSettings):
                 value = value.value
             elif isinstance(value, tuple):
                 value = list(value)
+            if name == "schema_registry_url" and value:
+                value = _without_password(value)
             out[name] = value
         return out
 
@@ -284,6 +347,17 @@ def load_settings(**overrides: Any) -> Settings:
             msg = str(cause) if err["type"] == "value_error" and cause is not None else err["msg"]
             lines.append(f"YIBAO_{loc.upper()}: {msg}" if loc else msg)
         raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from None
+
+
+def _without_password(url: str) -> str:
+    """``url`` with the password of its ``user:password@`` part masked: for messages and `config show`."""
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}:**********@{host}"))
 
 
 def unreadable(path: Path) -> str | None:

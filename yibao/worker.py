@@ -90,7 +90,32 @@ def preflight(settings: Settings, *, timeout_s: float = PREFLIGHT_TIMEOUT_S) -> 
     problems = [*_check_processes(settings), *_check_rules(settings), *_check_key(settings),
                 *_check_data_dir(settings), *_check_web_ports(settings)]
     problems += _check_network(settings, timeout_s)
+    problems += _check_schema_registry(settings, timeout_s)
     return problems
+
+
+def _check_schema_registry(s: Settings, timeout_s: float) -> list[Problem]:
+    """The shop's Schema Registry, when one is set, answers with these credentials and this TLS: a wrong
+    one would otherwise turn every event framed with a producer's own schema id into a dead letter."""
+    cfg = s.schema_registry()
+    if cfg is None:
+        return []
+    from dataclasses import replace
+
+    from schemas import Registry
+    from schemas.registry_client import RegistryClientError, SchemaRegistryClient, conflicting_ids
+
+    try:
+        client = SchemaRegistryClient(replace(cfg, timeout_s=min(cfg.timeout_s, timeout_s)))
+        client.ping()
+        taken = conflicting_ids(client, Registry.load())
+    except RegistryClientError as exc:
+        return [Problem(str(exc), "check YIBAO_SCHEMA_REGISTRY_URL (and _USERNAME/_PASSWORD, _CA_FILE/_CERT_FILE); "
+                                  "unset it to decode only the manifest's schema ids")]
+    return [Problem(f"schema id {sv.id} in the schema registry at {client.base} is another schema than yibao's "
+                    f"{sv.subject} v{sv.version}: events other producers frame with it would be misread",
+                    "point YIBAO_SCHEMA_REGISTRY_URL at a registry holding yibao's ids (`yibao schemas register "
+                    "--registry-url URL` publishes them)") for sv in taken]
 
 
 def _check_processes(s: Settings) -> list[Problem]:

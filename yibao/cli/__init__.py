@@ -39,6 +39,7 @@ from .common import (
 )
 from .dlq import dlq_app
 from .monitors import monitors_app
+from .registry import registry_app
 from .rules import alerts_command, rules_app
 
 __all__ = ["UserError", "app", "configure_logging", "console", "err", "fail", "guard", "main", "settings_from"]
@@ -60,6 +61,7 @@ app.add_typer(rules_app, name="rules")
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(access_app, name="access")
 app.add_typer(monitors_app, name="monitors")
+app.add_typer(registry_app, name="registry")
 app.command("alerts")(alerts_command)
 
 # --- shared options ---------------------------------------------------------------------------
@@ -653,13 +655,37 @@ def schemas_check() -> None:
 
 
 @schemas_app.command("register")
-def schemas_register() -> None:
-    """Register changed contracts as new versions (refused when not BACKWARD compatible)."""
+def schemas_register(
+    registry_url: Annotated[str | None, typer.Option(
+        "--registry-url",
+        help="Publish the manifest's versions to this Schema Registry under <topic>-value, keeping their ids "
+             "and versions (IMPORT mode) [YIBAO_SCHEMA_REGISTRY_URL; credentials, TLS: YIBAO_SCHEMA_REGISTRY_*]",
+    )] = None,
+) -> None:
+    """Register changed contracts as new versions (refused when not BACKWARD compatible); with a
+    registry URL, publish the registered versions to that Schema Registry instead."""
 
     def run() -> None:
         from schemas import Registry
 
         reg = Registry.load()
+        s = settings_from(schema_registry_url=registry_url)
+        cfg = s.schema_registry()
+        if cfg is not None:
+            from schemas.registry_client import RegistryConflict, SchemaRegistryClient, publish_manifest
+
+            client = SchemaRegistryClient(cfg)
+            console.print(f"publishing the schema manifest to the schema registry at {client.base}", highlight=False)
+            try:
+                done = publish_manifest(client, reg, s.topic_prefix)
+            except RegistryConflict as exc:
+                fail(str(exc), exc.hint)
+            for p in done:
+                state = "registered" if p.registered else "already registered"
+                console.print(f"{p.subject} v{p.version}: {state} as schema id {p.id}", highlight=False)
+            new = sum(p.registered for p in done)
+            console.print(f"{len(done)} versions: {new} registered, {len(done) - new} already there", highlight=False)
+            return
         for subject in reg.subjects():
             sv = reg.register(subject)
             if sv:
