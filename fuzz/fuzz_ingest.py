@@ -34,7 +34,8 @@ if str(ROOT) not in sys.path:
 
 with atheris.instrument_imports(include=["streams", "schemas", "sinks"]):
     from schemas import SUBJECT_RECORDS, Codec
-    from streams.messages import ALERT_RECORD, DEADLETTER_RECORD, MESSAGE_BUDGET, Message, Outcome, alert_key
+    from streams.checkpoint import Checkpoint
+    from streams.messages import MESSAGE_BUDGET, Message, Outcome, headers_size
     from streams.privacy import Pseudonymizer, Sealer
     from streams.processors import BatchProcessor, GroupedProcessor
     from streams.rules import load_knowledge
@@ -169,9 +170,9 @@ def check(codec: Codec, out: Outcome, n: int, emitted: Callable[[], None] | None
     assert landed + dead == n, f"{n} messages, {landed} landed + {dead} dead-lettered"
     for table, cols in out.tables.items():
         assert len({len(v) for v in cols.values()}) == 1, f"{table}: columns of different lengths"
-    sizes = [len(k) + len(codec.encode(DEADLETTER_RECORD, d)) for d, k in zip(out.dead, out.dead_keys, strict=True)]
-    sizes += [len(alert_key(a)) + len(codec.encode(ALERT_RECORD, a)) for a in out.alerts]
-    sizes += [len(k) + len(v) for _, k, v in out.emits]
+    # what the worker would send, record headers included (Checkpoint.messages raises EmitTooLarge too)
+    sent = Checkpoint("fuzz", codec, None, None, None, [], "deadletter", str).messages(out)  # type: ignore[arg-type]
+    sizes = [len(k or b"") + len(v) + headers_size(h) for _, k, v, h in sent]
     assert all(s <= MESSAGE_BUDGET for s in sizes), f"a message of {max(sizes):,} bytes"
 
 

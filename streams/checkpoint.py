@@ -15,6 +15,7 @@ make their redelivery skip the rules but not the insert.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable, Sequence
 
 from aiokafka import AIOKafkaProducer, TopicPartition
@@ -23,13 +24,30 @@ from aiokafka.structs import OffsetAndMetadata
 from schemas import Codec
 
 from .base import Columns
-from .messages import ALERT_RECORD, DEADLETTER_RECORD, MESSAGE_BUDGET, EmitTooLarge, Message, Outcome, alert_key
+from .messages import (
+    ALERT_RECORD,
+    CONTENT_TYPE_HEADER,
+    DEADLETTER_RECORD,
+    MESSAGE_BUDGET,
+    STAY_CONTENT_TYPE,
+    EmitTooLarge,
+    Headers,
+    Message,
+    Outcome,
+    alert_key,
+    dead_letter_headers,
+    framed_headers,
+    headers_size,
+    source_headers,
+)
 from .rules.state import Store, write_changelog
 
 #: ``insert(table, columns)``: make one table's rows durable (retrying while ClickHouse is unreachable).
 Insert = Callable[[str, Columns], Awaitable[None]]
 #: ``commit(offsets)``: commit the consumer's offsets.
 Commit = Callable[[dict[TopicPartition, OffsetAndMetadata]], Awaitable[None]]
+#: (topic, key, value, record headers) of one message the checkpoint sends
+Outgoing = tuple[str, bytes | None, bytes, Headers]
 
 
 class Checkpoint:
@@ -46,6 +64,14 @@ class Checkpoint:
         self.deadletter_topic = deadletter_topic
         self.topic_of = topic_of
 
+    @functools.cached_property
+    def _dl_subject(self) -> str:
+        return self.codec.subject_of(DEADLETTER_RECORD)
+
+    @functools.cached_property
+    def _alert_subject(self) -> str:
+        return self.codec.subject_of(ALERT_RECORD)
+
     async def commit(self, batch: Sequence[Message], out: Outcome) -> None:
         """Make ``out`` (what processing ``batch`` gave) durable, then move past ``batch``."""
         await self.produce(out)
@@ -55,25 +81,38 @@ class Checkpoint:
             await write_changelog(self.producer, self.stores)
         await self.commit_offsets(next_offsets(self.topic, batch))
 
-    def messages(self, out: Outcome) -> list[tuple[str, bytes | None, bytes]]:
-        """(topic, key, value) of everything ``out`` sends, each checked against the budget:
-        :class:`EmitTooLarge` before anything is sent."""
+    def messages(self, out: Outcome) -> list[Outgoing]:
+        """(topic, key, value, headers) of everything ``out`` sends, each checked against the budget
+        (headers included): :class:`EmitTooLarge` before anything is sent.
+
+        Every message says what it is (``content-type``, ``yibao-schema-id``) and which input event
+        of :attr:`topic` it derives from (``yibao-source-*``; a dead letter's own position fields,
+        and its ``yibao-reason``), so routing tools need not decode it (streams.messages).
+        """
         encode = self.codec.encode
         alerts_topic = self.topic_of("alerts")
-        sent: list[tuple[str, bytes | None, bytes]] = [(self.deadletter_topic, k, encode(DEADLETTER_RECORD, d))
-                                                       for d, k in zip(out.dead, out.dead_keys, strict=True)]
-        sent += [(alerts_topic, alert_key(a), encode(ALERT_RECORD, a)) for a in out.alerts]
-        sent += [(self.topic_of(stream), key, value) for stream, key, value in out.emits]
-        for topic, key, value in sent:
-            if len(key or b"") + len(value) > MESSAGE_BUDGET:
-                raise EmitTooLarge(f"a message for {topic} takes {len(key or b'') + len(value):,} bytes "
-                                   f"(at most {MESSAGE_BUDGET:,})")
+        sent: list[Outgoing] = []
+        for d, k in zip(out.dead, out.dead_keys, strict=True):
+            value = encode(DEADLETTER_RECORD, d)
+            sent.append((self.deadletter_topic, k, value, dead_letter_headers(d, self._dl_subject, value)))
+        for a, (p, o) in zip(out.alerts, out.alert_sources, strict=True):
+            value = encode(ALERT_RECORD, a)
+            sent.append((alerts_topic, alert_key(a), value,
+                         [*framed_headers(self._alert_subject, value), *source_headers(self.topic, p, o)]))
+        for (stream, key, value), (p, o) in zip(out.emits, out.emit_sources, strict=True):
+            sent.append((self.topic_of(stream), key, value,
+                         [(CONTENT_TYPE_HEADER, STAY_CONTENT_TYPE), *source_headers(self.topic, p, o)]))
+        for topic, msg_key, msg_value, msg_headers in sent:
+            size = len(msg_key or b"") + len(msg_value) + headers_size(msg_headers)
+            if size > MESSAGE_BUDGET:
+                raise EmitTooLarge(f"a message for {topic} takes {size:,} bytes (at most {MESSAGE_BUDGET:,})")
         return sent
 
     async def produce(self, out: Outcome) -> None:
         """Step 1: dead letters, alerts and re-keyed records, acknowledged (acks=all)."""
         send = self.producer.send
-        futures = [await send(topic, value, key=key) for topic, key, value in self.messages(out)]
+        futures = [await send(topic, value, key=key, headers=headers)
+                   for topic, key, value, headers in self.messages(out)]
         if futures:
             await asyncio.gather(*futures)
 

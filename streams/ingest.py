@@ -18,14 +18,14 @@ import asyncio
 import functools
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import MessageSizeTooLargeError
-from aiokafka.structs import OffsetAndMetadata
+from aiokafka.errors import IllegalStateError, MessageSizeTooLargeError
+from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
 
 from sinks.base import Backend, SinkError, SinkUnavailable
 from sinks.landed import existing_rows, without_existing
@@ -122,6 +122,8 @@ class Ingestor(ConsumerRebalanceListener):  # type: ignore[misc]
         self.executor = executor or ThreadPoolExecutor(1, thread_name_prefix=f"sink-{self.topic}")
         self.landed_index = LandedIndex()
         self._pending: list[Message] = []
+        #: per partition, the offset of the first pending message: the oldest event not yet durable
+        self._first_pending: dict[int, int] = {}
         self._pending_since = 0.0
         self._needs_check: set[int] = set()
         self._tables = list(processor.tables)
@@ -141,6 +143,8 @@ class Ingestor(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
         gone = [tp.partition for tp in revoked if tp.topic == self.topic]
         self.assigned.difference_update(gone)
+        for p in gone:
+            metrics.CONSUMER_LAG.remove(self.topic, str(p))
         if self._pending:
             await self.flush()
         self.processor.forget(gone)
@@ -187,29 +191,61 @@ class Ingestor(ConsumerRebalanceListener):  # type: ignore[misc]
                 room = self.batch_max_events - len(self._pending)
                 got = await consumer.getmany(timeout_ms=wait_ms, max_records=max(1, room))
                 now = time.monotonic()
-                for records in got.values():
-                    if not self._pending:
-                        self._pending_since = now
-                    self._pending.extend(
-                        Message(r.partition, r.offset, r.key, r.value,
-                                bool(r.headers) and any(h[0] == REPLAY_HEADER for h in r.headers))
-                        for r in records
-                    )
+                self._gather(got, now)
                 if self._pending and (
                     len(self._pending) >= self.batch_max_events
                     or now - self._pending_since >= self.batch_max_seconds
                 ):
                     await self.flush()
+                await self._observe_lag(consumer)
             if self._pending:
                 await self.flush()
         finally:
             await consumer.stop()
             log.info("ingest stopped", topic=self.topic, **dict(self.stats))
 
+    def _gather(self, got: Mapping[TopicPartition, Sequence[ConsumerRecord[bytes, bytes]]], now: float) -> None:
+        """Add what a fetch handed out to the pending batch."""
+        for records in got.values():
+            if not records:
+                continue
+            if not self._pending:
+                self._pending_since = now
+            self._first_pending.setdefault(records[0].partition, records[0].offset)
+            self._pending.extend(
+                Message(r.partition, r.offset, r.key, r.value,
+                        bool(r.headers) and any(h[0] == REPLAY_HEADER for h in r.headers))
+                for r in records
+            )
+
+    async def _observe_lag(self, consumer: AIOKafkaConsumer) -> None:
+        """Set ``yibao_consumer_lag`` of every partition held: events not yet landed.
+
+        The end of the log is the high watermark of the partition's latest *fetch* response, never
+        ListOffsets(latest): Tansu 0.6.0 answers ListOffsets with the base offset of the last batch
+        + 1, short of the log end by the rest of that batch (measured: 742 for a log of 755), so
+        lag from end offsets (kafka-consumer-groups, Burrow, ``end_offsets``) goes negative there;
+        its fetch high watermark was exact in every measurement (docs/operations.md). Lag counts
+        from the oldest event fetched but not yet committed, so a batch being gathered or retried
+        is behind, as it is. Clamped at 0 in case a broker's high watermark ever trails what it
+        served. Fetching is paused during a ClickHouse outage, so the gauge holds its last value
+        then (``yibao_sink_up`` says why).
+        """
+        ends = {tp: hw for tp in consumer.assignment() if (hw := consumer.highwater(tp)) is not None}
+        for tp, end in ends.items():
+            start = self._first_pending.get(tp.partition)
+            if start is None:
+                try:
+                    start = await consumer.position(tp)
+                except IllegalStateError:  # revoked meanwhile
+                    continue
+            metrics.CONSUMER_LAG.labels(self.topic, str(tp.partition)).set(max(0, end - start))
+
     async def flush(self) -> None:
         """Make the pending batch durable (dead letters, rows), then commit its offsets."""
         await self._restored.wait()
         batch, self._pending = self._pending, []
+        self._first_pending = {}
         if batch:
             await self._flush_isolating(batch)
 

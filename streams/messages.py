@@ -19,17 +19,75 @@ from sinks.tables import ALERTS_TABLE, DEAD_LETTER_TABLE
 from .base import ColumnPlan, Columns, Datum, TableMapping, compile_plan, merge_columns
 from .privacy import Pseudonymizer, Sealer
 
-__all__ = ["ALERTS_TABLE", "ALERT_RECORD", "DEADLETTER_RECORD", "DEAD_LETTER_TABLE", "MESSAGE_BUDGET", "REPLAY_HEADER",
-           "AlreadyLanded",
-           "DeadLetters", "EmitTooLarge", "Failure", "Message", "Outcome", "add_alerts", "alert_key", "alert_plan",
-           "clip", "dead_letter_id", "fit_for_topic"]
+__all__ = ["ALERTS_TABLE", "ALERT_RECORD", "CONTENT_TYPE_HEADER", "DEADLETTER_RECORD", "DEADLETTER_SUBJECT",
+           "DEAD_LETTER_TABLE", "MESSAGE_BUDGET", "REASON_HEADER", "REPLAY_HEADER", "SCHEMA_ID_HEADER",
+           "SOURCE_OFFSET_HEADER", "SOURCE_PARTITION_HEADER", "SOURCE_TOPIC_HEADER", "STAY_CONTENT_TYPE",
+           "AlreadyLanded", "DeadLetters", "EmitTooLarge", "Failure", "Headers", "Message", "Outcome", "add_alerts",
+           "alert_key", "alert_plan", "avro_content_type", "clip", "dead_letter_headers", "dead_letter_id",
+           "fit_for_topic", "framed_headers", "headers_size", "source_headers"]
 
 DEADLETTER_RECORD = "cn.nhsa.yibao.pipeline.DeadLetter"
+#: the manifest subject of dead letters (schemas/registry.json)
+DEADLETTER_SUBJECT = "deadletter"
 #: Kafka record header ``yibao dlq replay`` puts on what it re-sends (value: the dead letter's id), so
 #: the event is judged again rather than recognised as a re-send of the one that was turned away.
 REPLAY_HEADER = "yibao-replay"
 ALERT_RECORD = "cn.nhsa.yibao.pipeline.AnomalyAlert"
+
+# --- record headers --------------------------------------------------------------------------------
+# Every record yibao writes to Kafka carries these, so routing and governance tools (Kafka Connect
+# predicates, kcat -J, kafka-ui filters) select records without decoding Avro. Values are UTF-8
+# text, numbers in decimal ASCII.
+#: ``application/vnd.yibao.<subject>.v1+avro`` (subject as in schemas/registry.json: settlement,
+#: procurement, supervision, alerts, deadletter); ``v1`` is this framing (Confluent's: magic byte 0,
+#: 4-byte schema id, Avro binary body), not the schema's version, which ``yibao-schema-id`` names.
+CONTENT_TYPE_HEADER = "content-type"
+#: the Confluent schema id of the value's frame, as the registry API serves it
+SCHEMA_ID_HEADER = "yibao-schema-id"
+#: where the input event that produced this record was read (dead letters, alerts, re-keyed stays)
+SOURCE_TOPIC_HEADER = "yibao-source-topic"
+SOURCE_PARTITION_HEADER = "yibao-source-partition"
+SOURCE_OFFSET_HEADER = "yibao-source-offset"
+#: a dead letter's reason code (``UNKNOWN_SCHEMA_ID``, ``INVALID_CODE``, ``EMIT_TOO_LARGE`` ...)
+REASON_HEADER = "yibao-reason"
+#: the re-keyed stays (internal.stays-by-*) are compact JSON, without a schema id
+STAY_CONTENT_TYPE = b"application/vnd.yibao.stay.v1+json"
+
+Headers = list[tuple[str, bytes]]
 _DL_NAMESPACE = uuid.UUID("6d1f0c36-2d0e-4f0f-9a53-8c1f5b0e7a11")
+
+
+def avro_content_type(subject: str) -> bytes:
+    """The ``content-type`` header value of a Confluent-framed Avro record of ``subject``."""
+    return f"application/vnd.yibao.{subject}.v1+avro".encode()
+
+
+def framed_headers(subject: str, value: bytes | None) -> Headers:
+    """``content-type`` of ``subject``, and the schema id read from ``value``'s own frame: the id of
+    the bytes sent (a replayed event keeps the id it was written with), none when they are not
+    framed (a dead letter's original may be any bytes)."""
+    headers: Headers = [(CONTENT_TYPE_HEADER, avro_content_type(subject))]
+    if value is not None and len(value) >= 5 and value[0] == 0:
+        headers.append((SCHEMA_ID_HEADER, str(int.from_bytes(value[1:5], "big")).encode()))
+    return headers
+
+
+def source_headers(topic: str, partition: int, offset: int) -> Headers:
+    """Where the input event a record derives from was read."""
+    return [(SOURCE_TOPIC_HEADER, topic.encode()), (SOURCE_PARTITION_HEADER, str(partition).encode()),
+            (SOURCE_OFFSET_HEADER, str(offset).encode())]
+
+
+def dead_letter_headers(datum: Datum, subject: str, value: bytes | None) -> Headers:
+    """A dead letter's headers: its frame, the source position it was turned away at, its reason."""
+    return [*framed_headers(subject, value),
+            *source_headers(datum["source_topic"], datum["source_partition"], datum["source_offset"]),
+            (REASON_HEADER, str(datum["reason_code"]).encode())]
+
+
+def headers_size(headers: Headers) -> int:
+    """Bytes the headers add to a record (keys and values; the varint lengths are in the margin)."""
+    return sum(len(k.encode()) + len(v) for k, v in headers)
 
 
 @dataclass(frozen=True)
@@ -62,7 +120,11 @@ class Outcome:
     events: int = 0
     stage_seconds: dict[str, float] = field(default_factory=dict)
     alerts: list[Datum] = field(default_factory=list)
+    #: (partition, offset) of the input event that raised each alert (same order as ``alerts``)
+    alert_sources: list[tuple[int, int]] = field(default_factory=list)
     emits: list[tuple[str, bytes, bytes]] = field(default_factory=list)  # stream, key, value
+    #: (partition, offset) of the input event each emit derives from (same order as ``emits``)
+    emit_sources: list[tuple[int, int]] = field(default_factory=list)
     state_capped: int = 0  # events after which a key's state was cut to its bound
     #: re-sent events recognised by their identity (same ``event_id``, same content, new offset):
     #: neither landed nor dead-lettered; consumed = landed + dead-lettered + duplicates
@@ -126,15 +188,17 @@ class DeadLetters:
         out.dead.extend(fit_for_topic(d) for d in data)
 
 
-#: Bytes of key + value that any message the worker sends may take. Producers and brokers refuse
-#: messages over ~1 MB by default (max_request_size, message.max.bytes); one message over it would
-#: fail its batch on every restart and stop the partition for good. The margin covers record and
-#: batch headers.
+#: Bytes of key + value + record headers that any message the worker sends may take. Producers and
+#: brokers refuse messages over ~1 MB by default (max_request_size, message.max.bytes); one message
+#: over it would fail its batch on every restart and stop the partition for good. The margin covers
+#: the record's and its batch's framing.
 MESSAGE_BUDGET = 900_000
 #: Characters of a dead letter's readable detail (validators quote values; a value may be huge).
 DETAIL_MAX_CHARS = 2_000
 #: What a dead letter takes besides its payload, key and detail (ids, topic, codes, times).
 _DEAD_LETTER_OVERHEAD = 2_000
+#: a frame with the longest schema id (for bounding header sizes before encoding)
+_LARGEST_FRAME = b"\x00\xff\xff\xff\xff"
 
 
 def clip(text: str, most: int = DETAIL_MAX_CHARS) -> str:
@@ -147,9 +211,10 @@ def clip(text: str, most: int = DETAIL_MAX_CHARS) -> str:
 def fit_for_topic(datum: Datum) -> Datum:
     """The topic copy of a dead letter, within :data:`MESSAGE_BUDGET` as a whole: the sealed
     payload is dropped first, then the sealed key. The table keeps every byte, which is what
-    ``yibao dlq`` reads; the topic copy says what it left out."""
+    ``yibao dlq`` reads; the topic copy says what it left out. Its record headers count too."""
     size = (len(datum.get("payload") or b"") + len(datum.get("source_key") or b"")
-            + 4 * len(datum["reason_detail"]) + _DEAD_LETTER_OVERHEAD)
+            + 4 * len(datum["reason_detail"]) + _DEAD_LETTER_OVERHEAD
+            + headers_size(dead_letter_headers(datum, DEADLETTER_SUBJECT, _LARGEST_FRAME)))
     dropped: list[str] = []
     for f in ("payload", "source_key"):
         if size <= MESSAGE_BUDGET:
@@ -202,4 +267,5 @@ def add_alerts(out: Outcome, alerts: Sequence[tuple[Datum, int, int]], already: 
         offs.append(o)
     if data:
         out.alerts.extend(data)
+        out.alert_sources.extend(zip(parts, offs, strict=True))
         merge_columns(out.tables, ALERTS_TABLE, plan.build(data, parts, offs, pseudonymizer))

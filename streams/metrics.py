@@ -58,6 +58,17 @@ BATCH_EVENTS = Histogram(
 ASSIGNED_PARTITIONS = Gauge(
     "yibao_assigned_partitions", "Partitions assigned to this worker", ["topic"], registry=REGISTRY
 )
+#: Events of a partition the worker has not yet made durable: the high watermark of its latest fetch
+#: response minus the first offset not yet committed (the oldest event it holds in a batch, else its
+#: fetch position). Not from ListOffsets: Tansu answers that with the last batch's base offset + 1,
+#: which is why kafka-consumer-groups and Burrow show negative lag on the dev broker (streams.ingest).
+CONSUMER_LAG = Gauge(
+    "yibao_consumer_lag",
+    "Events not yet landed, per partition this worker holds: fetch high watermark minus the first offset not "
+    "committed (never negative; frozen while fetching is paused for a ClickHouse outage)",
+    ["topic", "partition"],
+    registry=REGISTRY,
+)
 STAGE_SECONDS = Counter(
     "yibao_stage_seconds_total", "CPU-side time per pipeline stage", ["topic", "stage"], registry=REGISTRY
 )

@@ -49,6 +49,7 @@ import structlog
 from schemas.calendar import month_bounds, prev_month
 from sinks.base import Backend, literal
 
+from .messages import framed_headers
 from .rules.alerts import ALERT_RECORD, alert_datum, alert_event_id, alert_id, retraction
 from .rules.detectors import Finding
 from .rules.model import Rule
@@ -462,14 +463,18 @@ def kafka_publisher(settings: Any) -> Publisher:
 
     codec = Codec()
     topic = settings.topic("alerts")
+    subject = codec.subject_of(ALERT_RECORD)
 
     def publish(datums: Sequence[dict[str, Any]]) -> None:
         async def go() -> None:
             producer = AIOKafkaProducer(**settings.kafka_client_kwargs(), acks="all")
             await producer.start()
             try:
-                futures = [await producer.send(topic, codec.encode(ALERT_RECORD, d), key=alert_key(d))
-                           for d in datums]
+                futures = []
+                for d in datums:
+                    value = codec.encode(ALERT_RECORD, d)
+                    futures.append(await producer.send(topic, value, key=alert_key(d),
+                                                       headers=framed_headers(subject, value)))
                 await asyncio.gather(*futures)
             finally:
                 await producer.stop()

@@ -219,6 +219,7 @@ class BatchProcessor:
             res = self.engine.process(ordered)
             add_alerts(out, res.alerts, already, self._alert_plan, self.pseudonymizer)
             out.emits.extend(res.emits)
+            out.emit_sources.extend(res.emit_sources)
             out.state_capped += res.capped
         out.stage_seconds = {
             "decode": t_decode,

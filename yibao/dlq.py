@@ -26,8 +26,9 @@ import typer
 
 from schemas.calendar import CHINA
 from sinks.base import Backend, literal
-from streams.messages import REPLAY_HEADER
+from streams.messages import CONTENT_TYPE_HEADER, REPLAY_HEADER, STAY_CONTENT_TYPE, Headers, framed_headers
 from streams.privacy import PrivacyError, Sealer
+from streams.topics import PIPELINE_TOPICS, STREAMS
 
 from .settings import Settings
 
@@ -255,6 +256,17 @@ def plan_replay(backend: Backend, dls: Sequence[DeadLetter], sealer: Sealer, cod
     return keep, report
 
 
+def content_headers(s: Settings, topic: str, raw: bytes) -> Headers:
+    """``content-type`` and ``yibao-schema-id`` of an original sent back to ``topic`` (streams.messages),
+    as its first producer would have sent them; the schema id is the one in its own frame."""
+    for subject in STREAMS:
+        if s.topic(subject) == topic:
+            return framed_headers(subject, raw)
+    if any(s.topic(stream) == topic for stream in PIPELINE_TOPICS if stream.startswith("internal.stays-")):
+        return [(CONTENT_TYPE_HEADER, STAY_CONTENT_TYPE)]
+    return []
+
+
 async def produce_raw(s: Settings, items: Sequence[tuple[DeadLetter, bytes, bytes | None]]) -> None:
     """Send the original bytes to their source topics and wait for every acknowledgement."""
     from aiokafka import AIOKafkaProducer
@@ -264,7 +276,8 @@ async def produce_raw(s: Settings, items: Sequence[tuple[DeadLetter, bytes, byte
     await producer.start()
     try:
         futures = [await producer.send(dl.source_topic, raw, key=key,
-                                       headers=[(REPLAY_HEADER, dl.event_id.encode())])
+                                       headers=[(REPLAY_HEADER, dl.event_id.encode()),
+                                                *content_headers(s, dl.source_topic, raw)])
                    for dl, raw, key in items]
         await asyncio.gather(*futures)
     finally:

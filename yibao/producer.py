@@ -11,6 +11,7 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 
 from schemas import Codec
+from streams.messages import Headers, framed_headers
 
 from .settings import Settings
 
@@ -39,7 +40,8 @@ async def produce(
     progress: Callable[[int], None] | None = None,
     window: int = 20_000,
 ) -> ProduceStats:
-    """Send ``events`` (objects with record/key and datum or value) and wait for every ack.
+    """Send ``events`` (objects with record/key and datum or value) and wait for every ack; each
+    carries ``content-type`` and ``yibao-schema-id`` headers (streams.messages).
 
     At most ``window`` sends are in flight, so memory stays bounded however long the input is.
     """
@@ -53,16 +55,22 @@ async def produce(
     except BaseException:
         await producer.stop()  # else it is reported as an unclosed producer when collected, after the error
         raise
-    topics: dict[str, str] = {}
+    routes: dict[str, tuple[str, str]] = {}  # record -> subject, topic
+    headers: dict[tuple[str, bytes], Headers] = {}  # subject, frame -> record headers
     try:
         inflight: list[asyncio.Future[Any]] = []
         for ev in events:
             record = ev.record
-            topic = topics.get(record)
-            if topic is None:
-                topic = topics[record] = settings.topic(codec.subject_of(record))
+            route = routes.get(record)
+            if route is None:
+                subject = codec.subject_of(record)
+                route = routes[record] = (subject, settings.topic(subject))
+            subject, topic = route
             value = ev.value if getattr(ev, "value", None) is not None else codec.encode(record, ev.datum)
-            inflight.append(await producer.send(topic, value, key=ev.key.encode("utf-8")))
+            hs = headers.get((subject, value[:5]))
+            if hs is None:
+                hs = headers[(subject, value[:5])] = framed_headers(subject, value)
+            inflight.append(await producer.send(topic, value, key=ev.key.encode("utf-8"), headers=hs))
             stats.sent += 1
             stats.by_record[record.rsplit(".", 1)[-1]] += 1
             stats.by_topic[topic] += 1

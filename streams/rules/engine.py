@@ -192,6 +192,7 @@ class SettlementEngine:
             rec = stay_record(f, token, admdvs, rev=False)
             out.emits.append(("internal.stays-by-hospital", bounded_id(f.fixmedins_code).encode(), rec))
             out.emits.append(("internal.stays-by-drg", bounded_id(f.drg).encode(), rec))
+            out.emit_sources += [(ev.partition, ev.offset)] * 2
 
     def _fire(self, fd: Finding, token: str, admdvs: str, st: dict[str, Any], ev: EngineEvent,
               out: EngineOutput, ep_key: str | None = None) -> None:
@@ -282,6 +283,7 @@ class SettlementEngine:
                                 "t": removed["t"], "tok": token, "r": r["insu_admdvs"], "rev": 1, "rt": r["setl_time"]})
             out.emits.append(("internal.stays-by-hospital", bounded_id(removed["h"]).encode(), rec))
             out.emits.append(("internal.stays-by-drg", bounded_id(removed["drg"]).encode(), rec))
+            out.emit_sources += [(ev.partition, ev.offset)] * 2
 
     def _retract(self, setl_id: str, st: dict[str, Any], ev: EngineEvent, historic: list[tuple[Any, Any]],
                  out: EngineOutput) -> None:

@@ -35,6 +35,8 @@ class EngineOutput:
 
     alerts: list[tuple[dict[str, Any], int, int]] = field(default_factory=list)  # datum, partition, offset
     emits: list[tuple[str, bytes, bytes]] = field(default_factory=list)  # stream, key, value
+    #: (partition, offset) of the event each emit derives from (same order as ``emits``)
+    emit_sources: list[tuple[int, int]] = field(default_factory=list)
     late: int = 0  # events too late for the windowed rules (line rules still applied)
     skipped: int = 0  # events already applied (a redelivery: at or below the key's offset)
     capped: int = 0  # events after which a key's state was cut to its bound

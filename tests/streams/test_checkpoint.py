@@ -31,7 +31,8 @@ class Journal:
         self.steps.append((name, what))
 
     # producer
-    async def send(self, topic: str, value: bytes, key: bytes | None = None) -> asyncio.Future[None]:
+    async def send(self, topic: str, value: bytes, key: bytes | None = None,
+                   headers: list[tuple[str, bytes]] | None = None) -> asyncio.Future[None]:
         self._step("send", topic)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         fut.set_result(None)
@@ -70,7 +71,7 @@ def outcome() -> Outcome:
             "source_partition": 0, "source_offset": 3, "source_key": None, "schema_id": None, "event_type": None,
             "payload": b"x", "payload_digest": "p", "failed_at": 0}
     out = Outcome(events=3, dead=[dead], dead_keys=[b"t/0"],
-                  emits=[("internal.stays-by-hospital", b"H1", b"{}")],
+                  emits=[("internal.stays-by-hospital", b"H1", b"{}")], emit_sources=[(0, 3)],
                   tables={"settlements": {"event_id": ["a"]}, "fee_details": {"setl_id": ["s"]},
                           "dead_letters": {"event_id": ["e"]}})
     out.landed = Counter({"Settlement": 2})
@@ -112,6 +113,7 @@ def test_a_message_over_the_budget_stops_the_commit_before_anything_is_sent() ->
     j = Journal()
     out = outcome()
     out.emits.append(("internal.stays-by-drg", b"ES23", b" " * MESSAGE_BUDGET))
+    out.emit_sources.append((0, 4))
     with pytest.raises(EmitTooLarge, match=r"internal\.stays-by-drg"):
         asyncio.run(checkpoint(j, Store("person", "t")).commit(BATCH, out))
     assert j.steps == []
@@ -126,6 +128,6 @@ def test_next_offsets_is_one_past_the_last_message_of_each_partition_whatever_th
 def test_dead_letters_sent_are_the_topic_copies() -> None:
     j = Journal()
     sent = checkpoint(j, Store("person", "t")).messages(outcome())
-    topic, key, value = sent[0]
+    topic, key, value, _ = sent[0]
     assert (topic, key) == ("t.deadletter", b"t/0")
     assert CODEC.decode(value).datum["reason_code"] == "BAD_AVRO" and CODEC.decode(value).record == DEADLETTER_RECORD
