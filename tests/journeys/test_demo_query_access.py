@@ -15,6 +15,8 @@ import re
 import shlex
 import shutil
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,12 @@ def test_demo_writes_its_truth_and_a_second_demo_replaces_its_own_database(user:
     assert "replacing the previous demo's database yibao" in second.err, second
     summary = second.json_lines()[-1]
     assert summary["accounted"] is True and summary["truth_file"] == str(truth)
+    # the demo served the Schema Registry API while it ran, and stopped it with itself (issue 14)
+    url = summary["schema_registry_url"]
+    assert re.fullmatch(r"http://127\.0\.0\.1:\d+", url), summary
+    assert f"Schema Registry API at {url}" in second.err, second
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(f"{url}/subjects", timeout=5)
     # the evaluation the demo printed is what `yibao evaluate` finds in its database with its truth
     again = ok(user.run(f"yibao evaluate --truth {truth} --no-monitors --json", timeout=300)).json()
     assert again["rules"] == summary["evaluation"]["rules"]

@@ -373,14 +373,3 @@ def test_chdb_reads_the_raw_topic_bytes_with_avro_confluent(landed: User, tmp_pa
         settlements = framed(consume(bootstrap, prefix + "settlement"), tmp_path / "settlement.bin")
         read = chdb_read(settlements, url, "setl_id")
         assert read.returncode != 0 and "Root schema must be a record" in read.stderr, read
-
-
-# --- the demo ----------------------------------------------------------------------------------------------
-def test_the_demo_serves_the_registry_while_it_runs(user: User) -> None:
-    res = ok(user.run("yibao demo --events 2000 --json", timeout=600))
-    summary = res.json_lines()[-1]
-    url = summary["schema_registry_url"]
-    assert URL.fullmatch(url), summary
-    assert f"Schema Registry API at {url}" in res.err, res
-    with pytest.raises(urllib.error.URLError):  # stopped with the demo
-        urllib.request.urlopen(f"{url}/subjects", timeout=5)
