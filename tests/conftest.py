@@ -95,6 +95,18 @@ def clickhouse_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clic
         yield server.endpoint
 
 
+@pytest.fixture
+def own_clickhouse(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClickHouseServer]:
+    """A ClickHouse server of one test alone: it gets stopped, which others must not see."""
+    try:
+        server = ClickHouseServer(workdir=tmp_path_factory.mktemp("own-ch"))
+    except MissingBinaryError as exc:
+        require_infra(str(exc))
+    server.start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(autouse=True)
 def _no_leaked_threads() -> Iterator[None]:
     """Fail the test that leaves a non-daemon thread running.

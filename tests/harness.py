@@ -222,6 +222,39 @@ def run_cli(args: Sequence[str], env: dict[str, str], cwd: Path, timeout: float 
                           text=True, timeout=timeout, input=input_text)
 
 
+@contextmanager
+def migrated_database(engine: str, request: Any, tmp_path_factory: Any, prefix: str
+                      ) -> Iterator[tuple[Backend, dict[str, str]]]:
+    """A migrated, empty database of its own on ``engine`` ("embedded" or "server": the session's
+    ClickHouse server), the backend open on it and the YIBAO_* variables that point a command at it;
+    dropped afterwards. chDB allows one data path per process: the suite's shared one is used."""
+    import pytest
+
+    from sinks import ClickHouseConfig, connect
+    from sinks.migrate import migrate
+
+    database = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    env = {"YIBAO_CH_DATABASE": database}
+    if engine == "server":
+        ch = request.getfixturevalue("clickhouse_server")
+        be = connect(ClickHouseConfig(backend="server", host=ch.host, port=ch.tcp_port, user=ch.user,
+                                      password=ch.password, database=database))
+        env.update(YIBAO_CH_BACKEND="server", YIBAO_CH_HOST=ch.host, YIBAO_CH_PORT=str(ch.tcp_port),
+                   YIBAO_CH_USER=ch.user, YIBAO_CH_PASSWORD=ch.password or "")
+    else:
+        pytest.importorskip("chdb")
+        data_dir = tmp_path_factory.getbasetemp() / "chdb-shared"
+        be = connect(ClickHouseConfig(chdb_path=data_dir / "chdb", database=database))
+        env.update(YIBAO_CH_BACKEND="embedded", YIBAO_DATA_DIR=str(data_dir))
+    try:
+        migrate(be)
+        be.use_database()
+        yield be, env
+        be.execute(f"DROP DATABASE IF EXISTS {database}" + (" SYNC" if engine == "embedded" else ""))
+    finally:
+        be.close()
+
+
 # --- producing with positions -------------------------------------------------------------------
 @dataclass(frozen=True)
 class Sent:

@@ -17,9 +17,8 @@ from pathlib import Path
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
-from yibao.localinfra import ClickHouseServer, KafkaEndpoint, MissingBinaryError, free_port
+from yibao.localinfra import ClickHouseServer, KafkaEndpoint, free_port
 
-from ..conftest import require_infra
 from .conftest import Result, User, assert_clear_error, ok, running_worker
 
 
@@ -212,16 +211,6 @@ def test_worker_says_clickhouse_is_up_before_any_event_and_logs_json(operator: U
 
 
 # --- a ClickHouse outage, as the operator reads it ---------------------------------------------------
-@pytest.fixture
-def own_clickhouse(tmp_path: Path) -> Iterator[ClickHouseServer]:
-    """A ClickHouse server of this journey alone: it gets stopped, which others must not see."""
-    try:
-        server = ClickHouseServer(workdir=tmp_path / "ch")
-    except MissingBinaryError as exc:
-        require_infra(str(exc))
-    server.start()
-    yield server
-    server.stop()
 
 
 def test_clickhouse_outage_reads_as_one_line_per_back_off_step(online_user: User, own_clickhouse: ClickHouseServer,

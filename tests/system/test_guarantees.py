@@ -243,18 +243,6 @@ def _rss_kb(pid: int) -> int:
     return 0
 
 
-@pytest.fixture()
-def own_clickhouse(tmp_path: Path) -> Iterator[ClickHouseServer]:
-    """A ClickHouse server of this test alone: it gets stopped, which others must not see."""
-    try:
-        server = ClickHouseServer(workdir=tmp_path / "ch")
-    except MissingBinaryError as exc:
-        require_infra(str(exc))
-    server.start()
-    yield server
-    server.stop()
-
-
 @pytest.mark.integration
 @pytest.mark.slow
 def test_clickhouse_outage_backs_off_and_resumes_exactly_once(

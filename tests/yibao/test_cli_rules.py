@@ -24,6 +24,8 @@ from yibao import cli
 from yibao.cli.rules import latest_alerts, plan_push
 from yibao.localinfra import free_port
 
+from ..harness import migrated_database
+
 runner = CliRunner()
 SEED = load_rules_file(RULES_FILE, check_rule)
 
@@ -97,30 +99,8 @@ class Db:
 @pytest.fixture(params=["embedded", pytest.param("server", marks=pytest.mark.integration)])
 def alerts_db(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Db]:
     """On chDB or on the session's ClickHouse server (18.16 here)."""
-    from sinks import ClickHouseConfig, connect
-    from sinks.migrate import migrate
-
-    database = f"yb_alerts_{uuid.uuid4().hex[:10]}"
-    env = {"YIBAO_CH_DATABASE": database}
-    if request.param == "server":
-        ch = request.getfixturevalue("clickhouse_server")
-        be = connect(ClickHouseConfig(backend="server", host=ch.host, port=ch.tcp_port, user=ch.user,
-                                      password=ch.password, database=database))
-        env.update(YIBAO_CH_BACKEND="server", YIBAO_CH_HOST=ch.host, YIBAO_CH_PORT=str(ch.tcp_port),
-                   YIBAO_CH_USER=ch.user, YIBAO_CH_PASSWORD=ch.password or "")
-    else:
-        pytest.importorskip("chdb")
-        # chDB allows one data path per process: the suite's shared one, with a database of our own
-        data_dir = tmp_path_factory.getbasetemp() / "chdb-shared"
-        be = connect(ClickHouseConfig(chdb_path=data_dir / "chdb", database=database))
-        env.update(YIBAO_CH_BACKEND="embedded", YIBAO_DATA_DIR=str(data_dir))
-    try:
-        migrate(be)
-        be.use_database()
+    with migrated_database(request.param, request, tmp_path_factory, "yb_alerts") as (be, env):
         yield Db(be, env)
-        be.execute(f"DROP DATABASE IF EXISTS {database}" + (" SYNC" if request.param == "embedded" else ""))
-    finally:
-        be.close()
 
 
 T0 = int(datetime(2026, 9, 3, 10, tzinfo=CHINA).timestamp() * 1000)

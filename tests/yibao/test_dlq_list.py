@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,6 +18,8 @@ from schemas.calendar import CHINA
 from streams.privacy import Sealer
 from yibao import cli
 from yibao.dlq import reason_counts, recent
+
+from ..harness import migrated_database
 
 runner = CliRunner()
 KEY_HEX = "ab" * 32
@@ -61,35 +62,13 @@ def _dead_letters(be: Any) -> list[str]:
 @pytest.fixture(params=["embedded", pytest.param("server", marks=pytest.mark.integration)])
 def dlq_db(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
            monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Db]:
-    from sinks import ClickHouseConfig, connect
-    from sinks.migrate import migrate
-
     for k in list(os.environ):
         if k.startswith("YIBAO_"):
             monkeypatch.delenv(k)
     monkeypatch.chdir(tmp_path)
-    database = f"yb_dlq_{uuid.uuid4().hex[:10]}"
-    env = {"YIBAO_CH_DATABASE": database, "YIBAO_PSEUDO_KEY": KEY_HEX}
-    if request.param == "server":
-        ch = request.getfixturevalue("clickhouse_server")
-        be = connect(ClickHouseConfig(backend="server", host=ch.host, port=ch.tcp_port, user=ch.user,
-                                      password=ch.password, database=database))
-        env.update(YIBAO_CH_BACKEND="server", YIBAO_CH_HOST=ch.host, YIBAO_CH_PORT=str(ch.tcp_port),
-                   YIBAO_CH_USER=ch.user, YIBAO_CH_PASSWORD=ch.password or "")
-    else:
-        pytest.importorskip("chdb")
-        # chDB allows one data path per process: the suite's shared one, with a database of our own
-        data_dir = tmp_path_factory.getbasetemp() / "chdb-shared"
-        be = connect(ClickHouseConfig(chdb_path=data_dir / "chdb", database=database))
-        env.update(YIBAO_CH_BACKEND="embedded", YIBAO_DATA_DIR=str(data_dir))
-    try:
-        migrate(be)
-        be.use_database()
-        ids = _dead_letters(be)
-        yield Db(be, env, ids)
-        be.execute(f"DROP DATABASE IF EXISTS {database}" + (" SYNC" if request.param == "embedded" else ""))
-    finally:
-        be.close()
+    with migrated_database(request.param, request, tmp_path_factory, "yb_dlq") as (be, env):
+        env["YIBAO_PSEUDO_KEY"] = KEY_HEX
+        yield Db(be, env, _dead_letters(be))
 
 
 def test_recent_lists_each_dead_letter_once_newest_first(dlq_db: Db) -> None:
