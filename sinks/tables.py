@@ -522,6 +522,35 @@ ALERTS = _table(
     shard_by=("alert_id",),
 )
 
+# Not an Avro event: one row per answered pre-settlement check (streams/precheck), written by the
+# worker's HTTP side through precheck_log_in. src_partition is the settlement partition the person
+# maps to and src_offset 0, so no processor may look this table up for what landed (it never does:
+# a processor's tables come from its subsystem's records). The hit_* arrays are parallel, one element
+# per rule hit; hit_items[i] is the comma-joined hilist_codes of the lines hit i concerns ('' when
+# it concerns the settlement as a whole). bi_precheck_outcomes (0009) links them to the real settlement.
+PRECHECK_LOG = _table(
+    "precheck_log",
+    "checked_at",
+    (
+        ("check_id", "String"),
+        ("checked_at", DT),
+        ("caller", LC),
+        ("fixmedins_code", "String"),
+        ("insu_admdvs", LC),
+        ("med_type", LC),
+        ("psn_token", "String"),
+        ("mdtrt_id", "String"),
+        ("setl_id", "String"),
+        ("medfee_sumamt", MONEY),
+        ("items", "Array(String)"),
+        ("hit_rule_ids", "Array(String)"),
+        ("hit_rule_versions", "Array(Int32)"),
+        ("hit_severities", "Array(String)"),
+        ("hit_items", "Array(String)"),
+    ),
+    ("fixmedins_code", "mdtrt_id", "checked_at"),
+)
+
 TABLES: dict[str, TableSpec] = {
     spec.name: spec
     for spec in (
@@ -540,5 +569,6 @@ TABLES: dict[str, TableSpec] = {
         FUND_INCOME,
         DEAD_LETTERS,
         ALERTS,
+        PRECHECK_LOG,
     )
 }

@@ -453,7 +453,8 @@ def identity(table: str) -> tuple[str, ...]:
 
 
 def data_tables() -> list[str]:
-    return sorted(t for t in TABLES if t != ALERTS_TABLE)
+    """The tables events land in (precheck_log holds pre-settlement checks, not events)."""
+    return sorted(t for t in TABLES if t not in (ALERTS_TABLE, "precheck_log"))
 
 
 @dataclass
