@@ -134,6 +134,31 @@ class Outcome:
         cols = self.tables.get(table)
         return len(next(iter(cols.values()))) if cols else 0
 
+    def absorb(self, later: Outcome) -> None:
+        """Append what the next slice of the same batch produced (streams.ingest processes a batch in
+        slices): the same as processing both slices at once."""
+        for table, cols in later.tables.items():
+            cur = self.tables.get(table)
+            if cur is None:
+                self.tables[table] = cols
+            else:
+                for k, v in cols.items():
+                    cur[k].extend(v)
+        self.dead.extend(later.dead)
+        self.dead_keys.extend(later.dead_keys)
+        self.landed.update(later.landed)
+        self.reasons.update(later.reasons)
+        self.skipped_rows.update(later.skipped_rows)
+        self.events += later.events
+        for stage, secs in later.stage_seconds.items():
+            self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + secs
+        self.alerts.extend(later.alerts)
+        self.alert_sources.extend(later.alert_sources)
+        self.emits.extend(later.emits)
+        self.emit_sources.extend(later.emit_sources)
+        self.state_capped += later.state_capped
+        self.duplicates.update(later.duplicates)
+
 
 #: ``already(table, partition, offset, ident)``: that table holds rows of that event at that position.
 AlreadyLanded = Callable[[str, int, int, str], bool]

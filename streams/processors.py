@@ -44,7 +44,8 @@ UNREADABLE = "unreadable"
 class Processor(Protocol):
     """What an ingestor drives (modelled on quix-streams' sink base: each method says when it is called).
 
-    :meth:`process` is called once per batch with the batch's messages in partition order, and
+    :meth:`process` is called with the batch's messages in partition order (a large batch in slices, in
+    order, ``seal`` false on all but the last: what a batch remembers is sealed once, at its end), and
     ``already`` when a redelivery may hold events that landed before; it must not do I/O.
     :meth:`quarantine` is called for the one message of a batch that fails it (the ingestor
     found it by splitting the batch). :meth:`restored` is called for each newly assigned
@@ -60,7 +61,8 @@ class Processor(Protocol):
     #: the event identities it recognises re-sends by (None: the stream has no re-sends to recognise)
     identities: Identities | None
 
-    def process(self, msgs: Sequence[Message], already: AlreadyLanded | None = None) -> Outcome: ...
+    def process(self, msgs: Sequence[Message], already: AlreadyLanded | None = None, seal: bool = True
+                ) -> Outcome: ...
 
     def quarantine(self, m: Message, reason: str, detail: str, already: AlreadyLanded | None = None) -> Outcome: ...
 
@@ -113,6 +115,11 @@ class BatchProcessor:
         self._dead = DeadLetters(topic, codec, sealer, pseudonymizer)
         self._alert_plan = alert_plan(codec)
 
+    def validate(self, record: str, datum: Datum) -> Violation | None:
+        """The first violation of ``datum`` (a raw ``record``), by the same compiled checks as the
+        stream's: the pre-settlement check answers bad input with what the stream would dead-letter."""
+        return self._validators[record](datum)
+
     def restored(self, partition: int) -> None:
         if self.identities is not None:
             self.identities.restored(partition)
@@ -134,7 +141,8 @@ class BatchProcessor:
         return (f"event_id first seen at offset {first} of partition {m.partition} with different content; "
                 "the first stands")
 
-    def process(self, msgs: Sequence[Message], already: AlreadyLanded | None = None) -> Outcome:
+    def process(self, msgs: Sequence[Message], already: AlreadyLanded | None = None, seal: bool = True
+                ) -> Outcome:
         out = Outcome(events=len(msgs))
         t0 = time.perf_counter()
         decode = self.codec.decode
@@ -198,7 +206,7 @@ class BatchProcessor:
             bucket[2].append(m.offset)
             if ordered is not None:
                 ordered.append(EngineEvent(spec.short_name, dec.datum, m.partition, m.offset))
-        if ids is not None:
+        if ids is not None and seal:
             ts = time.perf_counter()
             ids.seal()
             t_identity += time.perf_counter() - ts
@@ -263,7 +271,8 @@ class GroupedProcessor:
     def alert_rule_ids(self) -> list[str]:
         return _rule_ids(self.engine)
 
-    def process(self, msgs: Sequence[Message], already: AlreadyLanded | None = None) -> Outcome:
+    def process(self, msgs: Sequence[Message], already: AlreadyLanded | None = None, seal: bool = True
+                ) -> Outcome:
         out = Outcome(events=len(msgs))
         t0 = time.perf_counter()
         res = self.engine.process([EngineEvent(STAY, orjson.loads(m.value), m.partition, m.offset, key=m.key.decode())

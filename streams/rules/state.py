@@ -44,6 +44,8 @@ SENTINEL_KEY = b"__yibao_restore_sentinel__"
 _dumps = orjson.dumps  # ~5× the standard library here; values are plain dicts/lists/ints/strs
 #: Largest changelog value written whole: brokers refuse messages over ~1 MB by default.
 CHUNK_BYTES = 500_000
+#: Changelog records appended between two turns of the event loop.
+YIELD_EVERY = 256
 #: Manifest field of a chunked value (no state value has it: they are the engines' own dicts).
 CHUNKED = "__chunks__"
 _CHUNK_SEP = "\x00"  # never inside a store key (tokens, codes, "institution|day")
@@ -171,7 +173,9 @@ async def write_changelog(producer: AIOKafkaProducer, stores: Iterable[Store]) -
             by_part.setdefault(partition, []).append((key, value))
         for partition, records in by_part.items():
             batch = producer.create_batch()
-            for key, value in records:
+            for i, (key, value) in enumerate(records, 1):
+                if not i % YIELD_EVERY:
+                    await asyncio.sleep(0)  # thousands of keys: let the event loop (checks, heartbeats) run
                 if batch.append(key=key, value=value, timestamp=None) is None:
                     futures.append(await producer.send_batch(batch, store.topic, partition=partition))
                     batch = producer.create_batch()
