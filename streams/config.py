@@ -68,6 +68,40 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
+class PrecheckCaller:
+    """One institution's system allowed to call the pre-settlement check, and how it proves it."""
+
+    id: str
+    #: the institutions whose settlements it may check (its own ``fixmedins_code``)
+    fixmedins_codes: frozenset[str]
+    #: SHA-256 (hex) of each API key it may present as ``Authorization: Bearer <key>``
+    api_key_sha256: frozenset[str] = frozenset()
+    #: the subject CN of the client certificate it may present instead (mTLS)
+    cert_cn: str | None = None
+    rate_per_s: float = 50.0
+    burst: int = 100
+
+
+@dataclass(frozen=True)
+class PrecheckConfig:
+    """The pre-settlement check's HTTP server (streams/precheck): where, with what TLS, for whom."""
+
+    host: str
+    port: int
+    callers: tuple[PrecheckCaller, ...]
+    #: serve HTTPS with this certificate and key (plain HTTP without them: loopback only)
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    #: verify client certificates against this CA (mTLS callers); API keys work either way
+    client_ca_file: Path | None = None
+    #: how the other workers reach this one (a check for a partition held here is forwarded to it)
+    advertised_url: str = ""
+    #: the CA other workers' certificates are checked against when a check is forwarded to them
+    peer_ca_file: Path | None = None
+    max_body_bytes: int = 262_144
+
+
+@dataclass(frozen=True)
 class WorkerConfig:
     """Everything a worker process runs with."""
 
@@ -84,3 +118,5 @@ class WorkerConfig:
     shutdown_deadline_s: float
     #: the shop's Schema Registry: events framed with ids outside the manifest are decoded through it
     schema_registry: RegistryClientConfig | None = None
+    #: the pre-settlement check's server (None: not served by this worker)
+    precheck: PrecheckConfig | None = None

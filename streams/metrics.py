@@ -102,3 +102,16 @@ WINDOW_STATE_KEYS = Gauge(
     ["store"],
     registry=REGISTRY,
 )
+
+PRECHECKS = Counter(
+    "yibao_precheck_requests_total",
+    "Pre-settlement checks answered, by outcome (hits, clear, or the error code) and whether forwarded",
+    ["outcome", "forwarded"],
+    registry=REGISTRY,
+)
+PRECHECK_SECONDS = Histogram(
+    "yibao_precheck_seconds",
+    "Time to answer a pre-settlement check, from request to response (forwarding included)",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+    registry=REGISTRY,
+)

@@ -18,7 +18,15 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas.registry_client import RegistryClientConfig
 from sinks.config import ClickHouseConfig
-from streams.config import KafkaConfig, PrivacyConfig, RulesConfig, ValidationConfig, WorkerConfig
+from streams.config import (
+    KafkaConfig,
+    PrecheckCaller,
+    PrecheckConfig,
+    PrivacyConfig,
+    RulesConfig,
+    ValidationConfig,
+    WorkerConfig,
+)
 
 
 class ClickHouseBackend(StrEnum):
@@ -139,6 +147,27 @@ class Settings(BaseSettings):
         LogFormat.CONSOLE, description="console: lines for people; json: one JSON object per line, for log shippers")
     shutdown_deadline_s: float = Field(20.0, gt=0, le=600)
 
+    # --- Pre-settlement check (事前提示) --------------------------------------------------------
+    precheck_port: int = Field(
+        0, ge=0, le=65535,
+        description="Port of the pre-settlement check API of the first worker process (the next process +1, ...); "
+                    "0: not served")
+    precheck_host: str = Field("0.0.0.0", description="Address the pre-settlement check listens on")
+    precheck_callers_file: Path | None = Field(
+        None, description="TOML file of the institutions' systems allowed to call the check (format: "
+                          "docs/operations.md)")
+    precheck_tls_cert_file: Path | None = None
+    precheck_tls_key_file: Path | None = None
+    precheck_client_ca_file: Path | None = Field(
+        None, description="CA of the callers' client certificates (mutual TLS); API keys work either way")
+    precheck_peer_ca_file: Path | None = Field(
+        None, description="CA of the other workers' certificates, for checks forwarded to the partition's holder")
+    precheck_advertised_host: str | None = Field(
+        None, description="Host name the other workers reach this one at (default: this machine's name, or "
+                          "127.0.0.1 when listening on loopback)")
+    precheck_allow_plaintext: bool = Field(
+        False, description="Serve the check over plain HTTP on a non-loopback address (never in production)")
+
     @field_validator("kafka_bootstrap")
     @classmethod
     def _bootstrap(cls, v: str) -> str:
@@ -180,7 +209,9 @@ class Settings(BaseSettings):
 
     @field_validator("kafka_sasl_password_file", "ch_password_file", "pseudo_key_file", "kafka_ssl_cafile",
                      "kafka_ssl_certfile", "kafka_ssl_keyfile", "ch_ca_certs", "schema_registry_password_file",
-                     "schema_registry_ca_file", "schema_registry_cert_file", "schema_registry_key_file")
+                     "schema_registry_ca_file", "schema_registry_cert_file", "schema_registry_key_file",
+                     "precheck_callers_file", "precheck_tls_cert_file", "precheck_tls_key_file",
+                     "precheck_client_ca_file", "precheck_peer_ca_file")
     @classmethod
     def _readable(cls, v: Path | None) -> Path | None:
         """A secret or TLS file that cannot be read is reported with the other bad settings, naming its
@@ -207,7 +238,26 @@ class Settings(BaseSettings):
                 "YIBAO_KAFKA_SECURITY_PROTOCOL is SASL_* but YIBAO_KAFKA_SASL_USERNAME is not set"
             )
         self._check_registry()
+        self._check_precheck()
         return self
+
+    def _check_precheck(self) -> None:
+        """Pre-settlement check settings that cannot work, named before the worker starts."""
+        if self.precheck_port == 0:
+            return
+        if self.precheck_callers_file is None:
+            raise ValueError("YIBAO_PRECHECK_PORT is set but YIBAO_PRECHECK_CALLERS_FILE is not: no caller could "
+                             "be authenticated (its format: docs/operations.md, Pre-settlement check)")
+        if (self.precheck_tls_cert_file is None) != (self.precheck_tls_key_file is None):
+            raise ValueError("YIBAO_PRECHECK_TLS_CERT_FILE and YIBAO_PRECHECK_TLS_KEY_FILE go together")
+        if self.precheck_client_ca_file is not None and self.precheck_tls_cert_file is None:
+            raise ValueError("YIBAO_PRECHECK_CLIENT_CA_FILE needs TLS: set YIBAO_PRECHECK_TLS_CERT_FILE and _KEY_FILE")
+        if (self.precheck_tls_cert_file is None and not _loopback(self.precheck_host)
+                and not self.precheck_allow_plaintext):
+            raise ValueError(f"YIBAO_PRECHECK_HOST={self.precheck_host} without TLS: API keys would cross the "
+                             "network in clear; set YIBAO_PRECHECK_TLS_CERT_FILE and _KEY_FILE (or listen on "
+                             "127.0.0.1 behind a TLS proxy)")
+        load_callers(self.precheck_callers_file)
 
     def _check_registry(self) -> None:
         """Registry settings that cannot work together, named before any request fails on them."""
@@ -262,7 +312,23 @@ class Settings(BaseSettings):
             privacy=self.privacy(), data_dir=self.data_dir, batch_max_events=self.batch_max_events,
             batch_max_seconds=self.batch_max_seconds, sink_retry_max_seconds=self.sink_retry_max_seconds,
             web_port=self.web_port, shutdown_deadline_s=self.shutdown_deadline_s,
-            schema_registry=self.schema_registry(),
+            schema_registry=self.schema_registry(), precheck=self.precheck(),
+        )
+
+    def precheck(self) -> PrecheckConfig | None:
+        """The pre-settlement check's server of this process (None when not served)."""
+        if self.precheck_port == 0 or self.precheck_callers_file is None:
+            return None
+        import socket
+
+        tls = self.precheck_tls_cert_file is not None
+        host = self.precheck_advertised_host or ("127.0.0.1" if _loopback(self.precheck_host)
+                                                 else socket.getfqdn())
+        return PrecheckConfig(
+            host=self.precheck_host, port=self.precheck_port, callers=load_callers(self.precheck_callers_file),
+            tls_cert_file=self.precheck_tls_cert_file, tls_key_file=self.precheck_tls_key_file,
+            client_ca_file=self.precheck_client_ca_file, peer_ca_file=self.precheck_peer_ca_file,
+            advertised_url=f"{'https' if tls else 'http'}://{host}:{self.precheck_port}",
         )
 
     def schema_registry(self) -> RegistryClientConfig | None:
@@ -358,6 +424,77 @@ def _without_password(url: str) -> str:
         return url
     host = parts.netloc.rpartition("@")[2]
     return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}:**********@{host}"))
+
+
+def _loopback(host: str) -> bool:
+    return host in ("127.0.0.1", "::1", "localhost")
+
+
+CALLERS_EXAMPLE = """\
+# Who may call the pre-settlement check (YIBAO_PRECHECK_CALLERS_FILE). One [[caller]] per institution
+# system. A caller may only check settlements of its own fixmedins_code(s). It proves who it is with an
+# API key (Authorization: Bearer <key>): give the key's file (read at start) or its SHA-256; or with a
+# client certificate (mutual TLS) whose subject CN is cert_cn.
+[[caller]]
+id = "his-H33010200011"                  # in logs and precheck_log; never a person
+fixmedins_codes = ["H33010200011"]
+api_key_file = "/run/secrets/precheck/his-H33010200011"
+# api_key_sha256 = ["<hex of sha256(key)>"]
+# cert_cn = "his.H33010200011.example"
+rate_per_s = 50                          # sustained checks a second (per worker process)
+burst = 100
+"""
+
+
+def load_callers(path: Path) -> tuple[PrecheckCaller, ...]:
+    """The callers of a callers file (format: :data:`CALLERS_EXAMPLE`); ValueError names what is wrong."""
+    import hashlib
+    import tomllib
+
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"YIBAO_PRECHECK_CALLERS_FILE: cannot read {path}: {exc}") from None
+    out: list[PrecheckCaller] = []
+    seen: set[str] = set()
+    for i, c in enumerate(doc.get("caller", [])):
+        where = f"YIBAO_PRECHECK_CALLERS_FILE: caller {i + 1}"
+        if not isinstance(c, dict):
+            raise ValueError(f"{where}: not a table")
+        unknown = set(c) - {"id", "fixmedins_codes", "api_key_file", "api_key_sha256", "cert_cn", "rate_per_s",
+                            "burst"}
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+        cid = c.get("id")
+        if not isinstance(cid, str) or not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", cid) or cid in seen:
+            raise ValueError(f"{where}: id must be 1-64 letters, digits, '.', '_' or '-', unique")
+        seen.add(cid)
+        codes = c.get("fixmedins_codes")
+        if not isinstance(codes, list) or not codes or not all(isinstance(x, str) and x for x in codes):
+            raise ValueError(f"{where} ({cid}): fixmedins_codes must list its institution code(s)")
+        digests = set()
+        for h in c.get("api_key_sha256", []):
+            if not isinstance(h, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", h):
+                raise ValueError(f"{where} ({cid}): api_key_sha256 entries are 64 hex digits")
+            digests.add(h.lower())
+        if "api_key_file" in c:
+            kf = Path(str(c["api_key_file"]))
+            problem = unreadable(kf)
+            key = "" if problem else kf.read_text(encoding="utf-8").strip()
+            if problem or len(key) < 16:
+                raise ValueError(f"{where} ({cid}): api_key_file: {problem or 'a key of at least 16 characters'}")
+            digests.add(hashlib.sha256(key.encode()).hexdigest())
+        cn = c.get("cert_cn")
+        if not digests and not cn:
+            raise ValueError(f"{where} ({cid}): give api_key_file, api_key_sha256 or cert_cn")
+        rate, burst = c.get("rate_per_s", 50), c.get("burst", 100)
+        if not isinstance(rate, (int, float)) or rate <= 0 or not isinstance(burst, int) or burst < 1:
+            raise ValueError(f"{where} ({cid}): rate_per_s must be > 0 and burst >= 1")
+        out.append(PrecheckCaller(cid, frozenset(codes), frozenset(digests), str(cn) if cn else None,
+                                  float(rate), burst))
+    if not out:
+        raise ValueError(f"YIBAO_PRECHECK_CALLERS_FILE: {path} names no [[caller]]")
+    return tuple(out)
 
 
 def unreadable(path: Path) -> str | None:

@@ -88,7 +88,7 @@ def preflight(settings: Settings, *, timeout_s: float = PREFLIGHT_TIMEOUT_S) -> 
     ``yibao_sink_up`` to 1, so an idle worker does not look cut off from it.
     """
     problems = [*_check_processes(settings), *_check_rules(settings), *_check_key(settings),
-                *_check_data_dir(settings), *_check_web_ports(settings)]
+                *_check_data_dir(settings), *_check_web_ports(settings), *_check_precheck(settings)]
     problems += _check_network(settings, timeout_s)
     problems += _check_schema_registry(settings, timeout_s)
     return problems
@@ -227,6 +227,35 @@ def _check_web_ports(s: Settings) -> list[Problem]:
                 problems.append(Problem(
                     f"{which}: port {port} for the metrics and health page {why}",
                     "set YIBAO_WEB_PORT (or --web-port) to a free port, or 0 for no page"))
+    return problems
+
+
+def _check_precheck(s: Settings) -> list[Problem]:
+    """The pre-settlement check needs the rules (it answers with their hits) and a port per process."""
+    if s.precheck_port == 0:
+        return []
+    problems = []
+    if not s.rules_enabled:
+        problems.append(Problem("YIBAO_PRECHECK_PORT is set but YIBAO_RULES_ENABLED is false: the check answers "
+                                "with the rules' hits", "enable the rules, or set YIBAO_PRECHECK_PORT=0"))
+    for i in range(s.processes):
+        port = s.precheck_port + i
+        which = "YIBAO_PRECHECK_PORT" if i == 0 else f"YIBAO_PRECHECK_PORT+{i} (process {i})"
+        clash = s.web_port and s.web_port <= port < s.web_port + s.processes
+        if port > 65535 or clash:
+            problems.append(Problem(f"{which}: port {port} " + ("is a metrics port" if clash else "does not exist"),
+                                    "set YIBAO_PRECHECK_PORT apart from YIBAO_WEB_PORT, below 65536 with the "
+                                    "process count"))
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((s.precheck_host, port))
+            except OSError as exc:
+                why = "is in use by another program" if exc.errno == errno.EADDRINUSE else \
+                    f"cannot be opened ({exc.strerror or exc})"
+                problems.append(Problem(f"{which}: port {port} for the pre-settlement check {why}",
+                                        "set YIBAO_PRECHECK_PORT to a free port"))
     return problems
 
 
@@ -374,6 +403,7 @@ def _supervise(settings: Settings) -> int:
         env.update({
             "YIBAO_PROCESSES": "1",
             "YIBAO_WEB_PORT": str(settings.web_port + i if settings.web_port else 0),
+            "YIBAO_PRECHECK_PORT": str(settings.precheck_port + i if settings.precheck_port else 0),
             "YIBAO_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
             "YIBAO_CH_BACKEND": settings.ch_backend.value,
             "YIBAO_CH_HOST": settings.ch_host,

@@ -26,6 +26,7 @@ a restarted worker misread the state an older one wrote):
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from bisect import insort
 from collections.abc import Sequence
@@ -58,6 +59,9 @@ MAX_TIMELINE = 2_000
 #: (streams/data/fields.toml); should those limits be raised, a longer one travels as a digest, so
 #: a re-keyed record (and its key) stays small whatever the producer sent.
 MAX_ID_CHARS = 64
+
+#: The source offset a previewed settlement is given: past any offset a person's state has applied.
+PREVIEW_OFFSET = 2**62
 
 
 def bounded_id(v: str) -> str:
@@ -102,6 +106,27 @@ class SettlementEngine:
         self.person.forget(partitions)
         for p in partitions:
             self.watermark.pop(p, None)
+
+    # --- a settlement not yet made ------------------------------------------------------------
+    def preview(self, datum: dict[str, Any], partition: int) -> list[dict[str, Any]]:
+        """The alerts ``datum`` would raise if it arrived now, leaving every state as it is.
+
+        The pre-settlement check (streams/precheck) asks this of the worker that owns the person's
+        partition. It runs :meth:`process` itself on a copy of the person's state and the
+        partition's watermark, so a check answers exactly what the stream would raise for the same
+        settlement at this point (the property tests/system/test_precheck.py holds it to).
+        """
+        token = self.pseudo.token(datum["psn_no"])
+        scratch = Store("preview", "")
+        st = self.person.get(partition, token)
+        if st is not None:
+            scratch.put(partition, token, orjson.loads(orjson.dumps(st)))
+        twin = copy.copy(self)
+        twin.person = scratch
+        twin.stores = [scratch]
+        twin.watermark = dict(self.watermark)
+        out = twin.process([EngineEvent(SETTLEMENT, datum, partition, PREVIEW_OFFSET)])
+        return [d for d, _, _ in out.alerts if d["status"] == "FIRED"]
 
     # --- the batch -----------------------------------------------------------------------------
     def process(self, events: Sequence[EngineEvent]) -> EngineOutput:
