@@ -18,6 +18,8 @@ packages=(clickhouse-server clickhouse-client)
 ops_packages=()
 command -v docker-compose >/dev/null 2>&1 || ops_packages+=(docker-compose)
 command -v promtool >/dev/null 2>&1 || ops_packages+=(prometheus)
+# curl: the README's pre-settlement check example is run as printed by the demo journey
+command -v curl >/dev/null 2>&1 || ops_packages+=(curl)
 [ -f /usr/share/java/zookeeper.jar ] || ops_packages+=(zookeeper)
 if [ "${#ops_packages[@]}" -gt 0 ]; then
   sudo_=()

@@ -50,6 +50,13 @@ DEMO_MARK = "made by yibao demo"
 #: The planted anomalies of the last demo (JSON lines, as `yibao simulate --truth` writes them), in
 #: its data dir: `yibao evaluate --truth` compares the alerts in the demo's database with them.
 TRUTH_FILE = "demo-truth.jsonl"
+#: The pre-settlement check of the demo: its callers file and API key (made once, kept) live here, and
+#: a settlement to try it with is written next to them after each run.
+PRECHECK_DIR = "precheck"
+PRECHECK_EXAMPLE = "example-settlement.json"
+PRECHECK_CALLER = "demo-his"
+#: The demo serves the check here when it is free (so the README's curl line works as printed).
+DEMO_PRECHECK_PORT = 8090
 
 
 class DemoRefused(Exception):
@@ -127,9 +134,85 @@ def table_counts(backend: Any, tables: list[str]) -> dict[str, int]:
     return {t: int(backend.query(f"SELECT count() FROM {db}.{t}").rows[0][0]) for t in tables}
 
 
+class ExampleTracker:
+    """Remembers a settlement worth checking again: the latest outpatient settlement with a test that
+    has a minimum repeat interval. The same test a day later is what the check should flag
+    (YB-PSN-RETEST: "last billed 1.0 days ago; minimum interval N days")."""
+
+    def __init__(self) -> None:
+        from streams.rules.knowledge import load_knowledge
+
+        self.interval_codes = frozenset(load_knowledge().repeat_intervals)
+        self.best: dict[str, Any] | None = None
+
+    def see(self, record: str, datum: dict[str, Any]) -> None:
+        if not record.endswith(".Settlement") or datum.get("med_type") != "11":
+            return
+        if not str(datum.get("fixmedins_code", "")).startswith("H"):
+            return
+        if not any(ln.get("hilist_code") in self.interval_codes for ln in datum.get("fee_details", ())):
+            return
+        if self.best is None or datum["setl_time"] > self.best["setl_time"]:
+            self.best = datum
+
+    def example(self, now_ms: int) -> dict[str, Any] | None:
+        """The remembered settlement as the same visit's test again, a day later (never in the future)."""
+        if self.best is None:
+            return None
+        d: dict[str, Any] = json.loads(json.dumps(self.best))
+        shift = min(86_400_000, now_ms - 60_000 - max(ln["fee_ocur_time"] for ln in d["fee_details"]))
+        shift = max(shift, 0)
+        d["setl_id"] = f"CHECK-{d['setl_id']}"
+        d["mdtrt_id"] = f"CHECK-{d['mdtrt_id']}"
+        d["setl_time"] += shift
+        for ln in d["fee_details"]:
+            ln["fee_ocur_time"] += shift
+        return d
+
+
+def prepare_precheck(data_dir: Path, codes: Collection[str]) -> tuple[Path, Path]:
+    """The demo's callers file (one caller, ``demo-his``, allowed every institution of the demo's
+    traffic) and its API key, made once under ``DATA_DIR/precheck`` and kept (mode 0600)."""
+    import secrets
+
+    d = data_dir / PRECHECK_DIR
+    d.mkdir(parents=True, exist_ok=True)
+    key = d / f"{PRECHECK_CALLER}.key"
+    if not key.exists():
+        key.write_text(secrets.token_hex(24) + "\n", encoding="utf-8")
+        key.chmod(0o600)
+    callers = d / "callers.toml"
+    callers.write_text(
+        "# the demo's pre-settlement check caller (docs/operations.md, \"Pre-settlement check\")\n"
+        f'[[caller]]\nid = "{PRECHECK_CALLER}"\nfixmedins_codes = {json.dumps(sorted(codes))}\n'
+        f'api_key_file = "{key}"\nrate_per_s = 200\nburst = 400\n', encoding="utf-8")
+    return callers, key
+
+
+def precheck_port(wanted: int) -> int:
+    """``wanted`` (YIBAO_PRECHECK_PORT) if set, else :data:`DEMO_PRECHECK_PORT` if free, else any free port."""
+    import socket
+
+    from .localinfra import free_port
+
+    if wanted:
+        return wanted
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", DEMO_PRECHECK_PORT))
+            return DEMO_PRECHECK_PORT
+        except OSError:
+            return free_port()
+
+
+def curl_line(url: str, key: Path, example: Path) -> str:
+    return (f"curl -s -H \"Authorization: Bearer $(cat {shlex.quote(str(key))})\" "
+            f"-H 'Content-Type: application/json' --data @{shlex.quote(str(example))} {url}/v1/precheck")
+
+
 def _events(settings: Settings, codec: Codec, events: int, input_file: Path | None, seed: int,
             invalid_rate: float, expected_reasons: Counter[str], errors: list[Any],
-            planting: Any | None, broken: set[str]) -> Iterator[Any]:
+            planting: Any | None, broken: set[str], tracker: ExampleTracker | None = None) -> Iterator[Any]:
     from .sim.corrupt import corrupt
 
     if input_file is not None:
@@ -149,18 +232,38 @@ def _events(settings: Settings, codec: Codec, events: int, input_file: Path | No
             broken.add(str(ev.datum["event_id"]))
             yield bad.event
         else:
+            if tracker is not None:
+                tracker.see(ev.record, ev.datum)
             yield OutEvent(ev.record, ev.key, ev.datum)
 
 
 def run_demo(settings: Settings, *, events: int, input_file: Path | None, seed: int, invalid_rate: float,
-             timeout_s: float, console: Console, replace: bool = False, plant_rate: float = 0.0) -> dict[str, Any]:
-    """Run the demo; ``replace``: drop the database in the data dir even if no demo made it."""
+             timeout_s: float, console: Console, replace: bool = False, plant_rate: float = 0.0,
+             serve: bool = False, on_summary: Any = None) -> dict[str, Any]:
+    """Run the demo; ``replace``: drop the database in the data dir even if no demo made it; ``serve``:
+    keep everything running after the summary (given to ``on_summary``) until SIGINT or SIGTERM."""
     return asyncio.run(_demo(settings, events, input_file, seed, invalid_rate, timeout_s, console, replace,
-                             plant_rate))
+                             plant_rate, serve, on_summary))
+
+
+async def _serve_until_stopped(console: Console) -> None:
+    import signal
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    console.print("serving until Ctrl-C", highlight=False)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
 
 
 async def _demo(settings: Settings, events: int, input_file: Path | None, seed: int, invalid_rate: float,
-                timeout_s: float, console: Console, replace: bool, plant_rate: float) -> dict[str, Any]:
+                timeout_s: float, console: Console, replace: bool, plant_rate: float, serve: bool = False,
+                on_summary: Any = None) -> dict[str, Any]:
     from sinks import connect
     from sinks.migrate import migrate
     from streams.app import create_app
@@ -197,6 +300,19 @@ async def _demo(settings: Settings, events: int, input_file: Path | None, seed: 
         source_topics = [s.topic(name) for name in STREAMS]
         dups_before = duplicates_recognised(source_topics)
 
+        tracker: ExampleTracker | None = None
+        precheck_url = key_path = None
+        if input_file is None and s.rules_enabled:
+            from .sim.generator import SimConfig, TrafficGenerator
+
+            codes = [i.code for i in TrafficGenerator(SimConfig(seed=seed, settlements=events)).institutions]
+            callers, key_path = prepare_precheck(data_dir, codes)
+            port = precheck_port(s.precheck_port)
+            s = s.model_copy(update={"precheck_port": port, "precheck_host": "127.0.0.1",
+                                     "precheck_callers_file": callers})
+            precheck_url = f"http://127.0.0.1:{port}"
+            tracker = ExampleTracker()
+            console.print(f"  check   pre-settlement check API at {precheck_url}/v1/precheck", highlight=False)
         app, _service = create_app(s.worker(), backend=backend)
         await app.start()
         codec = Codec()
@@ -216,7 +332,7 @@ async def _demo(settings: Settings, events: int, input_file: Path | None, seed: 
             task = progress.add_task("producing", total=None)
             stats = await produce(
                 s, _events(s, codec, events, input_file, seed, invalid_rate, expected_reasons, line_errors,
-                           planting, broken),
+                           planting, broken, tracker),
                 codec, progress=lambda n: progress.advance(task, n),
             )
             progress.update(task, total=stats.sent, completed=stats.sent)
@@ -270,7 +386,21 @@ async def _demo(settings: Settings, events: int, input_file: Path | None, seed: 
             write_truth(truth_path, truth)
             summary["truth_file"] = str(truth_path)
             summary["truth_anomalies"] = len(truth)
+        summary["precheck"] = None
+        example = tracker.example(int(time.time() * 1000)) if tracker is not None else None
+        if precheck_url is not None and key_path is not None and example is not None:
+            ex_path = data_dir / PRECHECK_DIR / PRECHECK_EXAMPLE
+            body = codec.to_json("cn.nhsa.yibao.settlement.Settlement", example)
+            body.pop("event_id")  # a settlement being prepared has no event yet
+            ex_path.write_text(json.dumps(body, ensure_ascii=False, indent=1), encoding="utf-8")
+            summary["precheck"] = {"url": f"{precheck_url}/v1/precheck", "api_key_file": str(key_path),
+                                   "example": str(ex_path), "curl": curl_line(precheck_url, key_path, ex_path),
+                                   "serving": serve}
         _print_summary(console, summary, expected_reasons)
+        if on_summary is not None:
+            on_summary(summary)
+        if serve:
+            await _serve_until_stopped(console)
         return summary
     finally:
         if app is not None:
@@ -400,3 +530,11 @@ def _print_summary(console: Console, s: dict[str, Any], expected_reasons: Counte
         console.print(f"ground truth: {s['truth_anomalies']:,} planted anomalies in {escape(s['truth_file'])}"
                       f"{left_out}", highlight=False)
         console.print(f"evaluate the rules against it: [bold]{escape(command)}[/bold]", highlight=False)
+    pc = s.get("precheck")
+    if pc:
+        if pc["serving"]:
+            console.print(f"ask the pre-settlement check what a settlement would raise: [bold]{escape(pc['curl'])}"
+                          "[/bold]", highlight=False)
+        else:
+            console.print("the pre-settlement check stopped with the demo: run `yibao demo --serve` to keep it up "
+                          f"and try {escape(pc['example'])}", highlight=False)

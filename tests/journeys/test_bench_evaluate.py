@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +75,26 @@ def test_bench_json_figures_are_positive_consistent_and_progress_is_shown(user: 
     assert f"{BENCH_EVENTS}/{BENCH_EVENTS}" in res.err, res
 
 
+def test_bench_precheck_reports_latency_percentiles_under_ingest(user: User) -> None:
+    """`yibao bench --precheck` (issue 15), kept short: the figures are consistent, not fast."""
+    before = set(Path(tempfile.gettempdir()).glob("yibao-bench-precheck-*"))
+    res = ok(user.run("yibao bench --precheck --seconds 5 --check-rate 40 --ingest-rate 200 --processes 1 --json",
+                      timeout=600))
+    f = res.json()
+    assert f["checks_sent"] == 200 and f["checks_answered"] == 200 == f["checks_by_outcome"]["200"], f
+    lat = f["latency_ms"]
+    assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["p99_9"] <= lat["max"], lat
+    assert f["settlements_produced_per_s"] > 100 and f["settlements_landed_per_s"] > 100, f
+    assert f["checks_with_hits"] >= 0 and f["worker_processes"] == 1 and f["history_settlements"] > 0, f
+    for phase in ("starting Tansu and ClickHouse", "landing the persons' history", "measuring"):
+        assert phase in res.err, f"no {phase!r} progress on stderr\n{res}"
+    # with --json the table goes to stderr, the JSON alone to stdout
+    assert "p99.9" in res.err and "checks answered / sent" in res.err and "200 / 200" in res.err, res
+    assert set(Path(tempfile.gettempdir()).glob("yibao-bench-precheck-*")) == before, "a temp folder was left"
+
+
 @pytest.mark.parametrize("line, needles", [
+    ("yibao bench --precheck --seconds 1", ("--seconds",)),
     ("yibao bench --events 10", ("--events 10", "at least")),
     ("yibao bench --events 5000 --processes 0", ("--processes 0",)),
 ])

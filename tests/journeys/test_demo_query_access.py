@@ -1,6 +1,7 @@
 """The demo, migrations, ad-hoc queries and ClickHouse users, as their users run them.
 
-A newcomer runs `yibao demo` twice and evaluates the rules against the truth it wrote; someone
+A newcomer runs `yibao demo` twice (the second time `--serve`, trying the pre-settlement check with
+the curl line it prints) and evaluates the rules against the truth it wrote; someone
 whose data dir holds their own database is refused; an operator migrates twice; an analyst
 queries in each output format; an administrator installs the BI users and hands one of them the
 clickhouse-client line that `yibao access` printed.
@@ -11,9 +12,12 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import re
 import shlex
 import shutil
+import signal
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -47,14 +51,38 @@ def test_demo_writes_its_truth_and_a_second_demo_replaces_its_own_database(user:
     assert evaluated["planted"] + evaluated["reversed"] == len(lines)
     assert sum(r["tp"] for r in evaluated["rules"].values()) > 0, evaluated
 
-    second = ok(user.run("yibao demo --events 600 --json", timeout=600))
-    assert "replacing the previous demo's database yibao" in second.err, second
-    summary = second.json_lines()[-1]
-    assert summary["accounted"] is True and summary["truth_file"] == str(truth)
-    # the demo served the Schema Registry API while it ran, and stopped it with itself (issue 14)
-    url = summary["schema_registry_url"]
-    assert re.fullmatch(r"http://127\.0\.0\.1:\d+", url), summary
-    assert f"Schema Registry API at {url}" in second.err, second
+    # the second demo keeps serving (--serve): its pre-settlement check answers the curl line it prints,
+    # run as the README says, by curl itself (issue 15); its registry is up until Ctrl-C, then gone
+    log = user.home / "demo-serve.log"
+    proc = user.start("yibao demo --events 600 --json --serve", log)
+    try:
+        summary = _summary_line(log, proc, timeout=600)
+        said = log.read_text(encoding="utf-8")
+        assert "replacing the previous demo's database yibao" in said, said[-3000:]
+        assert summary["accounted"] is True and summary["truth_file"] == str(truth)
+        url = summary["schema_registry_url"]
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+", url), summary
+        assert f"Schema Registry API at {url}" in said
+        with urllib.request.urlopen(f"{url}/subjects", timeout=5) as r:  # up while it serves
+            assert r.status == 200
+        pc = summary["precheck"]
+        assert pc is not None and pc["serving"] is True, summary
+        assert f"ask the pre-settlement check what a settlement would raise: {pc['curl']}" in said
+        curl = subprocess.run(["bash", "-c", pc["curl"]], capture_output=True, text=True, timeout=60,
+                              cwd=user.cwd, env=user.env)
+        assert curl.returncode == 0, curl
+        answer = json.loads(curl.stdout)
+        retest = [h for h in answer["hits"] if h["rule_id"] == "YB-PSN-RETEST"]
+        assert retest and retest[0]["lines"] and "minimum interval 15 days" in retest[0]["message_en"], answer
+        assert "最短间隔" in retest[0]["message_zh"] and answer["rules_checked"], answer
+        # without the key: refused, in one JSON line
+        bare = subprocess.run(["curl", "-s", "-H", "Content-Type: application/json", "--data",
+                               f"@{pc['example']}", pc["url"]], capture_output=True, text=True, timeout=60)
+        assert json.loads(bare.stdout)["code"] == "UNAUTHENTICATED", bare
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(120)
+    assert code == 0, log.read_text(encoding="utf-8")[-3000:]
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(f"{url}/subjects", timeout=5)
     # the evaluation the demo printed is what `yibao evaluate` finds in its database with its truth
@@ -63,6 +91,19 @@ def test_demo_writes_its_truth_and_a_second_demo_replaces_its_own_database(user:
     # replaced, not added to: the database holds the second run only
     n = ok(user.run('yibao query "SELECT count() AS n FROM settlements" --format json')).json_lines()
     assert n == [{"n": summary["rows"]["settlements"]}]
+
+
+def _summary_line(log: Path, proc: subprocess.Popen[bytes], timeout: float) -> dict[str, Any]:
+    """The `--json` summary a demo printed to ``log``, once it has (the demo goes on serving)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith('{"events_produced"'):
+                return dict(json.loads(line))
+        if proc.poll() is not None:
+            raise AssertionError(f"the demo exited ({proc.returncode}):\n{log.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.5)
+    raise AssertionError(f"no summary within {timeout:.0f}s:\n{log.read_text(errors='replace')[-3000:]}")
 
 
 def test_demo_refuses_a_database_it_did_not_make(user: User) -> None:

@@ -561,6 +561,9 @@ def demo(
                           "a previous demo's database is always replaced")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary object as the last line")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for every event to be accounted for")] = 600.0,
+    serve: Annotated[bool, typer.Option(
+        "--serve", help="Keep the broker, worker, schema registry and pre-settlement check API running after the "
+                        "summary, until Ctrl-C (it prints a curl line to try the check with)")] = False,
 ) -> None:
     """Start a local broker, run the workers on embedded chDB, generate traffic, show what landed.
 
@@ -579,14 +582,16 @@ def demo(
         configure_logging("WARNING", s.log_format.value)  # the summary is the demo's output; warnings still show
         from ..demo import DemoRefused, run_demo
 
+        def show(summary: dict[str, object]) -> None:
+            if as_json:
+                print(json.dumps(summary, ensure_ascii=False, default=str), flush=True)
+
         try:
             summary = run_demo(s, events=events, input_file=input_file, seed=seed, invalid_rate=invalid_rate,
                                timeout_s=timeout, console=console if not as_json else err,
-                               plant_rate=plant_rate, replace=replace)
+                               plant_rate=plant_rate, replace=replace, serve=serve, on_summary=show)
         except DemoRefused as exc:
             fail(str(exc), exc.hint)
-        if as_json:
-            print(json.dumps(summary, ensure_ascii=False, default=str))
         if not summary["accounted"]:
             raise typer.Exit(1)
 
@@ -599,12 +604,39 @@ def bench(
     events: Annotated[int, typer.Option("--events", "-n", help="Settlements to push through")] = 50_000,
     processes: Annotated[int, typer.Option(help="Worker processes")] = 2,
     as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON")] = False,
+    precheck: Annotated[bool, typer.Option(
+        "--precheck", help="Measure the pre-settlement check's latency while the workers ingest, instead")] = False,
+    check_rate: Annotated[float, typer.Option(help="--precheck: checks a second (open loop)")] = 200.0,
+    ingest_rate: Annotated[float, typer.Option(help="--precheck: settlements a second produced meanwhile")] = 1000.0,
+    seconds: Annotated[float, typer.Option(help="--precheck: length of the measured window")] = 30.0,
 ) -> None:
-    """Measure end-to-end settlements/s (broker → worker → ClickHouse server) and per-stage cost."""
+    """Measure end-to-end settlements/s (broker → worker → ClickHouse server) and per-stage cost; with
+    --precheck, the pre-settlement check's latency percentiles under a steady load."""
 
     def run() -> None:
         from ..bench import MIN_EVENTS, BenchError, print_figures, run_bench
         from ..localinfra import InfraError
+
+        if precheck:
+            from ..bench_precheck import print_precheck_figures, run_precheck_bench
+
+            if not (0 < check_rate <= 5000 and 0 <= ingest_rate <= 100_000 and 5 <= seconds <= 3600):
+                fail("--check-rate must be in (0, 5000], --ingest-rate in [0, 100000], --seconds in [5, 3600]")
+            if not 1 <= processes <= 16:
+                fail(f"--processes {processes}: must be 1 to 16 with --precheck")
+            try:
+                with _Phases() as phases:
+                    figures = run_precheck_bench(check_rate=check_rate, ingest_rate=ingest_rate, seconds=seconds,
+                                                 processes=processes, progress=phases)
+            except BenchError as exc:
+                fail(str(exc), f"the workers' log: {exc.log}")
+            except InfraError as exc:
+                first, _, rest = str(exc).partition("\n")
+                fail(first, f"its log ends: {rest.strip().splitlines()[-1]}" if rest.strip() else None)
+            print_precheck_figures(console if not as_json else err, figures)
+            if as_json:
+                print(json.dumps(figures, ensure_ascii=False))
+            return
 
         if events < MIN_EVENTS:
             fail(f"--events {events}: at least {MIN_EVENTS:,} settlements",
