@@ -116,9 +116,17 @@ def test_demo_refuses_a_database_it_did_not_make(user: User) -> None:
     kept = ok(user.run('yibao query "SELECT setl_id FROM settlements" --format csv'))
     assert list(csv.reader(io.StringIO(kept.out))) == [["setl_id"], ["S1"]]
 
-    replaced = ok(user.run("yibao demo --events 300 --replace --json", timeout=600))
+    replaced = ok(user.run("yibao demo --events 300 --replace --invalid-rate 0.05 --json", timeout=600))
     assert "replacing database yibao, which no demo made (--replace)" in replaced.err, replaced
-    settlements = replaced.json_lines()[-1]["rows"]["settlements"]
+    summary = replaced.json_lines()[-1]
+    settlements = summary["rows"]["settlements"]
+    # every event accounted for: landed in its primary table, dead-lettered (with its reason), or a re-send
+    assert summary["accounted"] is True and summary["events_produced"] > 300, summary
+    landed = sum(n for t, n in summary["rows"].items() if t not in ("fee_details", "dead_letters"))
+    assert summary["duplicates_recognised"] == 0  # the demo's producer sends each event once
+    assert landed + summary["dead_letters"] == summary["events_produced"], summary
+    assert summary["dead_letters"] > 0 and sum(summary["dead_letters_by_reason"].values()) == summary["dead_letters"]
+    assert summary["rows"]["fee_details"] > settlements
     rows = ok(user.run('yibao query "SELECT countIf(setl_id = \'S1\') AS mine, count() AS n FROM settlements" '
                        "--format json")).json_lines()
     assert rows == [{"mine": 0, "n": settlements}]
