@@ -3,6 +3,8 @@ PYTHON ?= python3
 # test files run in this many processes (pytest-xdist, one file per process at a time): most of the
 # suite waits on brokers, servers and worker processes, so 2 halves the wall time even on 2 cores
 TEST_WORKERS ?= 2
+# settlements `make demo` generates (the journey of it runs fewer: the suite is near its time budget)
+DEMO_EVENTS ?= 20000
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
@@ -16,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/yibao demo --events 20000
+	$(BIN)/yibao demo --events $(DEMO_EVENTS)
 
 test: $(STAMP)
 	bash .ci/system-deps.sh

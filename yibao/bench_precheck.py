@@ -193,7 +193,7 @@ def run_precheck_bench(*, check_rate: float = 200.0, ingest_rate: float = 1000.0
     from sinks.migrate import migrate
     from streams.topics import ensure_topics
 
-    from .localinfra import ClickHouseServer, TansuBroker, free_port
+    from .localinfra import ClickHouseServer, TansuBroker, free_port, free_port_run
 
     work = Path(tempfile.mkdtemp(prefix="yibao-bench-precheck-"))
     broker = TansuBroker(workdir=work / "broker")
@@ -223,9 +223,7 @@ def run_precheck_bench(*, check_rate: float = 200.0, ingest_rate: float = 1000.0
         (work / "callers.toml").write_text(
             f'[[caller]]\nid = "bench"\nfixmedins_codes = {json.dumps(codes)}\napi_key_file = "{work / "all.key"}"\n'
             f"rate_per_s = {check_rate * 10}\nburst = {int(check_rate * 10)}\n")
-        port = free_port()
-        while port + processes > 65535:
-            port = free_port()
+        port = free_port_run(processes)
         own = {k: v for k, v in os.environ.items() if not k.startswith("YIBAO_")}
         env = dict(own, YIBAO_KAFKA_BOOTSTRAP=s.kafka_bootstrap, YIBAO_CH_BACKEND="server", YIBAO_CH_HOST=s.ch_host,
                    YIBAO_CH_PORT=str(s.ch_port), YIBAO_CH_DATABASE=s.ch_database, YIBAO_CH_USER=s.ch_user,

@@ -40,6 +40,7 @@ __all__ = [
     "clickhouse_server_binary",
     "docker_available",
     "free_port",
+    "free_port_run",
     "http_query",
     "tansu_binary",
 ]
@@ -94,6 +95,32 @@ def free_port() -> int:
         sock.bind((LOCALHOST, 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def free_port_run(n: int) -> int:
+    """The first of ``n`` consecutive TCP ports on 127.0.0.1 that were all free a moment ago.
+
+    For settings that give process i the port ``base + i`` (``YIBAO_WEB_PORT``, ``YIBAO_PRECHECK_PORT``):
+    the kernel hands out ephemeral ports close together, so ``free_port() + 1`` is often a port a
+    server started just before holds (it made a two-process worker fail to start now and then).
+    """
+    for _ in range(200):
+        base = free_port()
+        if base + n - 1 > 65535:
+            continue
+        socks: list[socket.socket] = []
+        try:
+            for port in range(base, base + n):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                socks.append(sock)
+                sock.bind((LOCALHOST, port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise InfraError(f"no {n} consecutive free ports found on {LOCALHOST}")
 
 
 def tansu_binary() -> Path:

@@ -61,7 +61,7 @@ from schemas import Codec
 from sinks import connect
 from sinks.base import Backend
 from sinks.migrate import migrate
-from yibao.localinfra import ClickHouseEndpoint, KafkaEndpoint, free_port
+from yibao.localinfra import ClickHouseEndpoint, KafkaEndpoint, free_port_run
 from yibao.settings import Settings
 from yibao.sim.generator import SimConfig
 from yibao.sim.planters import Planting
@@ -136,16 +136,14 @@ def served(broker: KafkaEndpoint, clickhouse_server: ClickHouseEndpoint,
     tmp = tmp_path_factory.mktemp("precheck")
     seed = traffic_seed()
     planting = Planting("all", rate=0.05)
-    gen = planting.generator(SimConfig(settlements=1_200, seed=seed, days=7, hospitals=8, regions=2))
+    gen = planting.generator(SimConfig(settlements=800, seed=seed, days=7, hospitals=8, regions=2))
     events = [e for e in gen.events() if e.record.startswith("cn.nhsa.yibao.settlement.")]
     codes = sorted({e.datum["fixmedins_code"] for e in events if e.datum.get("fixmedins_code")})
     s = settings_for(broker.bootstrap, "server", tmp / "data", ch=clickhouse_server, topic_partitions=4,
                      batch_max_seconds=0.2, processes=2)
     backend = connect(s.clickhouse())
     migrate(backend)
-    port = free_port()
-    while port + 1 > 65535:
-        port = free_port()
+    port = free_port_run(2)
     tls = _tls(tmp / "tls")
     env = worker_env(s, YIBAO_PROCESSES="2", YIBAO_CH_PASSWORD=s.ch_password.get_secret_value(),
                      YIBAO_PRECHECK_PORT=str(port), YIBAO_PRECHECK_HOST="127.0.0.1",
