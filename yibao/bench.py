@@ -295,15 +295,20 @@ def _pass(label: str, rules: bool, base: Settings, frames: list[OutEvent], total
             "too short to time; run more --events",
         }
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_workers(procs)
         log.close()
         backend.close()
+
+
+def stop_workers(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM every worker process, then wait for each (SIGKILL after 30 s): all stop at once."""
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:

@@ -35,7 +35,7 @@ from rich.table import Table
 
 from schemas import Codec
 
-from .bench import SETTLEMENT, BenchError, Progress, _silent
+from .bench import SETTLEMENT, BenchError, Progress, _silent, stop_workers
 from .producer import OutEvent, produce
 from .settings import load_settings
 
@@ -305,13 +305,7 @@ def run_precheck_bench(*, check_rate: float = 200.0, ingest_rate: float = 1000.0
         ok = True
         return figures
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_workers(procs)
         log.close()
         ch.stop()
         broker.stop()
