@@ -15,7 +15,7 @@ from typing import Any
 import structlog
 
 from .base import Backend, literal
-from .tables import DEAD_LETTER_TABLE
+from .tables import ALERTS_TABLE, DEAD_LETTER_TABLE
 
 log = structlog.get_logger(__name__)
 Columns = dict[str, list[Any]]
@@ -51,6 +51,25 @@ def existing_rows(backend: Backend, table: str, partition: int, from_offset: int
     for off, idv in res.rows:
         out.setdefault(int(off), set()).add(str(idv))
     return out
+
+
+def alert_versions_held(backend: Backend, partition: int, from_offset: int,
+                        rule_ids: Sequence[str]) -> list[tuple[str, str, str]]:
+    """(alert_id, status, event_id) of the alert versions the alerts table holds at offsets ≥
+    ``from_offset`` of ``partition``, for these rules.
+
+    The table is a ReplacingMergeTree by ``alert_id``: a background merge keeps one version of an
+    alert and drops the others, so a version that landed may no longer be there to be found; the
+    version that is there says which ones it replaced (streams/landed.py).
+    """
+    if not rule_ids:
+        return []
+    res = backend.query(
+        f"SELECT DISTINCT alert_id, status, event_id FROM {backend.read_table(ALERTS_TABLE)} "
+        f"WHERE src_partition = {int(partition)} AND src_offset >= {int(from_offset)} "
+        f"AND rule_id IN ({', '.join(literal(r) for r in rule_ids)})"
+    )
+    return [(str(a), str(s), str(e)) for a, s, e in res.rows]
 
 
 def without_existing(backend: Backend, table: str, cols: Columns, topic: str) -> Columns:

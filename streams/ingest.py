@@ -28,7 +28,7 @@ from aiokafka.errors import IllegalStateError, MessageSizeTooLargeError
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
 
 from sinks.base import Backend, SinkError, SinkUnavailable
-from sinks.landed import existing_rows, without_existing
+from sinks.landed import alert_versions_held, existing_rows, without_existing
 
 from . import metrics
 from .base import Columns
@@ -384,7 +384,10 @@ class Ingestor(ConsumerRebalanceListener):  # type: ignore[misc]
                 per_table[table] = await self._with_retry(
                     functools.partial(existing_rows, self.backend, table, partition, from_offset, topic, rule_ids)
                 )
-            self.landed_index.load(partition, per_table)
+            versions = await self._with_retry(functools.partial(
+                alert_versions_held, self.backend, partition, from_offset, self.processor.alert_rule_ids()
+            )) if ALERTS_TABLE in self._tables else []
+            self.landed_index.load(partition, per_table, versions)
             self._needs_check.discard(partition)
             if any(per_table.values()):
                 log.warning("redelivered offsets already landed; they will not be inserted twice",

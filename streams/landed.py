@@ -3,7 +3,11 @@ until the consumer has moved past it (the SQL is sinks.landed)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from sinks.tables import ALERTS_TABLE
+
+from .rules.alerts import versions_until
 
 
 class LandedIndex:
@@ -17,15 +21,29 @@ class LandedIndex:
     def __init__(self) -> None:
         self._seen: dict[int, dict[str, dict[int, set[str]]]] = {}
         self._horizon: dict[int, int] = {}
-        #: per partition, the alert versions (event ids) held at any redelivered position
+        #: per partition, the alert versions (event ids) held at any redelivered position, and every
+        #: version before one held
         self._alerts: dict[int, set[str]] = {}
 
-    def load(self, partition: int, per_table: dict[str, dict[int, set[str]]]) -> None:
+    def load(self, partition: int, per_table: dict[str, dict[int, set[str]]],
+             alert_versions: Iterable[tuple[str, str, str]] = ()) -> None:
+        """What the tables hold from the first redelivered offset on; ``alert_versions`` are the
+        (alert_id, status, event_id) the alerts table holds there (sinks.landed.alert_versions_held).
+
+        The alerts table keeps one version per alert once merged: a version that landed (FIRED) may
+        have been replaced by a later one (its RETRACTED) before the redelivery looks. Re-inserting
+        it would bring it back, and where both fall in the same second the merge keeps whichever
+        was inserted last: a retracted alert would stand again. So a version counts as landed when
+        it or any later version of its alert is held.
+        """
         nonempty = {t: s for t, s in per_table.items() if s}
         if nonempty:
             self._seen[partition] = nonempty
             self._horizon[partition] = max(max(s) for s in nonempty.values())
-            self._alerts[partition] = set().union(*nonempty.get(ALERTS_TABLE, {}).values())
+            alerts: set[str] = set().union(*nonempty.get(ALERTS_TABLE, {}).values())
+            for aid, status, event_id in alert_versions:
+                alerts.update(versions_until(aid, status, event_id))
+            self._alerts[partition] = alerts
         else:
             self.forget(partition)
 
@@ -41,7 +59,8 @@ class LandedIndex:
         """Whether ``table`` holds the event ``ident`` at this position. An alert version (its
         deterministic event id) counts wherever in the redelivered range it was written: state
         restored from a changelog whose keys were written in part (a crash between them) can reach
-        the same decision at another event of the batch, and it is still the same version."""
+        the same decision at another event of the batch, and it is still the same version. It also
+        counts when a later version of its alert is held (see :meth:`load`)."""
         seen = self._seen.get(partition)
         if not seen:
             return False

@@ -21,6 +21,31 @@ def alert_event_id(aid: str, status: str, generation: int = 0) -> str:
     return str(uuid.uuid5(_NS, f"{aid}|{status}" if not generation else f"{aid}|{status}|{generation}"))
 
 
+#: Generations searched for when an event id's version must be told (an alert fired and retracted
+#: more often than this is treated as a version of its own, never as an old one).
+GENERATIONS_SEARCHED = 1024
+
+
+def versions_until(aid: str, status: str, event_id: str) -> list[str]:
+    """The event ids of this version of alert ``aid`` and of every version before it.
+
+    Versions of one alert follow each other in one order: FIRED (generation 0), RETRACTED, FIRED
+    (generation 1), RETRACTED, ... A version's event id names its status and generation, so
+    whoever holds a later version knows that every earlier one was written before it.
+    """
+    for gen in range(GENERATIONS_SEARCHED):
+        if alert_event_id(aid, status, gen) == event_id:
+            break
+    else:
+        return [event_id]
+    out = []
+    for g in range(gen + 1):
+        out.append(alert_event_id(aid, "FIRED", g))
+        if g < gen or status == "RETRACTED":
+            out.append(alert_event_id(aid, "RETRACTED", g))
+    return out
+
+
 def alert_datum(f: Finding, subsystem: str, subject: str, psn_token: str | None, admdvs: str | None,
                 generation: int = 0) -> dict[str, Any]:
     """Raw AnomalyAlert (money in fen, times in epoch ms) for a FIRED finding."""

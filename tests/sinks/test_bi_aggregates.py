@@ -112,7 +112,7 @@ def insert(backend: Backend, table: str, rows: Sequence[Row], start_offset: int 
     assert not unknown, f"{table} has no staging column {unknown}"
     columns = {name: [r.get(name, _default(t)) for r in rows] for name, t in raw.items()}
     columns["src_offset"] = [r.get("src_offset", start_offset + i) for i, r in enumerate(rows)]
-    columns["event_id"] = [f"{table}-{start_offset + i}" for i in range(len(rows))]
+    columns["event_id"] = [r.get("event_id", f"{table}-{start_offset + i}") for i, r in enumerate(rows)]
     assert backend.insert(table, columns) == len(rows)
 
 

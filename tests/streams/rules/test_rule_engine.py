@@ -16,6 +16,7 @@ import pytest
 from schemas import Codec
 from streams.base import record_checks
 from streams.rules import KINDS
+from streams.rules.alerts import GENERATIONS_SEARCHED, alert_event_id, alert_id, versions_until
 from streams.rules.events import EngineEvent
 from streams.settlement import build
 from streams.validation import Limits, compile_checks
@@ -265,3 +266,17 @@ def test_builders_produce_valid_settlements_and_reversals_that_survive_the_codec
         assert check[record](d) is None, d["setl_id"]
         dec = codec.decode(codec.encode(f"cn.nhsa.yibao.settlement.{record}", d), subject="settlement")
         assert dec.datum == d
+
+
+def test_versions_until_lists_this_version_and_every_earlier_one() -> None:
+    aid = alert_id("YB-PSN-RETEST", "token", "key")
+    f0, r0, f1, r1 = (alert_event_id(aid, s, g) for g, s in ((0, "FIRED"), (0, "RETRACTED"), (1, "FIRED"),
+                                                               (1, "RETRACTED")))
+    assert versions_until(aid, "FIRED", f0) == [f0]
+    assert versions_until(aid, "RETRACTED", r0) == [f0, r0]
+    assert versions_until(aid, "FIRED", f1) == [f0, r0, f1]
+    assert versions_until(aid, "RETRACTED", r1) == [f0, r0, f1, r1]
+    # an id that is no version of this alert stands for itself only
+    assert versions_until(aid, "FIRED", r1) == [r1]
+    assert versions_until(aid, "FIRED", alert_event_id(aid, "FIRED", GENERATIONS_SEARCHED)) == [
+        alert_event_id(aid, "FIRED", GENERATIONS_SEARCHED)]

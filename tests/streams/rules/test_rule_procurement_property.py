@@ -131,8 +131,9 @@ def shuffled(events: list[Event], delays: list[int], rng: random.Random) -> dict
             assert not eng.process(batch).alerts
         elif what < 0.45:  # crash: the changelog has some of the batch's keys (or none), then redelivery
             mixed = {}
+            share = rng.choice([0.0, 0.5, 1.0])
             for k in sorted(set(before) | set(after)):
-                v = after.get(k) if rng.random() < 0.5 else before.get(k)
+                v = after.get(k) if rng.random() < share else before.get(k)
                 if v is not None:
                     mixed[k] = v
             eng = engine(copied(mixed))
