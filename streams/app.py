@@ -20,6 +20,7 @@ import faust
 import mode
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from faust.app.base import BootStrategy
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from schemas import Codec
@@ -351,6 +352,10 @@ def create_app(config: WorkerConfig, streams: tuple[str, ...] = STREAMS,
     )
     service = IngestService(config, streams, backend)
     app.service(service)  # type: ignore[arg-type]
+    # Faust hosts the lifecycle and the web pages only: the ingestors, the rule follower and the
+    # check bring their own clients. Its own consumer joined a group of its own for nothing, which
+    # cost seconds of every start and a member in every rebalance (docs/design.md).
+    app.boot_strategy = BootStrategy(app, enable_kafka=False)
 
     @app.page("/metrics")
     async def _metrics(web: Any, request: Any) -> Any:

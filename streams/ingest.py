@@ -154,6 +154,7 @@ class Ingestor(ConsumerRebalanceListener):  # type: ignore[misc]
         #: held by a flush and by a revocation: a partition's state is never dropped while a batch that
         #: touches it is being processed (sliced, it yields to the event loop) or made durable
         self._flush_lock = asyncio.Lock()
+        self._fetched_any = False
         self.checkpoint = Checkpoint(self.topic, processor.codec, producer, self._insert, self._commit,
                                      processor.stores, deadletter_topic, topic_of)
 
@@ -236,6 +237,11 @@ class Ingestor(ConsumerRebalanceListener):  # type: ignore[misc]
         for records in got.values():
             if not records:
                 continue
+            if not self._fetched_any:
+                self._fetched_any = True
+                age = metrics.process_age_s()
+                if age is not None:
+                    metrics.FIRST_FETCH.labels(self.topic).set(round(age, 3))
             if not self._pending:
                 self._pending_since = now
             self._first_pending.setdefault(records[0].partition, records[0].offset)

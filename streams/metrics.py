@@ -55,6 +55,14 @@ BATCH_EVENTS = Histogram(
     "yibao_batch_events", "Events per flushed batch", ["topic"],
     buckets=(1, 10, 100, 500, 1000, 2500, 5000, 10000, 50000), registry=REGISTRY,
 )
+#: Seconds from the process's start (the kernel's record of it, so Python's own start-up counts) to the
+#: first record fetched of a topic after its partitions were assigned: what start-up costs an
+#: operator who restarts a worker with a backlog waiting. Set once per process and topic.
+FIRST_FETCH = Gauge(
+    "yibao_first_fetch_seconds",
+    "Seconds from process start to the first record fetched of this topic (start-up, group join and restore)",
+    ["topic"], registry=REGISTRY,
+)
 ASSIGNED_PARTITIONS = Gauge(
     "yibao_assigned_partitions", "Partitions assigned to this worker", ["topic"], registry=REGISTRY
 )
@@ -115,3 +123,19 @@ PRECHECK_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
     registry=REGISTRY,
 )
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started, from /proc (None where there is no /proc)."""
+    import os
+    import time
+
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        start_ticks = int(fields[19])  # field 22 of stat(5), counted after the command's ")"
+        with open("/proc/stat", "rb") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith(b"btime"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return time.time() - (btime + start_ticks / os.sysconf("SC_CLK_TCK"))
