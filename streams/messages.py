@@ -126,6 +126,7 @@ class Outcome:
     #: (partition, offset) of the input event each emit derives from (same order as ``emits``)
     emit_sources: list[tuple[int, int]] = field(default_factory=list)
     state_capped: int = 0  # events after which a key's state was cut to its bound
+    state_evicted: int = 0  # keys of rule state dropped as no longer needed by any rule
     #: re-sent events recognised by their identity (same ``event_id``, same content, new offset):
     #: neither landed nor dead-lettered; consumed = landed + dead-lettered + duplicates
     duplicates: Counter[str] = field(default_factory=Counter)
@@ -157,6 +158,7 @@ class Outcome:
         self.emits.extend(later.emits)
         self.emit_sources.extend(later.emit_sources)
         self.state_capped += later.state_capped
+        self.state_evicted += later.state_evicted
         self.duplicates.update(later.duplicates)
 
 

@@ -98,6 +98,12 @@ STATE_CAPPED = Counter(
     ["topic"],
     registry=REGISTRY,
 )
+STATE_EVICTED = Counter(
+    "yibao_state_evicted_total",
+    "Keys of rule state dropped because no rule's window or alert can need them any more (tombstoned in the changelog)",
+    ["topic"],
+    registry=REGISTRY,
+)
 STATE_RESTORE_FAILURES = Counter(
     "yibao_state_restore_failures_total",
     "Partition assignments whose rule state could not be restored from its changelog (rules restart empty)",

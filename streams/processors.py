@@ -229,6 +229,7 @@ class BatchProcessor:
             out.emits.extend(res.emits)
             out.emit_sources.extend(res.emit_sources)
             out.state_capped += res.capped
+            out.state_evicted += res.evicted
         out.stage_seconds = {
             "decode": t_decode,
             "validate": t_validate,

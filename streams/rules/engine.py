@@ -34,7 +34,7 @@ from typing import Any
 
 import orjson
 
-from schemas.calendar import DAY_MS
+from schemas.calendar import DAY_MS, china_day
 
 from ..privacy import Pseudonymizer
 from ..settlement import age_at
@@ -93,6 +93,8 @@ class SettlementEngine:
         self.watermark: dict[int, int] = {}
         self._dup_codes = frozenset(c for p in knowledge.duplicate_pairs for c in (p.primary, p.secondary))
         self._excluded: dict[str, frozenset[str]] = {}
+        #: per partition, the China day of the watermark at the last eviction sweep
+        self._swept: dict[int, int] = {}
 
     # --- state lifecycle ---------------------------------------------------------------------
     def restored(self, partition: int) -> None:
@@ -106,6 +108,7 @@ class SettlementEngine:
         self.person.forget(partitions)
         for p in partitions:
             self.watermark.pop(p, None)
+            self._swept.pop(p, None)
 
     # --- a settlement not yet made ------------------------------------------------------------
     def preview(self, datum: dict[str, Any], partition: int) -> list[dict[str, Any]]:
@@ -125,6 +128,7 @@ class SettlementEngine:
         twin.person = scratch
         twin.stores = [scratch]
         twin.watermark = dict(self.watermark)
+        twin._swept = {partition: 2**62}  # no eviction sweep on the scratch copy
         out = twin.process([EngineEvent(SETTLEMENT, datum, partition, PREVIEW_OFFSET)])
         return [d for d, _, _ in out.alerts if d["status"] == "FIRED"]
 
@@ -136,6 +140,11 @@ class SettlementEngine:
         historic = [(r, KINDS[r.kind]) for r in rules.enabled() if KINDS[r.kind].historic is not None]
         horizon = (max((k.horizon_days(r) for r, k in historic), default=1) + 1) * DAY_MS
         excluded = self._excluded_dx(historic)
+        first: dict[int, int] = {}
+        for ev in events:
+            first.setdefault(ev.partition, ev.offset)
+        for p, offset in first.items():
+            out.evicted += self._sweep(p, offset, horizon)
         by_scenario: dict[tuple[str, bool], tuple[list[tuple[Any, Any]], list[tuple[Any, Any]]]] = {}
         for ev in events:
             if ev.record == SETTLEMENT:
@@ -149,6 +158,35 @@ class SettlementEngine:
             elif ev.record == REVERSAL:
                 self._reversal(ev, stateless, historic, out)
         return out
+
+    def _sweep(self, partition: int, before_offset: int, horizon: int) -> int:
+        """Once per China day of the partition's watermark ``W``: drop the persons in whom nothing
+        can matter to any rule any more, so memory and the changelog (a tombstone each, which
+        compaction frees) are bounded by the rules' windows, not by everyone ever seen.
+
+        A person goes when every settlement of their timeline is older than ``W`` minus the rules'
+        horizon, every alert they hold has expired (no reversal or late event can retract it), and
+        every reversal waiting for its settlement is older than the lateness: their next event
+        would prune all of that anyway, so the state it finds is the empty one either way. Only
+        persons last changed before ``before_offset`` (this batch's first event of the partition)
+        go: a batch redelivered after a crash never meets a person whose state it had changed."""
+        w = self.watermark.get(partition, 0)
+        day = china_day(w) if w else 0
+        if not w or self._swept.get(partition, day) >= day:
+            self._swept.setdefault(partition, day)
+            return 0
+        self._swept[partition] = day
+        cut_tl, cut_rv = w - horizon, w - self.lateness_ms
+        cut_ep = cut_rv - 60 * DAY_MS
+        gone = [tok for tok, st in self.person.part(partition).items()
+                if st["o"] < before_offset
+                and (not st["tl"] or st["tl"][-1]["t"] < cut_tl)
+                and all(e["exp"] < w for e in st["f"].values())
+                and all(t < cut_rv for t in st.get("rv", {}).values())
+                and all(u < cut_ep for u in st.get("ep", {}).values())]
+        for tok in gone:
+            self.person.delete(partition, tok)
+        return len(gone)
 
     def _excluded_dx(self, historic: list[tuple[Any, Any]]) -> frozenset[str]:
         codes: set[str] = set()

@@ -40,6 +40,7 @@ class EngineOutput:
     late: int = 0  # events too late for the windowed rules (line rules still applied)
     skipped: int = 0  # events already applied (a redelivery: at or below the key's offset)
     capped: int = 0  # events after which a key's state was cut to its bound
+    evicted: int = 0  # keys dropped because nothing in them can matter to any rule any more
 
 
 class Engine(Protocol):
