@@ -104,6 +104,9 @@ class IngestService(mode.Service):
                     max_poll_interval_ms=max(300_000, int(c.sink_retry_max_seconds * 4000)),
                     max_partition_fetch_bytes=4 * 1024 * 1024,
                     fetch_max_bytes=32 * 1024 * 1024,
+                    # Tansu holds a fetch towards its max wait even with data there (measured: 500 ms
+                    # gave 127 ms p50 delivery, 100 ms gave 14 ms); alerts wait for the fetch
+                    fetch_max_wait_ms=100,
                 )
             return factory
 

@@ -24,7 +24,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +33,23 @@ from rich.table import Table
 
 from schemas import Codec
 
+from .bench_latency import latency_pass
+from .benchkit import (
+    PLANT_RATE,
+    SETTLEMENT,
+    BenchError,
+    Progress,
+    _silent,
+    first_fetch_s,
+    stop_workers,
+    worker_env,
+    workers_rss_mb,
+)
 from .producer import OutEvent, produce
 from .settings import Settings, load_settings
 
-SETTLEMENT = "cn.nhsa.yibao.settlement.Settlement"
+__all__ = ["SETTLEMENT", "BenchError", "Progress", "print_figures", "run_bench", "stop_workers"]
+
 #: Fewest settlements a run takes: fewer land before anything can be timed.
 MIN_EVENTS = 1000
 #: A landing window shorter than this measured nothing worth a figure.
@@ -49,39 +62,25 @@ BATCH_MAX_SECONDS = 0.25
 #: How often the landing is looked at (a count() on the server): the window's resolution.
 POLL_S = 0.03
 
-Progress = Callable[[str, int, int | None], None]
-"""``progress(phase, done, total)``: a phase has advanced (``total`` None: nothing to count)."""
-
-
-def _silent(phase: str, done: int, total: int | None) -> None:
-    """The default progress: none."""
-
-
-class BenchError(RuntimeError):
-    """The run could not be measured (a worker died, or did not land everything in time); ``log``
-    is where the workers wrote what happened."""
-
-    def __init__(self, message: str, log: Path) -> None:
-        super().__init__(message)
-        self.log = log
-
-
 def _settlements(n: int, seed: int, mean_lines: float,
                  progress: Progress = _silent) -> tuple[list[OutEvent], int]:
-    """``n`` generated settlements whose mean fee-line count is ``mean_lines``.
+    """``n`` generated settlements (with planted anomalies) whose mean fee-line count is ``mean_lines``.
 
     The generator's natural mix averages ~6.5 lines (mostly short outpatient visits); the
     reference load is ≈10 lines per settlement, so settlements are taken in stream order and
     skipped only when keeping them would pull the running mean away from the reference.
     """
-    from .sim.generator import SimConfig, TrafficGenerator
+    from .sim.generator import SimConfig
+    from .sim.planters import Planting
 
     out: list[OutEvent] = []
     codec = Codec()
     lines = 0
     seed_i = seed
     while len(out) < n:
-        for ev in TrafficGenerator(SimConfig(seed=seed_i, settlements=max(1000, n))).events():
+        # planted anomalies, so that the rules' cost includes raising alerts at a plausible rate
+        gen = Planting("all", rate=PLANT_RATE).generator(SimConfig(seed=seed_i, settlements=max(1000, n)))
+        for ev in gen.events():
             if ev.record != SETTLEMENT:
                 continue
             k = len(ev.datum["fee_details"])
@@ -194,7 +193,7 @@ def _owned_partitions(port: int, topic: str) -> int | None:
 
 
 def _pass(label: str, rules: bool, base: Settings, frames: list[OutEvent], total_lines: int, processes: int,
-          work: Path, progress: Progress = _silent) -> dict[str, Any]:
+          work: Path, progress: Progress = _silent, tag: str = "") -> dict[str, Any]:
     """Produce ``frames`` to fresh topics, start the workers, time the drain of that backlog.
 
     The window opens at the last look at which no worker owned a partition (so it cannot open
@@ -205,7 +204,7 @@ def _pass(label: str, rules: bool, base: Settings, frames: list[OutEvent], total
 
     from .localinfra import free_port
 
-    phase = "ingest only" if not rules else "all rules on"
+    phase = ("ingest only" if not rules else "all rules on") + tag
     s = base.model_copy(update={"topic_prefix": f"bench-{label}.", "ch_database": f"bench_{label}",
                                 "rules_enabled": rules, "consumer_group": f"bench-{label}"})
     backend = connect(s.clickhouse())
@@ -225,17 +224,7 @@ def _pass(label: str, rules: bool, base: Settings, frames: list[OutEvent], total
     produce_s = time.perf_counter() - t0
     topic = s.topic("settlement")
     ports = [free_port() for _ in range(processes)]
-    # the workers talk to this run's own servers: none of the caller's YIBAO_* settings apply
-    own = {k: v for k, v in os.environ.items() if not k.startswith("YIBAO_")}
-    env = dict(own, YIBAO_KAFKA_BOOTSTRAP=s.kafka_bootstrap, YIBAO_CH_BACKEND="server",
-               YIBAO_CH_HOST=s.ch_host, YIBAO_CH_PORT=str(s.ch_port), YIBAO_CH_DATABASE=s.ch_database,
-               YIBAO_CH_USER=s.ch_user, YIBAO_CH_PASSWORD=s.ch_password.get_secret_value(),
-               YIBAO_TOPIC_PREFIX=s.topic_prefix, YIBAO_TOPIC_PARTITIONS=str(s.topic_partitions),
-               YIBAO_CONSUMER_GROUP=s.consumer_group, YIBAO_SESSION_TIMEOUT_MS=str(s.session_timeout_ms),
-               YIBAO_RULES_ENABLED=str(rules).lower(), YIBAO_DATA_DIR=str(s.data_dir),
-               YIBAO_BATCH_MAX_EVENTS=str(s.batch_max_events), YIBAO_BATCH_MAX_SECONDS=str(s.batch_max_seconds),
-               YIBAO_MONITOR_INTERVAL_S="0", YIBAO_PSEUDO_KEY="00" * 32, YIBAO_LOG_LEVEL="WARNING",
-               **({"YIBAO_RULES_FILE": str(s.rules_file)} if s.rules_file else {}))
+    env = worker_env(s, rules)
     procs: list[subprocess.Popen[bytes]] = []
     log_path = work / f"workers-{label}.log"
     log = log_path.open("ab")
@@ -281,6 +270,9 @@ def _pass(label: str, rules: bool, base: Settings, frames: list[OutEvent], total
                              f"in the {phase} pass", log_path)
         window = t_done - t_owned
         lines = count("fee_details")
+        first_fetch = [first_fetch_s(port, topic) for port in ports]
+        alerts = count("alerts")
+        rss = workers_rss_mb(procs)
         rate = n / window if window >= MIN_WINDOW_S else None
         return {
             "settlements_per_s": None if rate is None else round(rate, 1),
@@ -290,6 +282,9 @@ def _pass(label: str, rules: bool, base: Settings, frames: list[OutEvent], total
             "startup_s": round(t_owned - t_spawn, 2),
             "wall_including_startup_s": round(t_done - t_spawn, 2),
             "produce_per_s": round(n / produce_s, 1) if produce_s > 0 else None,
+            "first_fetch_s": first_fetch,
+            "alerts": alerts,
+            "worker_rss_mb": rss,
             "not_measured": None if rate is not None else
             f"all {n:,} settlements landed within {window:.3f} s of the first worker owning partitions: "
             "too short to time; run more --events",
@@ -300,25 +295,15 @@ def _pass(label: str, rules: bool, base: Settings, frames: list[OutEvent], total
         backend.close()
 
 
-def stop_workers(procs: list[subprocess.Popen[bytes]]) -> None:
-    """SIGTERM every worker process, then wait for each (SIGKILL after 30 s): all stop at once."""
-    for p in procs:
-        p.terminate()
-    for p in procs:
-        try:
-            p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-
-
 def _ratio(a: float | None, b: float | None) -> float | None:
     """``a / b``, or None when either side was not measured."""
     return round(a / b, 3) if a is not None and b else None
 
 
-def run_bench(events: int, processes: int, seed: int = 7, mean_lines: float = 10.0,
-              progress: Progress = _silent) -> dict[str, Any]:
-    """Ingest-only and all-rules passes over the same settlements, in one run (compare the ratio).
+def run_bench(events: int, processes: Sequence[int] = (1, 2), seed: int = 7, mean_lines: float = 10.0,
+              latency_seconds: float = 20.0, progress: Progress = _silent) -> dict[str, Any]:
+    """Ingest-only and all-rules passes over the same settlements for each worker-process count, then
+    the alert latency at half the all-rules rate of the most processes, in one run (compare ratios).
 
     ``progress`` gets each phase as it advances; nothing is printed (:func:`print_figures` does,
     once the progress display is gone)."""
@@ -328,19 +313,21 @@ def run_bench(events: int, processes: int, seed: int = 7, mean_lines: float = 10
 
     if events < MIN_EVENTS:
         raise ValueError(f"{events:,} settlements: at least {MIN_EVENTS:,} (fewer land before they can be timed)")
+    counts = sorted(set(processes))
     work = Path(tempfile.mkdtemp(prefix="yibao-bench-"))
     broker = TansuBroker(workdir=work / "broker")
     ch = ClickHouseServer(workdir=work / "clickhouse")
     progress("starting Tansu and ClickHouse", 0, None)
     broker.start()
     ch.start()
+    ok = False
     try:
         # a short session: the group join (about half of it on Tansu) is start-up, not measured
         s = load_settings(
             kafka_bootstrap=broker.bootstrap, kafka_security_protocol="PLAINTEXT", ch_backend="server",
             ch_host=ch.host, ch_port=ch.tcp_port, ch_user="default", ch_password="", ch_password_file=None,
             ch_secure=False, ch_database="bench", data_dir=work / "data", web_port=0, batch_max_events=BATCH_MAX_EVENTS,
-            batch_max_seconds=BATCH_MAX_SECONDS, topic_partitions=max(4, processes * 2), session_timeout_ms=6000,
+            batch_max_seconds=BATCH_MAX_SECONDS, topic_partitions=max(4, max(counts) * 2), session_timeout_ms=6000,
         )
         t0 = time.perf_counter()
         frames, total_lines = _settlements(events, seed, mean_lines, progress)
@@ -354,23 +341,37 @@ def run_bench(events: int, processes: int, seed: int = 7, mean_lines: float = 10
         backend.close()
         progress("in-process stage costs", 1, 1)
         event_time = event_time_costs(s, frames[: min(5000, len(frames))], progress=progress)
-        ingest = _pass("ingest", False, s, frames, total_lines, processes, work, progress)
-        rules = _pass("rules", True, s, frames, total_lines, processes, work, progress)
-        not_measured = {k: v["not_measured"] for k, v in (("ingest", ingest), ("rules", rules)) if v["not_measured"]}
+        by: dict[str, dict[str, Any]] = {}
+        for n in counts:
+            tag = f" ({n} process{'es' if n > 1 else ''})" if len(counts) > 1 else ""
+            ingest = _pass(f"ingest{n}", False, s, frames, total_lines, n, work, progress, tag)
+            rules = _pass(f"rules{n}", True, s, frames, total_lines, n, work, progress, tag)
+            by[str(n)] = {"ingest": ingest, "rules": rules,
+                          "rules_to_ingest_ratio": _ratio(rules["settlements_per_s"], ingest["settlements_per_s"])}
+        top = by[str(counts[-1])]
+        ingest, rules = top["ingest"], top["rules"]
+        latency = None
+        if latency_seconds > 0 and rules["settlements_per_s"]:
+            latency = latency_pass(s, round(rules["settlements_per_s"] / 2), latency_seconds, counts[-1], work,
+                                   progress=progress)
+        not_measured = {f"{k} ({n} process(es))": v[k]["not_measured"]
+                        for n, v in by.items() for k in ("ingest", "rules") if v[k]["not_measured"]}
         figures: dict[str, Any] = {
             "settlements": len(frames),
             "fee_lines_per_settlement": ingest["fee_lines_per_settlement"],
             "rows_per_settlement": round(1 + ingest["fee_lines_per_settlement"], 2),
-            "worker_processes": processes,
+            "worker_processes": counts[-1],
             "settlements_per_s": ingest["settlements_per_s"],
             "rows_per_s": ingest["rows_per_s"],
             "settlements_per_s_all_rules": rules["settlements_per_s"],
             "rows_per_s_all_rules": rules["rows_per_s"],
-            "rules_to_ingest_ratio": _ratio(rules["settlements_per_s"], ingest["settlements_per_s"]),
+            "rules_to_ingest_ratio": top["rules_to_ingest_ratio"],
             "landing_s": ingest["landing_s"],
             "landing_s_all_rules": rules["landing_s"],
             "startup_s": ingest["startup_s"],
             "wall_including_startup_s": ingest["wall_including_startup_s"],
+            "by_processes": by,
+            "alert_latency": latency,
             "batch_max_events": s.batch_max_events,
             "batch_max_seconds": s.batch_max_seconds,
             "generate_encode_s": round(gen_s, 2),
@@ -381,10 +382,12 @@ def run_bench(events: int, processes: int, seed: int = 7, mean_lines: float = 10
             "clickhouse_version": ch.version,
             "cpus": os.cpu_count(),
         }
+        ok = True
     finally:
         ch.stop()
         broker.stop()
-    shutil.rmtree(work, ignore_errors=True)  # kept after a failure: the workers' logs are there
+        if ok:
+            shutil.rmtree(work, ignore_errors=True)  # kept after a failure: the workers' logs are there
     return figures
 
 
@@ -392,33 +395,54 @@ def _rate(v: float | None) -> str:
     return "[yellow]not measured[/yellow]" if v is None else f"[bold]{v:,.0f}[/bold]"
 
 
+def _fmt(v: float | None, unit: str = "", digits: int = 0) -> str:
+    return "—" if v is None else f"{v:,.{digits}f}{unit}"
+
+
 def print_figures(console: Console, f: dict[str, Any]) -> None:
     """The figures of :func:`run_bench` as tables; what was not measured says so."""
-    console.print(f"[bold]yibao bench[/bold]: {f['settlements']:,} settlements, {f['worker_processes']} worker "
-                  f"process(es) on {f['cpus']} CPU(s); a ClickHouse {f['clickhouse_version']} server and a Tansu "
-                  "broker started for this run")
-    t = Table("figure", "value", title="end to end (broker → worker → ClickHouse server)")
-    t.add_row("settlements/s, ingest only", _rate(f["settlements_per_s"]))
-    t.add_row("settlements/s, all rules on", _rate(f["settlements_per_s_all_rules"]))
-    ratio = f["rules_to_ingest_ratio"]
-    t.add_row("all rules ÷ ingest only", "[yellow]not measured[/yellow]" if ratio is None else f"{ratio:.2f}")
+    by: dict[str, dict[str, Any]] = f["by_processes"]
+    console.print(f"[bold]yibao bench[/bold]: {f['settlements']:,} settlements of {f['fee_lines_per_settlement']:.1f} "
+                  f"fee lines, with {', '.join(by)} worker process(es) on {f['cpus']} CPU(s); a ClickHouse "
+                  f"{f['clickhouse_version']} server and a Tansu broker started for this run, on this machine")
+    t = Table("figure", *(f"{n} process{'es' if int(n) > 1 else ''}" for n in by),
+              title="end to end (broker → worker → ClickHouse server), backlog drained")
+    t.add_row("settlements/s, ingest only", *(_rate(v["ingest"]["settlements_per_s"]) for v in by.values()))
+    t.add_row("settlements/s, all rules on", *(_rate(v["rules"]["settlements_per_s"]) for v in by.values()))
+    t.add_row("all rules ÷ ingest only", *("[yellow]not measured[/yellow]" if v["rules_to_ingest_ratio"] is None
+                                          else f"{v['rules_to_ingest_ratio']:.2f}" for v in by.values()))
     t.add_row("rows/s (settlements + fee lines), ingest only",
-              "[yellow]not measured[/yellow]" if f["rows_per_s"] is None else f"{f['rows_per_s']:,.0f}")
-    t.add_row("fee lines per settlement", f"{f['fee_lines_per_settlement']:.1f}")
-    t.add_row("worker processes / CPUs", f"{f['worker_processes']} / {f['cpus']}")
-    t.add_row("timed window (partitions owned → last row), ingest / rules",
-              f"{f['landing_s']:.2f} s / {f['landing_s_all_rules']:.2f} s")
-    t.add_row("start-up and group join (not timed)", f"{f['startup_s']:.1f} s")
-    t.add_row("batch (events / linger)", f"{f['batch_max_events']:,} / {f['batch_max_seconds']} s")
-    produce_rate = f["produce_per_s"]
-    t.add_row("producer rate (msg/s)", "—" if produce_rate is None else f"{produce_rate:,.0f}")
+              *(_fmt(v["ingest"]["rows_per_s"]) for v in by.values()))
+    t.add_row("timed window, ingest / rules (s)",
+              *(f"{v['ingest']['landing_s']:.2f} / {v['rules']['landing_s']:.2f}" for v in by.values()))
+    t.add_row("start-up: launch → partitions owned (s)", *(f"{v['ingest']['startup_s']:.1f}" for v in by.values()))
+    t.add_row("start-up: launch → first record fetched, per worker (s)",
+              *(" ".join(_fmt(x, digits=1) for x in v["ingest"]["first_fetch_s"]) for v in by.values()))
+    t.add_row("alerts raised by the all-rules pass", *(f"{v['rules']['alerts']:,}" for v in by.values()))
+    t.add_row("worker RSS after the all-rules pass, per worker (MB)",
+              *(" ".join(_fmt(x) for x in v["rules"]["worker_rss_mb"]) for v in by.values()))
     console.print(t)
-    if min(f["landing_s"], f["landing_s_all_rules"]) < SHORT_WINDOW_S:
-        console.print(f"[dim]The workers drained the backlog in {f['landing_s']:.2f} s (ingest only) and "
-                      f"{f['landing_s_all_rules']:.2f} s (all rules on): a run under {SHORT_WINDOW_S:.0f} s "
-                      "understates throughput (first fetch, last batch's linger); use more --events.[/dim]")
+    console.print(f"[dim]Timed from the first worker owning partitions to the last row landed (start-up is not "
+                  f"in the rate); batches of up to {f['batch_max_events']:,} events or {f['batch_max_seconds']} s; "
+                  f"producer {_fmt(f['produce_per_s'])} msg/s.[/dim]")
+    if min(v[k]["landing_s"] for v in by.values() for k in ("ingest", "rules")) < SHORT_WINDOW_S:
+        console.print(f"[dim]A timed window under {SHORT_WINDOW_S:.0f} s understates throughput (first fetch, last "
+                      "batch's linger); use more --events.[/dim]")
     for what, why in f["not_measured"].items():
         console.print(f"[yellow]{what}: not measured[/yellow]: {why}")
+    lat = f.get("alert_latency")
+    if lat:
+        a = Table("alert latency (ms)", "p50", "p90", "p99", "max",
+                  title=f"settlement produced → its alert on the alerts topic, at {lat['rate_target']:,.0f} "
+                        f"settlements/s (half the all-rules rate), default batch settings "
+                        f"({lat['batch_max_events']:,} events / {lat['batch_max_seconds']} s)")
+        for label, key in (("on the alerts topic", "latency_ms"), ("received by a consumer", "received_latency_ms")):
+            a.add_row(label, *(_fmt(lat[key][q]) for q in ("p50", "p90", "p99", "max")))
+        console.print(a)
+        console.print(f"[dim]{lat['alerts_measured']:,} alerts measured of {lat['alerts_fired_total']:,} fired; "
+                      f"{lat['settlements_sent']:,} settlements sent at {_fmt(lat['sent_per_s'])}/s (the producer "
+                      f"fell behind its schedule by {lat['producer_behind_max_s']:.2f} s at most); worker RSS "
+                      f"{' '.join(_fmt(x) for x in lat['worker_rss_mb'])} MB.[/dim]")
     c = Table("stage", "µs per settlement", title="in-process cost of each stage (one batch, one core)")
     for k, v in f["stage_us_per_settlement"].items():
         if k.endswith("_us"):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -35,20 +34,13 @@ from rich.table import Table
 
 from schemas import Codec
 
-from .bench import SETTLEMENT, BenchError, Progress, _silent, stop_workers
+from .benchkit import SETTLEMENT, BenchError, Progress, _silent, percentile, stop_workers, worker_env
 from .producer import OutEvent, produce
 from .settings import load_settings
 
 API_KEY = "bench-" + "5" * 40
 #: Settlements landed before the measured window, so the checked persons have a history.
 HISTORY = 5_000
-
-
-def _percentile(xs: list[float], q: float) -> float | None:
-    if not xs:
-        return None
-    s = sorted(xs)
-    return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]  # nearest rank
 
 
 def _served(ports: list[int]) -> dict[float, float]:
@@ -224,14 +216,8 @@ def run_precheck_bench(*, check_rate: float = 200.0, ingest_rate: float = 1000.0
             f'[[caller]]\nid = "bench"\nfixmedins_codes = {json.dumps(codes)}\napi_key_file = "{work / "all.key"}"\n'
             f"rate_per_s = {check_rate * 10}\nburst = {int(check_rate * 10)}\n")
         port = free_port_run(processes)
-        own = {k: v for k, v in os.environ.items() if not k.startswith("YIBAO_")}
-        env = dict(own, YIBAO_KAFKA_BOOTSTRAP=s.kafka_bootstrap, YIBAO_CH_BACKEND="server", YIBAO_CH_HOST=s.ch_host,
-                   YIBAO_CH_PORT=str(s.ch_port), YIBAO_CH_DATABASE=s.ch_database, YIBAO_CH_USER=s.ch_user,
-                   YIBAO_TOPIC_PREFIX=s.topic_prefix, YIBAO_TOPIC_PARTITIONS=str(s.topic_partitions),
-                   YIBAO_CONSUMER_GROUP=s.consumer_group, YIBAO_SESSION_TIMEOUT_MS="6000",
-                   YIBAO_DATA_DIR=str(s.data_dir), YIBAO_MONITOR_INTERVAL_S="0", YIBAO_PSEUDO_KEY="00" * 32,
-                   YIBAO_LOG_LEVEL="WARNING", YIBAO_PROCESSES="1",
-                   YIBAO_PRECHECK_HOST="127.0.0.1", YIBAO_PRECHECK_CALLERS_FILE=str(work / "callers.toml"))
+        env = dict(worker_env(s, rules=True), YIBAO_PRECHECK_HOST="127.0.0.1",
+                   YIBAO_PRECHECK_CALLERS_FILE=str(work / "callers.toml"))
         urls = []
         web = [free_port() for _ in range(processes)]
         for i in range(processes):
@@ -285,11 +271,11 @@ def run_precheck_bench(*, check_rate: float = 200.0, ingest_rate: float = 1000.0
             "checks_answered": answered,
             "checks_by_outcome": dict(outcomes),
             "checks_with_hits": with_hits,
-            "latency_ms": {q: None if (v := _percentile(ms, p)) is None else round(v, 2)
+            "latency_ms": {q: None if (v := percentile(ms, p)) is None else round(v, 2)
                            for q, p in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p99_9", 0.999),
                                         ("max", 1.0))},
             "worker_side_ms": _bucket_quantiles(served_before, served_after),
-            "load_generator_lag_ms": {"p99": round((_percentile(LOOP_LAG, 0.99) or 0) * 1000, 2),
+            "load_generator_lag_ms": {"p99": round((percentile(LOOP_LAG, 0.99) or 0) * 1000, 2),
                                       "max": round(max(LOOP_LAG, default=0) * 1000, 2)},
             "ingest_rate_target": ingest_rate,
             "settlements_produced_per_s": round(producer.sent / window, 1),

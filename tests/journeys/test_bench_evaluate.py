@@ -51,7 +51,8 @@ def _assert_scores_match_truth(out: dict[str, Any], truth: list[dict[str, Any]])
 # --- bench -----------------------------------------------------------------------------------------
 
 def test_bench_json_figures_are_positive_consistent_and_progress_is_shown(user: User) -> None:
-    res = ok(user.run(f"yibao bench --events {BENCH_EVENTS} --json", timeout=600))
+    before = set(Path(tempfile.gettempdir()).glob("yibao-bench-*"))
+    res = ok(user.run(f"yibao bench --events {BENCH_EVENTS} --processes 2 --latency-seconds 5 --json", timeout=600))
     f = res.json()  # stdout is the JSON and nothing else
     assert f["settlements"] == BENCH_EVENTS and f["not_measured"] == {}, f
     ingest, rules = f["settlements_per_s"], f["settlements_per_s_all_rules"]
@@ -73,6 +74,22 @@ def test_bench_json_figures_are_positive_consistent_and_progress_is_shown(user: 
                   "ingest only: workers joining the group", "ingest only: landing", "all rules on: landing"):
         assert phase in res.err, f"no {phase!r} progress on stderr\n{res}"
     assert f"{BENCH_EVENTS}/{BENCH_EVENTS}" in res.err, res
+    # start-up and memory, per worker: launch → first record fetched comes before the pass's wall time
+    for p in ("ingest", "rules"):
+        one = f["by_processes"]["2"][p]
+        assert len(one["first_fetch_s"]) == 2 and len(one["worker_rss_mb"]) == 2, one
+        assert all(0 < x < one["wall_including_startup_s"] for x in one["first_fetch_s"] if x is not None), one
+        assert any(x is not None for x in one["first_fetch_s"]), one  # a worker with no partition fetches none
+        assert all(x is not None and x > 20 for x in one["worker_rss_mb"]), one
+    # alert latency at half the all-rules rate, with the default batch settings
+    lat = f["alert_latency"]
+    assert lat["rate_target"] == round(rules / 2) and lat["settlements_sent"] > 0, lat
+    assert (lat["batch_max_events"], lat["batch_max_seconds"]) == (5000, 1.0), lat
+    assert 0 < lat["alerts_measured"] <= lat["alerts_fired_total"], lat
+    q = lat["latency_ms"]
+    assert 0 < q["p50"] <= q["p90"] <= q["p99"] <= q["max"], q
+    assert "alert latency (ms)" in res.err and "on the alerts topic" in res.err, res
+    assert set(Path(tempfile.gettempdir()).glob("yibao-bench-*")) == before, "a temp folder was left"
 
 
 def test_bench_precheck_reports_latency_percentiles_under_ingest(user: User) -> None:
@@ -97,6 +114,8 @@ def test_bench_precheck_reports_latency_percentiles_under_ingest(user: User) -> 
     ("yibao bench --precheck --seconds 1", ("--seconds",)),
     ("yibao bench --events 10", ("--events 10", "at least")),
     ("yibao bench --events 5000 --processes 0", ("--processes 0",)),
+    ("yibao bench --events 5000 --processes 1,two", ("--processes 1,two",)),
+    ("yibao bench --events 5000 --latency-seconds 2", ("--latency-seconds 2",)),
 ])
 def test_bench_refuses_what_it_cannot_measure(user: User, line: str, needles: tuple[str, ...]) -> None:
     assert_clear_error(user.run(line), *needles)

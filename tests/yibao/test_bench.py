@@ -71,6 +71,15 @@ def _figures(**over: Any) -> dict[str, Any]:
         "not_measured": {}, "clickhouse_version": "18.16.1", "cpus": 2,
     }
     f.update(over)
+    pass_ = {"first_fetch_s": [6.1, None], "worker_rss_mb": [180.0, 175.5], "alerts": 120,
+             "wall_including_startup_s": f["wall_including_startup_s"], "startup_s": f["startup_s"]}
+    f["by_processes"] = {"2": {
+        "ingest": {**pass_, "settlements_per_s": f["settlements_per_s"], "rows_per_s": f["rows_per_s"],
+                   "landing_s": f["landing_s"]},
+        "rules": {**pass_, "settlements_per_s": f["settlements_per_s_all_rules"],
+                  "rows_per_s": f["rows_per_s_all_rules"], "landing_s": f["landing_s_all_rules"]},
+        "rules_to_ingest_ratio": f["rules_to_ingest_ratio"]}}
+    f.setdefault("alert_latency", None)
     return f
 
 
@@ -90,6 +99,22 @@ def test_a_figure_not_measured_is_said_so_not_printed_as_zero() -> None:
     assert rows["all rules ÷ ingest only"] == "not measured"
     assert rows["settlements/s, all rules on"] == "2,000"
     assert why in text.replace("\n", " ")
+
+
+def test_start_up_memory_and_alert_latency_are_printed_per_worker() -> None:
+    lat = {"rate_target": 1000.0, "settlements_sent": 5000, "sent_per_s": 999.0, "producer_behind_max_s": 0.01,
+           "alerts_measured": 80, "alerts_fired_total": 95, "batch_max_events": 5000, "batch_max_seconds": 1.0,
+           "latency_ms": {"p50": 700.0, "p90": 1100.0, "p99": 1400.0, "max": 1650.0},
+           "received_latency_ms": {"p50": 710.0, "p90": 1110.0, "p99": 1420.0, "max": 1700.0},
+           "window_s": 5.0, "worker_rss_mb": [200.0, 190.0]}
+    text = _printed(_figures(alert_latency=lat))
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]] for line in text.splitlines()
+            if line.count("│") >= 3}
+    assert rows["start-up: launch → first record fetched, per worker (s)"] == ["6.1 —"]
+    assert rows["worker RSS after the all-rules pass, per worker (MB)"] == ["180 176"]
+    assert rows["on the alerts topic"] == ["700", "1,100", "1,400", "1,650"]
+    assert "80 alerts measured of 95 fired" in text.replace("\n", " ")
+    assert "alert latency" not in _printed(_figures())  # skipped (--latency-seconds 0): no table
 
 
 def test_a_short_run_is_said_to_understate() -> None:

@@ -602,7 +602,10 @@ def demo(
 @app.command()
 def bench(
     events: Annotated[int, typer.Option("--events", "-n", help="Settlements to push through")] = 50_000,
-    processes: Annotated[int, typer.Option(help="Worker processes")] = 2,
+    processes: Annotated[str, typer.Option(
+        help="Worker processes: a count, or counts separated by commas to compare (each gets both passes)")] = "1,2",
+    latency_seconds: Annotated[float, typer.Option(
+        help="Length of the alert-latency window (at half the all-rules rate); 0 skips it")] = 20.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON")] = False,
     precheck: Annotated[bool, typer.Option(
         "--precheck", help="Measure the pre-settlement check's latency while the workers ingest, instead")] = False,
@@ -622,12 +625,13 @@ def bench(
 
             if not (0 < check_rate <= 5000 and 0 <= ingest_rate <= 100_000 and 5 <= seconds <= 3600):
                 fail("--check-rate must be in (0, 5000], --ingest-rate in [0, 100000], --seconds in [5, 3600]")
-            if not 1 <= processes <= 16:
-                fail(f"--processes {processes}: must be 1 to 16 with --precheck")
+            counts = _process_counts(processes, 16)
+            if len(counts) != 1:
+                fail(f"--processes {processes}: one count with --precheck")
             try:
                 with _Phases() as phases:
                     figures = run_precheck_bench(check_rate=check_rate, ingest_rate=ingest_rate, seconds=seconds,
-                                                 processes=processes, progress=phases)
+                                                 processes=counts[0], progress=phases)
             except BenchError as exc:
                 fail(str(exc), f"the workers' log: {exc.log}")
             except InfraError as exc:
@@ -641,11 +645,12 @@ def bench(
         if events < MIN_EVENTS:
             fail(f"--events {events}: at least {MIN_EVENTS:,} settlements",
                  "a smaller run lands before it can be timed; 50,000 gives steady figures")
-        if not 1 <= processes <= 64:
-            fail(f"--processes {processes}: must be 1 to 64")
+        counts = _process_counts(processes, 64)
+        if not (latency_seconds == 0 or 5 <= latency_seconds <= 3600):
+            fail(f"--latency-seconds {latency_seconds:g}: 0 (skip) or 5 to 3600")
         try:
             with _Phases() as phases:
-                figures = run_bench(events=events, processes=processes, progress=phases)
+                figures = run_bench(events=events, processes=counts, latency_seconds=latency_seconds, progress=phases)
         except BenchError as exc:
             fail(str(exc), f"the workers' log: {exc.log}")
         except InfraError as exc:  # a server binary missing or not starting: its message says which
@@ -656,6 +661,17 @@ def bench(
             print(json.dumps(figures, ensure_ascii=False))
 
     guard(run)
+
+
+def _process_counts(text: str, most: int) -> list[int]:
+    """``--processes``: "2" or "1,2"; one clear line for anything else."""
+    try:
+        counts = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        counts = []
+    if not counts or not all(1 <= n <= most for n in counts):
+        fail(f"--processes {text}: a count from 1 to {most}, or several separated by commas (1,2)")
+    return counts
 
 
 # --- schemas ------------------------------------------------------------------------------------

@@ -1,0 +1,91 @@
+"""What the benchmarks share: the worker processes they start and stop, their errors and progress."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+from .settings import Settings
+
+SETTLEMENT = "cn.nhsa.yibao.settlement.Settlement"
+#: Share of eligible settlements given a planted anomaly: alerts at a rate the rules' output costs.
+PLANT_RATE = 0.02
+
+Progress = Callable[[str, int, int | None], None]
+"""``progress(phase, done, total)``: a phase has advanced (``total`` None: nothing to count)."""
+
+
+def _silent(phase: str, done: int, total: int | None) -> None:
+    """The default progress: none."""
+
+
+class BenchError(RuntimeError):
+    """The run could not be measured (a worker died, or did not land everything in time); ``log``
+    is where the workers wrote what happened."""
+
+    def __init__(self, message: str, log: Path) -> None:
+        super().__init__(message)
+        self.log = log
+
+
+def worker_env(s: Settings, rules: bool) -> dict[str, str]:
+    """The environment of a bench's ``yibao worker``: this run's own servers and settings, none of
+    the caller's ``YIBAO_*``."""
+    own = {k: v for k, v in os.environ.items() if not k.startswith("YIBAO_")}
+    return dict(own, YIBAO_KAFKA_BOOTSTRAP=s.kafka_bootstrap, YIBAO_CH_BACKEND="server",
+                YIBAO_CH_HOST=s.ch_host, YIBAO_CH_PORT=str(s.ch_port), YIBAO_CH_DATABASE=s.ch_database,
+                YIBAO_CH_USER=s.ch_user, YIBAO_CH_PASSWORD=s.ch_password.get_secret_value(),
+                YIBAO_TOPIC_PREFIX=s.topic_prefix, YIBAO_TOPIC_PARTITIONS=str(s.topic_partitions),
+                YIBAO_CONSUMER_GROUP=s.consumer_group, YIBAO_SESSION_TIMEOUT_MS=str(s.session_timeout_ms),
+                YIBAO_RULES_ENABLED=str(rules).lower(), YIBAO_DATA_DIR=str(s.data_dir),
+                YIBAO_BATCH_MAX_EVENTS=str(s.batch_max_events), YIBAO_BATCH_MAX_SECONDS=str(s.batch_max_seconds),
+                YIBAO_MONITOR_INTERVAL_S="0", YIBAO_PSEUDO_KEY="00" * 32, YIBAO_LOG_LEVEL="WARNING",
+                YIBAO_PROCESSES="1", **({"YIBAO_RULES_FILE": str(s.rules_file)} if s.rules_file else {}))
+
+
+def workers_rss_mb(procs: list[subprocess.Popen[bytes]]) -> list[float | None]:
+    """Resident memory (MB) of each worker process now, from /proc (None where it cannot be read)."""
+    out: list[float | None] = []
+    for p in procs:
+        try:
+            status = Path(f"/proc/{p.pid}/status").read_text()
+            kb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
+            out.append(round(kb / 1024, 1))
+        except (OSError, StopIteration, ValueError):
+            out.append(None)
+    return out
+
+
+def first_fetch_s(port: int, topic: str) -> float | None:
+    """The worker's ``yibao_first_fetch_seconds`` for ``topic``: launch to first record fetched."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
+            text = resp.read().decode("utf-8", "replace")
+    except OSError:
+        return None
+    m = re.search(r'^yibao_first_fetch_seconds\{topic="' + re.escape(topic) + r'"\} (\S+)$', text, re.M)
+    return round(float(m.group(1)), 2) if m else None
+
+
+def stop_workers(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM every worker process, then wait for each (SIGKILL after 30 s): all stop at once."""
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def percentile(xs: list[float], q: float) -> float | None:
+    """The nearest-rank ``q`` quantile of ``xs`` (None when empty)."""
+    if not xs:
+        return None
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
