@@ -33,7 +33,7 @@ from rich.table import Table
 
 from schemas import Codec
 
-from .bench_latency import latency_pass
+from .bench_latency import HISTORY, latency_pass
 from .benchkit import (
     PLANT_RATE,
     SETTLEMENT,
@@ -353,7 +353,7 @@ def run_bench(events: int, processes: Sequence[int] = (1, 2), seed: int = 7, mea
         latency = None
         if latency_seconds > 0 and rules["settlements_per_s"]:
             latency = latency_pass(s, round(rules["settlements_per_s"] / 2), latency_seconds, counts[-1], work,
-                                   progress=progress)
+                                   history_n=min(HISTORY, max(1000, events // 10)), progress=progress)
         not_measured = {f"{k} ({n} process(es))": v[k]["not_measured"]
                         for n, v in by.items() for k in ("ingest", "rules") if v[k]["not_measured"]}
         figures: dict[str, Any] = {

@@ -156,7 +156,7 @@ class AlertWatcher(threading.Thread):
 
 
 def latency_pass(base: Settings, rate: float, seconds: float, processes: int, work: Path, seed: int = 13,
-                 progress: Progress = _silent) -> dict[str, Any]:
+                 history_n: int = HISTORY, progress: Progress = _silent) -> dict[str, Any]:
     """Produce at ``rate`` settlements/s for ``seconds`` with every rule on and the default batch
     settings; the latency of the alerts they raise (module docstring)."""
     from sinks import connect
@@ -172,7 +172,7 @@ def latency_pass(base: Settings, rate: float, seconds: float, processes: int, wo
         "batch_max_seconds": defaults["batch_max_seconds"].default,
     })
     progress("alert latency: generating traffic", 0, None)
-    history, steady = traffic(HISTORY, int(rate * seconds) + 1, seed)
+    history, steady = traffic(history_n, int(rate * seconds) + 1, seed)
     backend = connect(s.clickhouse())
     migrate(backend)
     asyncio.run(ensure_topics(s.kafka()))

@@ -1,12 +1,12 @@
 """Eviction of persons whom no rule can need any more: the same alerts, far less state.
 
-Generated traffic with planted anomalies over ten months (the rules' longest look back is about three and a half) (persons who settle once and never
-again, chronic patients, reversals) goes through the settlement stage twice, in event-time order
-and as producers deliver it (shuffled within the lateness, re-sent), in batches: once as shipped
-and once with the eviction sweep switched off. Every alert version must be the same, in the same
-order; the evicting run must hold fewer persons and have written a tombstone for each one it
-dropped (so a compacted changelog frees them too).
-
+Generated traffic with planted anomalies over ten months (the rules' longest look back is about
+three and a half), with persons who settle once and never again, chronic patients and reversals,
+goes through the settlement stage twice, in event-time order and as producers deliver it
+(shuffled within the lateness, re-sent), in batches: once as shipped and once with the eviction
+sweep switched off. Every alert version must be the same, in the same order; the evicting run
+must hold fewer persons, and write a tombstone for those it dropped (so a compacted changelog
+frees them too).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def _run(msgs: list[Message], evict: bool, batch: int) -> tuple[list[dict[str, A
 
 @pytest.mark.parametrize("delivered", [False, True], ids=["event-time order", "as delivered"])
 def test_eviction_changes_no_alert_and_bounds_the_state(delivered: bool) -> None:
-    gen = Planting("all", rate=0.03).generator(SimConfig(seed=5, settlements=6000, days=300, persons=4000, start=START))
+    gen = Planting("all", rate=0.03).generator(SimConfig(seed=5, settlements=3500, days=300, persons=2500, start=START))
     codec = Codec()
     events = sorted((e for e in gen.events() if e.record.endswith(("Settlement", "SettlementReversal"))),
                     key=lambda e: e.time_ms)
