@@ -14,6 +14,8 @@ from typing import Any
 
 import structlog
 
+from schemas.alert_ids import versions_until
+
 from .base import Backend, literal
 from .tables import ALERTS_TABLE, DEAD_LETTER_TABLE
 
@@ -54,21 +56,21 @@ def existing_rows(backend: Backend, table: str, partition: int, from_offset: int
 
 
 def alert_versions_held(backend: Backend, partition: int, from_offset: int,
-                        rule_ids: Sequence[str]) -> list[tuple[str, str, str]]:
+                        rule_ids: Sequence[str] | None = None) -> list[tuple[str, str, str]]:
     """(alert_id, status, event_id) of the alert versions the alerts table holds at offsets ≥
-    ``from_offset`` of ``partition``, for these rules.
+    ``from_offset`` of ``partition``, for these rules (None: every rule).
 
     The table is a ReplacingMergeTree by ``alert_id``: a background merge keeps one version of an
     alert and drops the others, so a version that landed may no longer be there to be found; the
     version that is there says which ones it replaced (streams/landed.py).
     """
-    if not rule_ids:
+    if rule_ids is not None and not rule_ids:
         return []
-    res = backend.query(
-        f"SELECT DISTINCT alert_id, status, event_id FROM {backend.read_table(ALERTS_TABLE)} "
-        f"WHERE src_partition = {int(partition)} AND src_offset >= {int(from_offset)} "
-        f"AND rule_id IN ({', '.join(literal(r) for r in rule_ids)})"
-    )
+    where = f"src_partition = {int(partition)} AND src_offset >= {int(from_offset)}"
+    if rule_ids is not None:
+        where += f" AND rule_id IN ({', '.join(literal(r) for r in rule_ids)})"
+    res = backend.query(f"SELECT DISTINCT alert_id, status, event_id FROM {backend.read_table(ALERTS_TABLE)} "
+                        f"WHERE {where}")
     return [(str(a), str(s), str(e)) for a, s, e in res.rows]
 
 
@@ -76,7 +78,8 @@ def without_existing(backend: Backend, table: str, cols: Columns, topic: str) ->
     """``cols`` minus the rows ``table`` already holds, by (src_partition, src_offset, identity).
 
     Used before re-sending an insert whose outcome is unknown (see ``Ingestor._insert_once``).
-    Dead letters of several source topics share one table, so their lookup names the topic.
+    Dead letters of several source topics share one table, so their lookup names the topic. An
+    alert version counts as held when a later version of its alert is (a merge keeps one).
     """
     parts, offs = cols["src_partition"], cols["src_offset"]
     idents = cols[identity_column(table)]
@@ -91,10 +94,14 @@ def without_existing(backend: Backend, table: str, cols: Columns, topic: str) ->
                                     topic if table == DEAD_LETTER_TABLE else None).items()
         for ident in ids
     }
-    if not held:
+    superseded: set[tuple[int, str]] = set()
+    if table == ALERTS_TABLE:  # a merge may already have replaced a version that landed (streams/landed.py)
+        superseded = {(p, v) for p, start in first.items() for aid, status, event_id in
+                      alert_versions_held(backend, p, start) for v in versions_until(aid, status, event_id)}
+    if not held and not superseded:
         return cols
     keep = [i for i, key in enumerate(zip(parts, offs, idents, strict=True))
-            if (key[0], key[1], str(key[2])) not in held]
+            if (key[0], key[1], str(key[2])) not in held and (key[0], str(key[2])) not in superseded]
     log.warning("an insert of unknown outcome had landed; re-sending only the missing rows",
                 table=table, landed=len(parts) - len(keep), missing=len(keep))
     return {name: [values[i] for i in keep] for name, values in cols.items()}

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from schemas.alert_ids import versions_until
 from sinks.tables import ALERTS_TABLE
-
-from .rules.alerts import versions_until
 
 
 class LandedIndex:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from schemas.alert_ids import alert_event_id, alert_id
 from sinks.base import Backend
-from sinks.landed import alert_versions_held, existing_rows
+from sinks.landed import alert_versions_held, existing_rows, without_existing
 from sinks.migrate import migrate
 from streams.landed import LandedIndex
-from streams.rules.alerts import alert_event_id, alert_id
 from tests.sinks.test_bi_aggregates import insert
 
 
@@ -53,3 +53,9 @@ def test_an_alert_version_merged_away_still_counts_as_landed(backend: Backend) -
     assert not index("alerts", 1, 760, alert_event_id(aid, "FIRED", 1))  # a new generation is new
     assert alert_versions_held(backend, 1, 749, ["YB-PSI-OVERSELL"]) == []
     assert alert_versions_held(backend, 1, 0, []) == []
+    assert alert_versions_held(backend, 1, 0) == versions  # every rule
+    # an insert of unknown outcome re-sent: neither version goes again (the FIRED was merged away),
+    # the next generation does
+    cols = {"src_partition": [1, 1, 1], "src_offset": [744, 748, 760], "alert_id": [aid] * 3,
+            "event_id": [fired, retracted, alert_event_id(aid, "FIRED", 1)]}
+    assert without_existing(backend, "alerts", cols, "t.procurement")["src_offset"] == [760]
