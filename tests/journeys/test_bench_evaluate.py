@@ -110,12 +110,27 @@ def test_bench_precheck_reports_latency_percentiles_under_ingest(user: User) -> 
     assert set(Path(tempfile.gettempdir()).glob("yibao-bench-precheck-*")) == before, "a temp folder was left"
 
 
+def test_bench_population_reports_memory_changelog_and_restore_per_person(user: User) -> None:
+    """`yibao bench --population` (issue 16), small: the whole population is restored by a fresh process."""
+    before = set(Path(tempfile.gettempdir()).glob("yibao-bench-population-*"))
+    res = ok(user.run("yibao bench --population 2000 --json", timeout=600))
+    (run,) = res.json()["populations"]
+    assert run["persons"] == 2000 == run["keys"] == run["changelog_records"], run
+    assert run["settlements"] == 2 * run["persons"], run
+    assert 100 < run["changelog_bytes_per_person"] < 10_000, run
+    assert run["memory_bytes_per_person"] > 0 and run["restore_rss_mb"] > run["restore_rss_before_mb"], run
+    assert "memory per person (bytes)" in res.err and "restoring it in a fresh process (s)" in res.err, res
+    assert set(Path(tempfile.gettempdir()).glob("yibao-bench-population-*")) == before, "a temp folder was left"
+
+
 @pytest.mark.parametrize("line, needles", [
     ("yibao bench --precheck --seconds 1", ("--seconds",)),
     ("yibao bench --events 10", ("--events 10", "at least")),
     ("yibao bench --events 5000 --processes 0", ("--processes 0",)),
     ("yibao bench --events 5000 --processes 1,two", ("--processes 1,two",)),
     ("yibao bench --events 5000 --latency-seconds 2", ("--latency-seconds 2",)),
+    ("yibao bench --population 10", ("--population 10", "at least")),
+    ("yibao bench --population lots", ("--population lots",)),
 ])
 def test_bench_refuses_what_it_cannot_measure(user: User, line: str, needles: tuple[str, ...]) -> None:
     assert_clear_error(user.run(line), *needles)

@@ -607,6 +607,9 @@ def bench(
     latency_seconds: Annotated[float, typer.Option(
         help="Length of the alert-latency window (at half the all-rules rate); 0 skips it")] = 20.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON")] = False,
+    population: Annotated[str, typer.Option(
+        help="Instead: the rule state of populations of these sizes (e.g. 100000,1000000): memory, changelog "
+             "bytes and restore time per person")] = "",
     precheck: Annotated[bool, typer.Option(
         "--precheck", help="Measure the pre-settlement check's latency while the workers ingest, instead")] = False,
     check_rate: Annotated[float, typer.Option(help="--precheck: checks a second (open loop)")] = 200.0,
@@ -620,6 +623,18 @@ def bench(
         from ..bench import MIN_EVENTS, BenchError, print_figures, run_bench
         from ..localinfra import InfraError
 
+        if population:
+            from ..bench_population import print_population_figures, run_population_bench
+
+            sizes = _process_counts(population, 100_000_000, "--population")
+            if min(sizes) < 1000:
+                fail(f"--population {population}: at least 1,000 persons")
+            with _Phases() as phases:
+                figures = run_population_bench(sizes, progress=phases)
+            print_population_figures(console if not as_json else err, figures)
+            if as_json:
+                print(json.dumps(figures, ensure_ascii=False))
+            return
         if precheck:
             from ..bench_precheck import print_precheck_figures, run_precheck_bench
 
@@ -663,14 +678,14 @@ def bench(
     guard(run)
 
 
-def _process_counts(text: str, most: int) -> list[int]:
-    """``--processes``: "2" or "1,2"; one clear line for anything else."""
+def _process_counts(text: str, most: int, option: str = "--processes") -> list[int]:
+    """A count or counts separated by commas ("2", "1,2"); one clear line for anything else."""
     try:
         counts = sorted({int(x) for x in text.split(",") if x.strip()})
     except ValueError:
         counts = []
     if not counts or not all(1 <= n <= most for n in counts):
-        fail(f"--processes {text}: a count from 1 to {most}, or several separated by commas (1,2)")
+        fail(f"{option} {text}: a count from 1 to {most:,}, or several separated by commas (1,2)")
     return counts
 
 
