@@ -190,7 +190,11 @@ async def write_changelog(producer: AIOKafkaProducer, stores: Iterable[Store]) -
 
 async def restore(store: Store, partitions: Iterable[int], producer: AIOKafkaProducer,
                   consumer_kwargs: dict[str, Any], timeout_s: float = 120.0) -> dict[int, int]:
-    """Rebuild ``store`` for ``partitions`` from its changelog; returns keys restored per partition."""
+    """Rebuild ``store`` for ``partitions`` from its changelog; returns keys restored per partition.
+
+    ``timeout_s`` bounds a restore that stops making progress (no record read for that long), not
+    its length: a partition of millions of persons takes minutes to read back (`yibao bench
+    --population`), and giving up on it would start its rules from empty state."""
     parts = sorted(set(partitions))
     if not parts:
         return {}
@@ -220,8 +224,11 @@ async def restore(store: Store, partitions: Iterable[int], producer: AIOKafkaPro
         deadline = time.monotonic() + timeout_s
         while pending:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"restoring {store.name} partitions {sorted(pending)}: sentinel not seen")
+                raise TimeoutError(f"restoring {store.name} partitions {sorted(pending)}: nothing read for "
+                                   f"{timeout_s:.0f} s and the restore mark not seen")
             got = await consumer.getmany(timeout_ms=500, max_records=10_000)
+            if any(got.values()):
+                deadline = time.monotonic() + timeout_s
             for tp, records in got.items():
                 if tp.partition not in pending:
                     continue
