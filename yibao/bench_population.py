@@ -54,8 +54,8 @@ def _templates(n: int = 2000) -> list[dict[str, Any]]:
 
 
 def _population_events(n: int, templates: list[dict[str, Any]], horizon_days: int, now_ms: int):  # type: ignore[no-untyped-def]
-    """EngineEvents for ``n`` persons, ``PER_PERSON`` settlements each, in event-time order of
-    their generation (persons interleaved), all within ``horizon_days`` before ``now_ms``."""
+    """EngineEvents for ``n`` persons, ``PER_PERSON`` settlements each, in event-time order, all
+    within ``horizon_days`` before ``now_ms`` (so none is late and none of it may be evicted)."""
     from streams.rules.events import EngineEvent
 
     span = horizon_days * DAY_MS
@@ -63,7 +63,7 @@ def _population_events(n: int, templates: list[dict[str, Any]], horizon_days: in
     for round_ in range(PER_PERSON):
         for i in range(n):
             t = templates[(i * PER_PERSON + round_) % len(templates)]
-            at = now_ms - span + (round_ * span // PER_PERSON) + (i * 7_919 % (span // PER_PERSON))
+            at = now_ms - span + (round_ * span + i * span // n) // PER_PERSON  # in event-time order: none late
             delta = at - int(t["setl_time"])
             d = dict(t)
             d["psn_no"] = f"P{i:011d}"
