@@ -33,6 +33,7 @@ from .benchkit import (
     SETTLEMENT,
     BenchError,
     Progress,
+    TimedProducer,
     _silent,
     percentile,
     stop_workers,
@@ -58,51 +59,6 @@ def traffic(n_history: int, n_steady: int, seed: int) -> tuple[list[OutEvent], l
     steady = [(str(e.datum["setl_id"]), OutEvent(SETTLEMENT, e.key, value=codec.encode(SETTLEMENT, e.datum)))
               for e in settlements[n_history:n_history + n_steady]]
     return history, steady
-
-
-class TimedProducer(threading.Thread):
-    """Sends pre-encoded settlements at a fixed rate from its own event loop; ``sent_at[setl_id]``
-    is the wall-clock time (s) each was handed to the client."""
-
-    def __init__(self, settings: Settings, events: list[tuple[str, OutEvent]], rate: float, seconds: float) -> None:
-        super().__init__(daemon=True, name="bench-latency-producer")
-        self.settings, self.events, self.rate, self.seconds = settings, events, rate, seconds
-        self.sent_at: dict[str, float] = {}
-        self.error: BaseException | None = None
-        self.behind_s = 0.0  # how far the producer fell behind its schedule at worst
-
-    def run(self) -> None:
-        try:
-            asyncio.run(self._run())
-        except BaseException as exc:  # reported by the caller
-            self.error = exc
-
-    async def _run(self) -> None:
-        from aiokafka import AIOKafkaProducer
-
-        topic = self.settings.topic("settlement")
-        producer = AIOKafkaProducer(**self.settings.kafka_client_kwargs(), acks="all", linger_ms=5)
-        await producer.start()
-        try:
-            futures = []
-            t0 = time.monotonic()
-            for i, (setl_id, e) in enumerate(self.events):
-                due = t0 + i / self.rate
-                if due - t0 > self.seconds:
-                    break
-                now = time.monotonic()
-                if due > now:
-                    await asyncio.sleep(due - now)
-                else:
-                    self.behind_s = max(self.behind_s, now - due)
-                self.sent_at[setl_id] = time.time()
-                futures.append(await producer.send(topic, e.value, key=e.key.encode()))
-                if len(futures) >= 500:
-                    await asyncio.gather(*futures)
-                    futures = []
-            await asyncio.gather(*futures)
-        finally:
-            await producer.stop()
 
 
 class AlertWatcher(threading.Thread):

@@ -23,7 +23,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -34,7 +33,7 @@ from rich.table import Table
 
 from schemas import Codec
 
-from .benchkit import SETTLEMENT, BenchError, Progress, _silent, percentile, stop_workers, worker_env
+from .benchkit import SETTLEMENT, BenchError, Progress, TimedProducer, _silent, percentile, stop_workers, worker_env
 from .producer import OutEvent, produce
 from .settings import load_settings
 
@@ -70,8 +69,8 @@ def _bucket_quantiles(before: dict[float, float], after: dict[float, float]) -> 
     return out
 
 
-def _traffic(n_history: int, n_steady: int, n_checks: int, seed: int) -> tuple[list[OutEvent], list[OutEvent],
-                                                                              list[bytes], list[str]]:
+def _traffic(n_history: int, n_steady: int, n_checks: int, seed: int
+             ) -> tuple[list[OutEvent], list[tuple[str, OutEvent]], list[bytes], list[str]]:
     """History to land first, steady traffic to produce during the window (pre-encoded), check bodies
     (settlements of the same persons, each with an id of its own) and every institution code."""
     from .sim.generator import SimConfig
@@ -84,7 +83,7 @@ def _traffic(n_history: int, n_steady: int, n_checks: int, seed: int) -> tuple[l
     settlements = [e for e in gen.events() if e.record == SETTLEMENT]
     history = [OutEvent(SETTLEMENT, e.key, value=codec.encode(SETTLEMENT, e.datum))
                for e in settlements[:n_history]]
-    steady = [OutEvent(SETTLEMENT, e.key, value=codec.encode(SETTLEMENT, e.datum))
+    steady = [(str(e.datum["setl_id"]), OutEvent(SETTLEMENT, e.key, value=codec.encode(SETTLEMENT, e.datum)))
               for e in settlements[n_history:n_history + n_steady]]
     checks = []
     for e in settlements[n_history + n_steady:] or settlements:
@@ -94,44 +93,6 @@ def _traffic(n_history: int, n_steady: int, n_checks: int, seed: int) -> tuple[l
         checks.append(json.dumps(body).encode())
     codes = sorted({i.code for i in gen.institutions})
     return history, steady, checks[:n_checks] or checks, codes
-
-
-class _SteadyProducer(threading.Thread):
-    """Sends pre-encoded settlements at a fixed rate from its own event loop."""
-
-    def __init__(self, settings: Any, events: list[OutEvent], rate: float, seconds: float) -> None:
-        super().__init__(daemon=True)
-        self.settings, self.events, self.rate, self.seconds = settings, events, rate, seconds
-        self.sent = 0
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            asyncio.run(self._run())
-        except BaseException as exc:  # reported by the caller
-            self.error = exc
-
-    async def _run(self) -> None:
-        from aiokafka import AIOKafkaProducer
-
-        tick = 0.05
-        per_tick = max(1, int(self.rate * tick))
-        topic = self.settings.topic("settlement")
-        producer = AIOKafkaProducer(**self.settings.kafka_client_kwargs(), acks="all", linger_ms=5)
-        await producer.start()
-        try:
-            t0 = time.monotonic()
-            i = 0
-            while i < len(self.events) and time.monotonic() - t0 < self.seconds:
-                chunk = self.events[i:i + per_tick]
-                futures = [await producer.send(topic, e.value, key=e.key.encode()) for e in chunk]
-                await asyncio.gather(*futures)
-                self.sent += len(chunk)
-                i += len(chunk)
-                due = t0 + (i / per_tick) * tick
-                await asyncio.sleep(max(0.0, due - time.monotonic()))
-        finally:
-            await producer.stop()
 
 
 async def _checks(urls: list[str], bodies: list[bytes], rate: float, seconds: float
@@ -248,7 +209,7 @@ def run_precheck_bench(*, check_rate: float = 200.0, ingest_rate: float = 1000.0
         progress(f"measuring ({seconds:.0f} s)", 0, None)
         served_before = _served(web)
         before = landed()
-        producer = _SteadyProducer(s, steady, ingest_rate, seconds)
+        producer = TimedProducer(s, steady, ingest_rate, seconds)
         t0 = time.monotonic()
         producer.start()
         LOOP_LAG.clear()
@@ -259,7 +220,7 @@ def run_precheck_bench(*, check_rate: float = 200.0, ingest_rate: float = 1000.0
             raise BenchError(f"the producer failed: {producer.error}", log_path)
         served_after = _served(web)
         t_end = time.monotonic()
-        while landed() < before + producer.sent and time.monotonic() - t_end < 120:
+        while landed() < before + len(producer.sent_at) and time.monotonic() - t_end < 120:
             time.sleep(0.1)
         after = landed()
         drain = time.monotonic() - t_end
@@ -278,7 +239,7 @@ def run_precheck_bench(*, check_rate: float = 200.0, ingest_rate: float = 1000.0
             "load_generator_lag_ms": {"p99": round((percentile(LOOP_LAG, 0.99) or 0) * 1000, 2),
                                       "max": round(max(LOOP_LAG, default=0) * 1000, 2)},
             "ingest_rate_target": ingest_rate,
-            "settlements_produced_per_s": round(producer.sent / window, 1),
+            "settlements_produced_per_s": round(len(producer.sent_at) / window, 1),
             "settlements_landed_per_s": round((after - before) / (window + drain), 1),
             "landed_after_window_s": round(drain, 2),
             "window_s": round(window, 2),
