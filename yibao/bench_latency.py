@@ -35,12 +35,13 @@ from .benchkit import (
     Progress,
     TimedProducer,
     _silent,
+    land_history,
     percentile,
     stop_workers,
     worker_env,
     workers_rss_mb,
 )
-from .producer import OutEvent, produce
+from .producer import OutEvent
 from .settings import Settings
 
 #: Settlements landed before the window, so the persons have history (repeat tests, shopping, ...).
@@ -147,14 +148,8 @@ def latency_pass(base: Settings, rate: float, seconds: float, processes: int, wo
         def landed() -> int:
             return int(backend.query(f"SELECT count() FROM {db}.settlements").rows[0][0])
 
-        progress("alert latency: landing the persons' history", 0, len(history))
-        asyncio.run(produce(s, history, Codec()))
-        deadline = time.monotonic() + 300
-        while (n := landed()) < len(history):
-            progress("alert latency: landing the persons' history", n, len(history))
-            if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
-                raise BenchError("the workers did not land the history of the alert-latency pass", log_path)
-            time.sleep(0.2)
+        land_history(s, backend, history, procs, log_path, "alert latency: landing the persons' history", 300,
+                     progress)
         watcher.start()
         watcher.ready.wait(30)
         if watcher.error is not None:

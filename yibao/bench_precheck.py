@@ -33,8 +33,18 @@ from rich.table import Table
 
 from schemas import Codec
 
-from .benchkit import SETTLEMENT, BenchError, Progress, TimedProducer, _silent, percentile, stop_workers, worker_env
-from .producer import OutEvent, produce
+from .benchkit import (
+    SETTLEMENT,
+    BenchError,
+    Progress,
+    TimedProducer,
+    _silent,
+    land_history,
+    percentile,
+    stop_workers,
+    worker_env,
+)
+from .producer import OutEvent
 from .settings import load_settings
 
 API_KEY = "bench-" + "5" * 40
@@ -186,19 +196,12 @@ def run_precheck_bench(*, check_rate: float = 200.0, ingest_rate: float = 1000.0
             procs.append(subprocess.Popen([sys.executable, "-m", "yibao.cli", "worker", "--no-migrate"],
                                           env=dict(env, YIBAO_PRECHECK_PORT=str(port + i), YIBAO_WEB_PORT=str(web[i])),
                                           stdout=log, stderr=subprocess.STDOUT))
-        progress("landing the persons' history", 0, len(history))
-        asyncio.run(produce(s, history, Codec()))
+        land_history(s, backend, history, procs, log_path, "landing the persons' history", 180, progress)
         db = s.ch_database
 
         def landed() -> int:
             return int(backend.query(f"SELECT count() FROM {db}.settlements").rows[0][0])
 
-        deadline = time.monotonic() + 180
-        while (n := landed()) < len(history):
-            progress("landing the persons' history", n, len(history))
-            if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
-                raise BenchError("the workers did not land the history", log_path)
-            time.sleep(0.2)
         deadline = time.monotonic() + 60
         while True:  # every worker holds its partitions and knows the others' (a rebalance may follow the join)
             _, warm, _ = asyncio.run(_checks(urls, bodies, min(check_rate, 50.0), 1.0))

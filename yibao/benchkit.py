@@ -12,6 +12,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .producer import OutEvent
 from .settings import Settings
@@ -138,3 +139,22 @@ class TimedProducer(threading.Thread):
             await asyncio.gather(*futures)
         finally:
             await producer.stop()
+
+
+def land_history(settings: Settings, backend: Any, history: list[OutEvent], procs: list[subprocess.Popen[bytes]],
+                 log: Path, phase: str, timeout_s: float, progress: Progress = _silent) -> None:
+    """Produce ``history`` and wait until the workers ``procs`` have landed all of it (so the persons
+    have state before a measured window); a worker dying or the time running out is a BenchError."""
+    from schemas import Codec
+
+    from .producer import produce
+
+    progress(phase, 0, len(history))
+    asyncio.run(produce(settings, history, Codec()))
+    db = settings.ch_database
+    deadline = time.monotonic() + timeout_s
+    while (n := int(backend.query(f"SELECT count() FROM {db}.settlements").rows[0][0])) < len(history):
+        progress(phase, n, len(history))
+        if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
+            raise BenchError(f"the workers did not land the history ({phase})", log)
+        time.sleep(0.2)
