@@ -103,20 +103,31 @@ def worker_env(s: Settings, **extra: str) -> dict[str, str]:
 
 
 #: Runs the worker after wrapping ``Ingestor._commit`` so that the process SIGKILLs itself right
-#: before its Nth offset commit: rows written, offsets not committed. A kill from outside lands in
-#: that window only by chance; this makes the redelivery-dedup path certain to run.
+#: before its Nth offset commit of a batch that wrote rows: rows written, offsets not committed. A
+#: kill from outside lands in that window only by chance; this makes the redelivery-dedup path
+#: certain to run. Batches that wrote nothing (a re-keyed stay that raised no alert) are not
+#: counted: a crash there leaves nothing for the restarted worker to find.
 CRASH_BEFORE_COMMIT = """
 import os, signal, sys
 import streams.ingest as ingest
-_orig = ingest.Ingestor._commit
+_orig_commit = ingest.Ingestor._commit
+_orig_insert = ingest.Ingestor._insert
+_wrote = set()
 _calls = 0
+async def _insert(self, table, cols):
+    await _orig_insert(self, table, cols)
+    if any(len(v) for v in cols.values()):
+        _wrote.add(id(self))
 async def _commit(self, offsets):
     global _calls
-    _calls += 1
-    if _calls >= int(os.environ["YIBAO_TEST_CRASH_AT_COMMIT"]):
-        os.kill(os.getpid(), signal.SIGKILL)
-    return await _orig(self, offsets)
+    if id(self) in _wrote:
+        _wrote.discard(id(self))
+        _calls += 1
+        if _calls >= int(os.environ["YIBAO_TEST_CRASH_AT_COMMIT"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+    return await _orig_commit(self, offsets)
 ingest.Ingestor._commit = _commit
+ingest.Ingestor._insert = _insert
 from yibao.cli import main
 sys.argv = ["yibao", "worker", "--no-migrate"]
 main()
