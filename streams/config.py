@@ -56,6 +56,8 @@ class RulesConfig:
     rules_file: Path | None
     allowed_lateness_days: int
     monitor_interval_s: float
+    #: the persons' rule state on disk here (streams.rules.diskstore); None: in memory
+    state_dir: Path | None = None
 
 
 @dataclass(frozen=True)

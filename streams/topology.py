@@ -29,6 +29,7 @@ from .identity import Identities
 from .privacy import Pseudonymizer, Sealer
 from .processors import BatchProcessor, GroupedProcessor
 from .rules import RULES_FILE, RuleBook, check_rule, load_knowledge, load_rules_file
+from .rules.diskstore import DiskStore
 from .rules.engine import SettlementEngine
 from .rules.grouped import GroupedEngine
 from .rules.procurement import ProcurementEngine
@@ -102,7 +103,8 @@ def build_pipeline(*, validation: ValidationConfig, rules: RulesConfig, topic: C
     book = (rulebook or build_rulebook(rules.rules_file)) if rules.enabled else None
     engines: dict[str, SettlementEngine | ProcurementEngine] = {}
     if book is not None:
-        person = Store("person", topic("changelog.person"))
+        person = (DiskStore("person", topic("changelog.person"), path=rules.state_dir / "person")
+                  if rules.state_dir is not None else Store("person", topic("changelog.person")))
         engines["settlement"] = SettlementEngine(book, load_knowledge(), pseudonymizer, person,
                                                  rules.allowed_lateness_days)
         engines["procurement"] = ProcurementEngine(book, Store("procurement", topic("changelog.procurement")),

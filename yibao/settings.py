@@ -134,6 +134,13 @@ class Settings(BaseSettings):
     rules_enabled: bool = Field(True, description="Run the monitoring rules on the settlement stream")
     rules_file: Path | None = Field(None, description="Seed rule base (default: the shipped rules.toml)")
     allowed_lateness_days: int = Field(35, ge=0, le=400, description="Events later than this skip windowed rules")
+    state_store: str = Field(
+        "memory", pattern=r"^(memory|disk)$",
+        description="Where a worker keeps the persons' rule state: memory (about 3.5 kB a person, rebuilt from "
+                    "the whole changelog at every start) or disk (RocksDB under YIBAO_STATE_DIR: memory bounded, "
+                    "a restart reads only the changelog written since)")
+    state_dir: Path | None = Field(None, description="The disk store's directory (default: <data_dir>/state); "
+                                                     "one per worker process")
     monitor_interval_s: float = Field(
         300.0, ge=0, le=86_400,
         description="Seconds between runs of the ClickHouse monitors (fund, settled-over-sold, credit) in the "
@@ -299,7 +306,12 @@ class Settings(BaseSettings):
     def rules(self) -> RulesConfig:
         return RulesConfig(enabled=self.rules_enabled, rules_file=self.rules_file,
                            allowed_lateness_days=self.allowed_lateness_days,
-                           monitor_interval_s=self.monitor_interval_s)
+                           monitor_interval_s=self.monitor_interval_s,
+                           state_dir=self.state_path() if self.state_store == "disk" else None)
+
+    def state_path(self) -> Path:
+        """The disk store's directory (YIBAO_STATE_DIR, else under the data directory)."""
+        return self.state_dir or self.data_dir / "state"
 
     def privacy(self) -> PrivacyConfig:
         return PrivacyConfig(key=self.pseudo_key.get_secret_value() if self.pseudo_key else None,

@@ -410,6 +410,7 @@ def _supervise(settings: Settings) -> int:
             "YIBAO_CH_PORT": str(settings.ch_port),
             "YIBAO_CH_DATABASE": settings.ch_database,
             "YIBAO_DATA_DIR": str(settings.data_dir),
+            "YIBAO_STATE_DIR": str(settings.state_path() / f"process-{i}"),
         })
         children.append(subprocess.Popen([sys.executable, "-m", "yibao.cli", "worker", "--no-migrate",
                                           "--no-preflight"], env=env))

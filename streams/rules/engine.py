@@ -62,6 +62,9 @@ MAX_ID_CHARS = 64
 
 #: The source offset a previewed settlement is given: past any offset a person's state has applied.
 PREVIEW_OFFSET = 2**62
+#: the person store's one key that is not a person: the partition's watermark, so a restore
+#: starts from the watermark the partition had, not from the newest settlement still held
+WATERMARK_KEY = "#watermark"  # tokens are "<key id>.<base32>"
 
 
 def bounded_id(v: str) -> str:
@@ -98,9 +101,13 @@ class SettlementEngine:
 
     # --- state lifecycle ---------------------------------------------------------------------
     def restored(self, partition: int) -> None:
-        wm = 0
-        for st in self.person.part(partition).values():
-            for e in st.get("tl", ()):
+        held = self.person.get(partition, WATERMARK_KEY)
+        if held is not None:
+            self.watermark[partition] = held["w"]
+            return
+        wm = 0  # a changelog written before the watermark was kept: the newest settlement held
+        for key, st in self.person.items(partition):
+            for e in st.get("tl", ()) if key != WATERMARK_KEY else ():
                 wm = max(wm, e["t"])
         self.watermark[partition] = wm
 
@@ -157,6 +164,11 @@ class SettlementEngine:
                 self._settlement(ev, lists[0], lists[1], horizon, excluded, out)
             elif ev.record == REVERSAL:
                 self._reversal(ev, stateless, historic, out)
+        for p in first:
+            wm = self.watermark.get(p, 0)
+            held = self.person.get(p, WATERMARK_KEY)
+            if wm and (held is None or held["w"] != wm):
+                self.person.put(p, WATERMARK_KEY, {"o": -1, "w": wm})
         return out
 
     def _sweep(self, partition: int, before_offset: int, horizon: int) -> int:
@@ -178,8 +190,8 @@ class SettlementEngine:
         self._swept[partition] = day
         cut_tl, cut_rv = w - horizon, w - self.lateness_ms
         cut_ep = cut_rv - 60 * DAY_MS
-        gone = [tok for tok, st in self.person.part(partition).items()
-                if st["o"] < before_offset
+        gone = [tok for tok, st in self.person.items(partition)
+                if tok != WATERMARK_KEY and st["o"] < before_offset
                 and (not st["tl"] or st["tl"][-1]["t"] < cut_tl)
                 and all(e["exp"] < w for e in st["f"].values())
                 and all(t < cut_rv for t in st.get("rv", {}).values())

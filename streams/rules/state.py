@@ -30,7 +30,7 @@ import asyncio
 import hashlib
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +49,12 @@ YIELD_EVERY = 256
 #: Manifest field of a chunked value (no state value has it: they are the engines' own dicts).
 CHUNKED = "__chunks__"
 _CHUNK_SEP = "\x00"  # never inside a store key (tokens, codes, "institution|day")
+
+
+def value_tag(value: bytes) -> str:
+    """The digest that names a chunked value's chunks (a crash between chunks and manifest leaves
+    the chunks of the previous value intact)."""
+    return hashlib.blake2b(value, digest_size=6).hexdigest()
 
 
 def chunk_key(key: str, tag: str, i: int) -> bytes:
@@ -84,8 +90,34 @@ class Store:
         if self.data.get(partition, {}).pop(key, None) is not None:
             self.dirty.setdefault(partition, set()).add(key)
 
+    def items(self, partition: int) -> Iterator[tuple[str, Any]]:
+        """Every (key, value) held for ``partition``; the caller may put or delete while iterating."""
+        return iter(list(self.data.get(partition, {}).items()))
+
     def keys(self) -> int:
         return sum(len(d) for d in self.data.values())
+
+    # --- restore (``restore`` drives these; a disk-backed store keeps what it had) ----------------
+    def resume_at(self, partition: int, mark: int, earliest: int) -> int | None:
+        """The changelog offset to read ``partition`` from, its restore mark being at ``mark`` and
+        its earliest record at ``earliest`` (None: from the beginning; memory keeps nothing across
+        processes)."""
+        return None
+
+    def replay(self, partition: int) -> Replay:
+        """A fresh replay of ``partition``'s changelog records, read in order."""
+        return Replay()
+
+    def install(self, partition: int, replay: Replay, mark: int) -> int:
+        """Make the replayed records the partition's state; returns the keys it holds."""
+        self.data[partition] = replay.data
+        self.chunks[partition] = replay.chunks
+        self.dirty.pop(partition, None)
+        return len(replay.data)
+
+    def persisted(self, offsets: dict[int, int]) -> None:
+        """The changelog acknowledged everything :meth:`drain` returned (``offsets``: per partition,
+        the offset after the last record written). Memory has nothing more to do."""
 
     def drain(self) -> list[tuple[int, bytes, bytes | None]]:
         """Changelog records for everything changed since the last drain (None = tombstone), in the
@@ -104,7 +136,7 @@ class Store:
                     if len(b) <= CHUNK_BYTES:
                         out.append((p, k.encode(), b))
                     else:
-                        tag = hashlib.blake2b(b, digest_size=6).hexdigest()
+                        tag = value_tag(b)
                         n = -(-len(b) // CHUNK_BYTES)
                         out.extend((p, chunk_key(k, tag, i), b[i * CHUNK_BYTES:(i + 1) * CHUNK_BYTES])
                                    for i in range(n))
@@ -165,8 +197,9 @@ async def write_changelog(producer: AIOKafkaProducer, stores: Iterable[Store]) -
     Records are packed into one producer batch per (topic, partition) with ``create_batch``: a
     batch holds thousands of keys, and per-record ``send`` calls cost more than the detectors.
     """
-    futures = []
+    futures: list[tuple[Store, int, int, Any]] = []
     n = 0
+    stores = list(stores)
     for store in stores:
         by_part: dict[int, list[tuple[bytes, bytes | None]]] = {}
         for partition, key, value in store.drain():
@@ -177,14 +210,20 @@ async def write_changelog(producer: AIOKafkaProducer, stores: Iterable[Store]) -
                 if not i % YIELD_EVERY:
                     await asyncio.sleep(0)  # thousands of keys: let the event loop (checks, heartbeats) run
                 if batch.append(key=key, value=value, timestamp=None) is None:
-                    futures.append(await producer.send_batch(batch, store.topic, partition=partition))
+                    futures.append((store, partition, batch.record_count(),
+                                    await producer.send_batch(batch, store.topic, partition=partition)))
                     batch = producer.create_batch()
                     batch.append(key=key, value=value, timestamp=None)
                 n += 1
             if batch.record_count():
-                futures.append(await producer.send_batch(batch, store.topic, partition=partition))
-    if futures:
-        await asyncio.gather(*futures)
+                futures.append((store, partition, batch.record_count(),
+                                await producer.send_batch(batch, store.topic, partition=partition)))
+    metas = await asyncio.gather(*(f for *_, f in futures)) if futures else []
+    after: dict[int, dict[int, int]] = {id(s): {} for s in stores}
+    for (store, partition, count, _), meta in zip(futures, metas, strict=True):  # meta.offset: the batch's first
+        after[id(store)][partition] = max(after[id(store)].get(partition, 0), meta.offset + count)
+    for store in stores:
+        store.persisted(after[id(store)])
     return n
 
 
@@ -212,7 +251,8 @@ async def restore(store: Store, partitions: Iterable[int], producer: AIOKafkaPro
         tps = [TopicPartition(store.topic, p) for p in parts]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
-        lost = {tp.partition: pos for tp in tps if (pos := await consumer.position(tp)) > at[tp.partition]}
+        begin = {tp.partition: await consumer.position(tp) for tp in tps}
+        lost = {p: pos for p, pos in begin.items() if pos > at[p]}
         if lost:
             raise ChangelogLost(
                 f"{store.topic}: the broker's earliest offset is past the restore mark just written "
@@ -220,7 +260,11 @@ async def restore(store: Store, partitions: Iterable[int], producer: AIOKafkaPro
                 + "; the broker lost this log (Tansu on an S3 server that ignores conditional writes does after "
                   "a restart)")
         pending = set(parts)
-        fresh = {p: Replay() for p in parts}
+        for tp in tps:
+            start = store.resume_at(tp.partition, at[tp.partition], begin[tp.partition])
+            if start is not None:
+                consumer.seek(tp, start)
+        fresh = {p: store.replay(p) for p in parts}
         deadline = time.monotonic() + timeout_s
         while pending:
             if time.monotonic() > deadline:
@@ -246,10 +290,7 @@ async def restore(store: Store, partitions: Iterable[int], producer: AIOKafkaPro
                     if r.key is not None:
                         part.apply(r.key, r.value)
         for p in parts:
-            store.data[p] = fresh[p].data
-            store.chunks[p] = fresh[p].chunks
-            store.dirty.pop(p, None)
-            restored[p] = len(fresh[p].data)
+            restored[p] = store.install(p, fresh[p], at[p])
     finally:
         await consumer.stop()
     log.info("state restored", store=store.name, keys=restored)

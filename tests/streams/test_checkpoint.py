@@ -4,6 +4,7 @@ and a failure at any step leaves every later step undone (so a redelivery repeat
 from __future__ import annotations
 
 import asyncio
+import types
 from collections import Counter
 from typing import Any
 
@@ -52,10 +53,10 @@ class Journal:
 
         return Batch()
 
-    async def send_batch(self, batch: Any, topic: str, partition: int) -> asyncio.Future[None]:
+    async def send_batch(self, batch: Any, topic: str, partition: int) -> asyncio.Future[Any]:
         self._step("changelog", (topic, partition, list(batch.records)))
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        fut.set_result(None)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        fut.set_result(types.SimpleNamespace(offset=0))  # aiokafka's RecordMetadata: the batch's first offset
         return fut
 
     # sink and consumer
