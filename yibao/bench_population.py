@@ -75,21 +75,27 @@ def _population_events(n: int, templates: list[dict[str, Any]], horizon_days: in
             offset += 1
 
 
-def build_population(n: int, progress: Progress = _silent) -> dict[str, Any]:
-    """Apply ``n`` persons to a settlement engine here; returns the engine's store and figures."""
+def build_population(n: int, progress: Progress = _silent, state_dir: Path | None = None,
+                     changelog: tuple[str, str] | None = None) -> dict[str, Any]:
+    """Apply ``n`` persons to a settlement engine here; returns the engine's store and figures.
+
+    With ``state_dir`` the persons go to the disk store, and each chunk's changes are written to the
+    ``changelog`` (bootstrap, topic) as a worker's batches are (the disk store takes a batch only
+    once its changelog acknowledged it); the time that took is ``changelog_write_s``."""
     import dataclasses
 
     from streams.privacy import Pseudonymizer, Sealer
     from streams.processors import BatchProcessor
     from streams.rules.detectors import KINDS
-    from streams.rules.engine import SettlementEngine
+    from streams.rules.engine import WATERMARK_KEY, SettlementEngine
     from streams.topology import build_pipeline
 
     from .settings import load_settings
 
     s = load_settings(pseudo_key="00" * 32)
     key = b"p" * 32
-    pipeline = build_pipeline(validation=s.validation(), rules=dataclasses.replace(s.rules(), enabled=True),
+    rules = dataclasses.replace(s.rules(), enabled=True, state_dir=state_dir)
+    pipeline = build_pipeline(validation=s.validation(), rules=rules,
                               topic=s.topic, codec=Codec(), pseudonymizer=Pseudonymizer(key, "k1"),
                               sealer=Sealer(key, "k1"), streams=("settlement",))
     proc = pipeline.stages["settlement"].processor
@@ -104,30 +110,71 @@ def build_population(n: int, progress: Progress = _silent) -> dict[str, Any]:
     chunk: list[Any] = []
     done = 0
     total = n * PER_PERSON
-    for ev in _population_events(n, templates, horizon - 1, now_ms):
-        chunk.append(ev)
-        if len(chunk) == 20_000:
+    writer = _ChangelogWriter(*changelog) if state_dir is not None and changelog else None
+    if changelog:
+        engine.person.topic = changelog[1]
+    try:
+        for ev in _population_events(n, templates, horizon - 1, now_ms):
+            chunk.append(ev)
+            if len(chunk) == 20_000:
+                engine.process(chunk)
+                if writer:
+                    writer.write(engine.person)
+                done += len(chunk)
+                chunk = []
+                progress(f"population {n:,}: applying settlements", done, total)
+        if chunk:
             engine.process(chunk)
-            done += len(chunk)
-            chunk = []
-            progress(f"population {n:,}: applying settlements", done, total)
-    if chunk:
-        engine.process(chunk)
+            if writer:
+                writer.write(engine.person)
+    finally:
+        if writer:
+            writer.close()
     apply_s = time.perf_counter() - t0
     after = rss_mb()
-    persons = len(engine.person.part(0))
-    return {"engine": engine, "persons": persons, "settlements": total, "apply_s": round(apply_s, 1),
-            "rss_before_mb": round(before, 1), "rss_after_mb": round(after, 1),
-            "memory_bytes_per_person": round((after - before) * 1024 * 1024 / max(1, persons)),
-            "horizon_days": horizon}
+    persons = sum(1 for k, _ in engine.person.items(0) if k != WATERMARK_KEY)
+    out = {"engine": engine, "persons": persons, "settlements": total, "apply_s": round(apply_s, 1),
+           "rss_before_mb": round(before, 1), "rss_after_mb": round(after, 1),
+           "memory_bytes_per_person": round((after - before) * 1024 * 1024 / max(1, persons)),
+           "horizon_days": horizon}
+    if writer:
+        out["changelog_write_s"] = round(writer.seconds, 1)
+        out["changelog_records"] = writer.records
+    return out
 
 
-async def _write(bootstrap: str, topic: str, store: Any) -> tuple[int, int, float]:
-    """The store's changelog to ``topic``: (records, bytes, seconds)."""
-    from aiokafka import AIOKafkaProducer
+class _ChangelogWriter:
+    """A producer on its own event loop, writing a store's changes as a worker's checkpoint does."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        from aiokafka import AIOKafkaProducer
+
+        async def start() -> AIOKafkaProducer:
+            await _create_topic(bootstrap, topic)
+            producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", max_batch_size=1024 * 1024,
+                                        linger_ms=20)
+            await producer.start()
+            return producer
+
+        self.loop = asyncio.new_event_loop()
+        self.producer = self.loop.run_until_complete(start())
+        self.seconds = 0.0
+        self.records = 0
+
+    def write(self, store: Any) -> None:
+        from streams.rules.state import write_changelog
+
+        t0 = time.perf_counter()
+        self.records += self.loop.run_until_complete(write_changelog(self.producer, [store]))
+        self.seconds += time.perf_counter() - t0
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.producer.stop())
+        self.loop.close()
+
+
+async def _create_topic(bootstrap: str, topic: str) -> None:
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-
-    from streams.rules.state import write_changelog
 
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
@@ -135,9 +182,22 @@ async def _write(bootstrap: str, topic: str, store: Any) -> tuple[int, int, floa
         await admin.create_topics([NewTopic(topic, 1, 1, topic_configs={"cleanup.policy": "compact"})])
     finally:
         await admin.close()
+
+
+def _state_bytes(store: Any) -> int:
+    """Key and value bytes of the state as the changelog holds it."""
+    return sum(len(k.encode()) + len(json.dumps(v, separators=(",", ":")).encode()) for k, v in store.items(0))
+
+
+async def _write(bootstrap: str, topic: str, store: Any) -> tuple[int, int, float]:
+    """The store's changelog to ``topic``: (records, bytes, seconds)."""
+    from aiokafka import AIOKafkaProducer
+
+    from streams.rules.state import write_changelog
+
+    await _create_topic(bootstrap, topic)
     store.topic = topic
-    size = sum(len(k) + len(v) for p in store.data for k, v in
-               ((k.encode(), json.dumps(v, separators=(",", ":")).encode()) for k, v in store.data[p].items()))
+    size = _state_bytes(store)
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", max_batch_size=1024 * 1024, linger_ms=20)
     await producer.start()
     try:
@@ -148,12 +208,13 @@ async def _write(bootstrap: str, topic: str, store: Any) -> tuple[int, int, floa
         await producer.stop()
 
 
-async def _restore(bootstrap: str, topic: str) -> dict[str, Any]:
+async def _restore(bootstrap: str, topic: str, state_dir: str | None = None) -> dict[str, Any]:
     from aiokafka import AIOKafkaProducer
 
+    from streams.rules.diskstore import DiskStore
     from streams.rules.state import Store, restore
 
-    store = Store("person", topic)
+    store = DiskStore("person", topic, path=Path(state_dir)) if state_dir else Store("person", topic)
     before = rss_mb()
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
     await producer.start()
@@ -163,12 +224,74 @@ async def _restore(bootstrap: str, topic: str) -> dict[str, Any]:
         seconds = time.perf_counter() - t0
     finally:
         await producer.stop()
+        if isinstance(store, DiskStore):
+            store.close()
     return {"keys": keys.get(0, 0), "restore_s": round(seconds, 1), "restore_rss_mb": round(rss_mb(), 1),
             "restore_rss_before_mb": round(before, 1)}
 
 
-def run_population_bench(sizes: list[int], progress: Progress = _silent) -> dict[str, Any]:
-    """For each size: build the population, write its changelog, restore it in a fresh process."""
+def _restore_in_fresh_process(bootstrap: str, topic: str, state_dir: Path | None = None) -> dict[str, Any]:
+    args = [sys.executable, "-m", "yibao.bench_population", bootstrap, topic, *([str(state_dir)] if state_dir else [])]
+    res = subprocess.run(args, capture_output=True, text=True, timeout=7200, env=dict(os.environ))
+    if res.returncode != 0:
+        raise RuntimeError(f"the restore process failed: {res.stderr.strip()[-500:]}")
+    out: dict[str, Any] = json.loads(res.stdout.strip().splitlines()[-1])
+    return out
+
+
+def _disk_population(n: int, bootstrap: str, work: Path, progress: Progress) -> dict[str, Any]:
+    """The population on the disk store: built with its changelog written batch by batch, then a
+    restart on the same disk (reads only what the changelog gained) and a new machine (empty disk:
+    the whole changelog, written to disk undecoded)."""
+    topic = f"bench-population-disk-{n}.changelog.person"
+    state = work / f"state-{n}"
+    progress(f"population {n:,} on disk: applying settlements", 0, n * PER_PERSON)
+    built = build_population(n, progress, state_dir=state, changelog=(bootstrap, topic))
+    engine = built.pop("engine")
+    size = _state_bytes(engine.person)
+    engine.person.close()
+    del engine
+    progress(f"population {n:,} on disk: restarting on the same disk", 0, None)
+    warm = _restore_in_fresh_process(bootstrap, topic, state / "person")
+    progress(f"population {n:,} on disk: restoring on an empty disk", 0, None)
+    cold = _restore_in_fresh_process(bootstrap, topic, work / f"state-{n}-empty")
+    shutil.rmtree(work / f"state-{n}-empty", ignore_errors=True)
+    disk_mb = sum(f.stat().st_size for f in (state / "person").rglob("*") if f.is_file()) / 1024 / 1024
+    shutil.rmtree(state, ignore_errors=True)
+    return {**built, "store": "disk", "changelog_bytes_per_person": round(size / n), **cold,
+            "disk_mb": round(disk_mb, 1), "resume_s": warm["restore_s"], "resume_records": warm["keys"],
+            "resume_rss_mb": warm["restore_rss_mb"]}
+
+
+def _memory_population(n: int, bootstrap: str, work: Path, progress: Progress) -> dict[str, Any]:
+    """The population in memory: built, its changelog written at once, restored in a fresh process."""
+    progress(f"population {n:,}: applying settlements", 0, n * PER_PERSON)
+    built = build_population(n, progress)
+    engine = built.pop("engine")
+    topic = f"bench-population-{n}.changelog.person"
+    progress(f"population {n:,}: writing the changelog", 0, None)
+    records, size, write_s = asyncio.run(_write(bootstrap, topic, engine.person))
+    del engine
+    progress(f"population {n:,}: restoring in a fresh process", 0, None)
+    restored = _restore_in_fresh_process(bootstrap, topic)
+    return {**built, "store": "memory", "changelog_records": records, "changelog_bytes_per_person": round(size / n),
+            "changelog_write_s": round(write_s, 1), **restored}
+
+
+def _measure_in_fresh_process(store: str, n: int, bootstrap: str, work: Path) -> dict[str, Any]:
+    """One population in a process of its own: memory freed by the previous one is not returned to
+    the system, and would hide what the next one costs."""
+    args = [sys.executable, "-m", "yibao.bench_population", "measure", store, str(n), bootstrap, str(work)]
+    res = subprocess.run(args, capture_output=True, text=True, timeout=7200, env=dict(os.environ))
+    if res.returncode != 0:
+        raise RuntimeError(f"the {store} population of {n:,} failed: {res.stderr.strip()[-800:]}")
+    out: dict[str, Any] = json.loads(res.stdout.strip().splitlines()[-1])
+    return out
+
+
+def run_population_bench(sizes: list[int], progress: Progress = _silent,
+                         stores: tuple[str, ...] = ("memory", "disk")) -> dict[str, Any]:
+    """For each size and store: build the population, write its changelog, restore it in a fresh process."""
     from .localinfra import TansuBroker
 
     work = Path(tempfile.mkdtemp(prefix="yibao-bench-population-"))
@@ -179,21 +302,9 @@ def run_population_bench(sizes: list[int], progress: Progress = _silent) -> dict
     try:
         runs = []
         for n in sizes:
-            progress(f"population {n:,}: applying settlements", 0, n * PER_PERSON)
-            built = build_population(n, progress)
-            engine = built.pop("engine")
-            topic = f"bench-population-{n}.changelog.person"
-            progress(f"population {n:,}: writing the changelog", 0, None)
-            records, size, write_s = asyncio.run(_write(broker.bootstrap, topic, engine.person))
-            del engine
-            progress(f"population {n:,}: restoring in a fresh process", 0, None)
-            res = subprocess.run([sys.executable, "-m", "yibao.bench_population", broker.bootstrap, topic],
-                                 capture_output=True, text=True, timeout=7200, env=dict(os.environ))
-            if res.returncode != 0:
-                raise RuntimeError(f"the restore process failed: {res.stderr.strip()[-500:]}")
-            restored = json.loads(res.stdout.strip().splitlines()[-1])
-            runs.append({**built, "changelog_records": records, "changelog_bytes_per_person": round(size / n),
-                         "changelog_write_s": round(write_s, 1), **restored})
+            for store in stores:
+                progress(f"population {n:,}, {store}: building and restoring", 0, None)
+                runs.append(_measure_in_fresh_process(store, n, broker.bootstrap, work))
         ok = True
         return {"populations": runs, "settlements_per_person": PER_PERSON, "cpus": os.cpu_count()}
     finally:
@@ -203,9 +314,16 @@ def run_population_bench(sizes: list[int], progress: Progress = _silent) -> dict
 
 
 def main() -> None:
-    """``python -m yibao.bench_population BOOTSTRAP TOPIC``: restore one changelog, print figures."""
+    """``python -m yibao.bench_population BOOTSTRAP TOPIC [STATE_DIR]``: restore one changelog (into
+    the disk store at STATE_DIR), print figures."""
+    if sys.argv[1] == "measure":
+        store, n, bootstrap, work = sys.argv[2], int(sys.argv[3]), sys.argv[4], Path(sys.argv[5])
+        measure = _disk_population if store == "disk" else _memory_population
+
+        print(json.dumps(measure(n, bootstrap, work, _silent)))
+        return
     bootstrap, topic = sys.argv[1], sys.argv[2]
-    print(json.dumps(asyncio.run(_restore(bootstrap, topic))))
+    print(json.dumps(asyncio.run(_restore(bootstrap, topic, sys.argv[3] if len(sys.argv) > 3 else None))))
 
 
 if __name__ == "__main__":
@@ -213,11 +331,11 @@ if __name__ == "__main__":
 
 
 def print_population_figures(console: Any, f: dict[str, Any]) -> None:
-    """The figures of :func:`run_population_bench` as a table."""
+    """The figures of :func:`run_population_bench` as a table, a column per population and store."""
     from rich.table import Table
 
     runs = f["populations"]
-    t = Table("figure", *(f"{r['persons']:,} persons" for r in runs),
+    t = Table("figure", *(f"{r['persons']:,} persons, {r['store']}" for r in runs),
               title=f"rule state of a population ({f['settlements_per_person']} settlements each, inside the "
                     f"{runs[0]['horizon_days'] if runs else '?'}-day look back), one partition")
     rows = (
@@ -226,13 +344,17 @@ def print_population_figures(console: Any, f: dict[str, Any]) -> None:
         ("memory per person (bytes)", "memory_bytes_per_person", "{:,}"),
         ("changelog per person (bytes)", "changelog_bytes_per_person", "{:,}"),
         ("writing the changelog (s)", "changelog_write_s", "{:,.1f}"),
-        ("restoring it in a fresh process (s)", "restore_s", "{:,.1f}"),
+        ("state on disk (MB)", "disk_mb", "{:,.0f}"),
+        ("restoring the whole changelog in a fresh process (s)", "restore_s", "{:,.1f}"),
         ("that process's memory after the restore (MB)", "restore_rss_mb", "{:,.0f}"),
+        ("restarting on its own disk (s)", "resume_s", "{:,.1f}"),
+        ("records read back by that restart", "resume_records", "{:,}"),
+        ("that process's memory (MB)", "resume_rss_mb", "{:,.0f}"),
     )
     for label, key, fmt in rows:
         if key is None:
             t.add_row(label, *(f"{r['rss_after_mb'] - r['rss_before_mb']:,.0f}" for r in runs))
         else:
             assert fmt is not None
-            t.add_row(label, *(fmt.format(r[key]) for r in runs))
+            t.add_row(label, *(fmt.format(r[key]) if key in r else "—" for r in runs))
     console.print(t)

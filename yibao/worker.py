@@ -88,7 +88,8 @@ def preflight(settings: Settings, *, timeout_s: float = PREFLIGHT_TIMEOUT_S) -> 
     ``yibao_sink_up`` to 1, so an idle worker does not look cut off from it.
     """
     problems = [*_check_processes(settings), *_check_rules(settings), *_check_key(settings),
-                *_check_data_dir(settings), *_check_web_ports(settings), *_check_precheck(settings)]
+                *_check_data_dir(settings), *_check_state_dir(settings), *_check_web_ports(settings),
+                *_check_precheck(settings)]
     problems += _check_network(settings, timeout_s)
     problems += _check_schema_registry(settings, timeout_s)
     return problems
@@ -183,6 +184,26 @@ def _check_data_dir(s: Settings) -> list[Problem]:
             return [Problem(f"the embedded ClickHouse data dir {s.chdb_path} is in use by process {owner}",
                             "chDB allows one process per data dir: stop that process, or use another "
                             "YIBAO_DATA_DIR")]
+    return []
+
+
+def _check_state_dir(s: Settings) -> list[Problem]:
+    """With the persons on disk: each process's state directory opens (writable, not held by another
+    worker process: RocksDB allows one)."""
+    if s.state_store != "disk" or not s.rules_enabled:
+        return []
+    from streams.rules.diskstore import DiskStore
+
+    base = s.state_path()
+    dirs = [base] if s.processes == 1 else [base / f"process-{i}" for i in range(s.processes)]
+    for d in dirs:
+        try:
+            DiskStore("person", "", path=d / "person").close()
+        except (OSError, RuntimeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            return [Problem(f"YIBAO_STATE_DIR: {d}: {reason}",
+                            "point YIBAO_STATE_DIR at a directory this user can write, one per worker process "
+                            "(or stop the worker using it)")]
     return []
 
 

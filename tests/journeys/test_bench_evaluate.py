@@ -111,15 +111,25 @@ def test_bench_precheck_reports_latency_percentiles_under_ingest(user: User) -> 
 
 
 def test_bench_population_reports_memory_changelog_and_restore_per_person(user: User) -> None:
-    """`yibao bench --population` (issue 16), small: the whole population is restored by a fresh process."""
+    """`yibao bench --population` (issue 16), small, both stores: in memory the whole population is
+    restored by a fresh process; on disk a restart on its own disk reads nothing back, and a new
+    disk reads every record the changelog got."""
     before = set(Path(tempfile.gettempdir()).glob("yibao-bench-population-*"))
     res = ok(user.run("yibao bench --population 2000 --json", timeout=600))
-    (run,) = res.json()["populations"]
-    assert run["persons"] == 2000 == run["keys"] == run["changelog_records"], run
-    assert run["settlements"] == 2 * run["persons"], run
-    assert 100 < run["changelog_bytes_per_person"] < 10_000, run
-    assert run["memory_bytes_per_person"] > 0 and run["restore_rss_mb"] > run["restore_rss_before_mb"], run
-    assert "memory per person (bytes)" in res.err and "restoring it in a fresh process (s)" in res.err, res
+    memory, disk = sorted(res.json()["populations"], key=lambda r: r["store"] != "memory")
+    assert memory["store"] == "memory" and disk["store"] == "disk", res.out
+    for run in (memory, disk):
+        assert run["persons"] == 2000 and run["settlements"] == 2 * run["persons"], run
+        assert 100 < run["changelog_bytes_per_person"] < 10_000, run
+        assert run["memory_bytes_per_person"] > 0, run
+    # every person and the partition's watermark
+    assert memory["keys"] == memory["changelog_records"] == 2001, memory
+    assert memory["restore_rss_mb"] > memory["restore_rss_before_mb"], memory
+    assert disk["keys"] == disk["changelog_records"] >= 2001 and disk["resume_records"] == 0, disk
+    assert disk["disk_mb"] > 0, disk
+    for needle in ("memory per person (bytes)", "restoring the whole changelog in a fresh process (s)",
+                   "restarting on its own disk (s)", "2,000 persons, disk"):
+        assert needle in res.err, res
     assert set(Path(tempfile.gettempdir()).glob("yibao-bench-population-*")) == before, "a temp folder was left"
 
 
@@ -131,6 +141,7 @@ def test_bench_population_reports_memory_changelog_and_restore_per_person(user: 
     ("yibao bench --events 5000 --latency-seconds 2", ("--latency-seconds 2",)),
     ("yibao bench --population 10", ("--population 10", "at least")),
     ("yibao bench --population lots", ("--population lots",)),
+    ("yibao bench --population 2000 --state-store ssd", ("--state-store ssd",)),
 ])
 def test_bench_refuses_what_it_cannot_measure(user: User, line: str, needles: tuple[str, ...]) -> None:
     assert_clear_error(user.run(line), *needles)

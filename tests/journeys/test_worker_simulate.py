@@ -8,6 +8,8 @@ import asyncio
 import json
 import re
 import socket
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -19,7 +21,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from yibao.localinfra import ClickHouseServer, KafkaEndpoint, free_port
 
-from .conftest import Result, User, assert_clear_error, ok, running_worker
+from .conftest import ROOT, Result, User, assert_clear_error, ok, running_worker
 
 
 # --- helpers (what an operator would look at: the broker's topics, the /metrics page, the log) ----
@@ -111,6 +113,36 @@ def test_worker_with_a_bad_setting_says_which_before_joining(operator: User, bro
     assert not _created_by(operator, _topics(broker.bootstrap)), f"topics were created before the refusal\n{res}"
     assert not (operator.data_dir / "faust").exists(), "the Faust app was set up before the refusal"
     print(f"worker, {case} ({operator.engine}): error after {res.seconds:.2f}s")
+
+
+@pytest.mark.parametrize("case", ["held by another worker", "under a file"])
+def test_worker_with_the_persons_on_disk_refuses_a_state_dir_it_cannot_have(operator: User, broker: KafkaEndpoint,
+                                                                            case: str) -> None:
+    """YIBAO_STATE_STORE=disk: RocksDB lets one process open a directory; a second worker pointed at
+    the first one's would otherwise fail inside its first rebalance."""
+    state = operator.cwd / "state"
+    holder = None
+    if case == "under a file":
+        (operator.cwd / "a-file").write_text("x")
+        state = operator.cwd / "a-file" / "state"
+    else:
+        holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                                   "from streams.rules.diskstore import DiskStore; "
+                                   f"held = DiskStore('person', '', path=Path({str(state / 'person')!r})); "
+                                   "print('held', flush=True); time.sleep(60)"],
+                                  stdout=subprocess.PIPE, cwd=ROOT)
+        assert holder.stdout is not None and holder.stdout.readline().strip() == b"held"
+    try:
+        res = operator.run("yibao worker", env={"YIBAO_STATE_STORE": "disk", "YIBAO_STATE_DIR": str(state)},
+                           timeout=60)
+    finally:
+        if holder is not None:
+            holder.kill()
+            holder.wait()
+    assert res.code == 2, res
+    assert_clear_error(res, "YIBAO_STATE_DIR", str(state))
+    assert ("another worker process" in res.err) == (case == "held by another worker"), res
+    assert not _created_by(operator, _topics(broker.bootstrap)), f"topics were created before the refusal\n{res}"
 
 
 def test_worker_with_clickhouse_unreachable_refuses_to_start(online_user: User, broker: KafkaEndpoint) -> None:

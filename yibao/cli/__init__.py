@@ -610,6 +610,8 @@ def bench(
     population: Annotated[str, typer.Option(
         help="Instead: the rule state of populations of these sizes (e.g. 100000,1000000): memory, changelog "
              "bytes and restore time per person")] = "",
+    state_store: Annotated[str, typer.Option(
+        help="--population: the rule state in memory, on disk (RocksDB), or both (memory,disk)")] = "memory,disk",
     precheck: Annotated[bool, typer.Option(
         "--precheck", help="Measure the pre-settlement check's latency while the workers ingest, instead")] = False,
     check_rate: Annotated[float, typer.Option(help="--precheck: checks a second (open loop)")] = 200.0,
@@ -629,8 +631,11 @@ def bench(
             sizes = _process_counts(population, 100_000_000, "--population")
             if min(sizes) < 1000:
                 fail(f"--population {population}: at least 1,000 persons")
+            stores = tuple(x.strip() for x in state_store.split(",") if x.strip())
+            if not stores or not set(stores) <= {"memory", "disk"}:
+                fail(f"--state-store {state_store}: memory, disk, or both separated by a comma")
             with _Phases() as phases:
-                figures = run_population_bench(sizes, progress=phases)
+                figures = run_population_bench(sizes, progress=phases, stores=stores)
             print_population_figures(console if not as_json else err, figures)
             if as_json:
                 print(json.dumps(figures, ensure_ascii=False))
