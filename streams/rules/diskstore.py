@@ -26,7 +26,7 @@ import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import orjson
 import structlog
@@ -65,6 +65,9 @@ class DiskStore(Store):
     unacked: dict[int, dict[str, Any]] = field(default_factory=dict)
     _db: Rdict | None = field(default=None, repr=False)
     _drained: list[tuple[int, bytes, bytes | None]] = field(default_factory=list, repr=False)
+    #: a sweep decodes every person on disk: once a week of watermark, not once a day (a backlog of
+    #: months would otherwise read the population back once per day of it)
+    sweep_every_days: ClassVar[int] = 7
 
     def __post_init__(self) -> None:
         if self.path == Path():

@@ -172,7 +172,8 @@ class SettlementEngine:
         return out
 
     def _sweep(self, partition: int, before_offset: int, horizon: int) -> int:
-        """Once per China day of the partition's watermark ``W``: drop the persons in whom nothing
+        """Once per China day of the partition's watermark ``W`` (once per ``sweep_every_days`` of the
+        store: a sweep on disk reads every person back): drop the persons in whom nothing
         can matter to any rule any more, so memory and the changelog (a tombstone each, which
         compaction frees) are bounded by the rules' windows, not by everyone ever seen.
 
@@ -184,7 +185,7 @@ class SettlementEngine:
         go: a batch redelivered after a crash never meets a person whose state it had changed."""
         w = self.watermark.get(partition, 0)
         day = china_day(w) if w else 0
-        if not w or self._swept.get(partition, day) >= day:
+        if not w or self._swept.get(partition, day) > day - self.person.sweep_every_days:
             self._swept.setdefault(partition, day)
             return 0
         self._swept[partition] = day

@@ -32,7 +32,7 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import orjson
 import structlog
@@ -75,6 +75,8 @@ class Store:
     dirty: dict[int, set[str]] = field(default_factory=dict)
     #: per partition, key → (digest, count) of the chunks its value has on the changelog
     chunks: dict[int, dict[str, tuple[str, int]]] = field(default_factory=dict)
+    #: days of watermark between two eviction sweeps of the keys no rule needs any more
+    sweep_every_days: ClassVar[int] = 1
 
     def part(self, partition: int) -> dict[str, Any]:
         return self.data.setdefault(partition, {})

@@ -201,7 +201,8 @@ def test_the_rules_raise_the_same_alerts_on_disk_across_restarts_as_in_memory(tm
     """Generated traffic with planted anomalies over ten months, as producers deliver it, through
     the settlement stage twice: with the persons in memory, and on disk with the worker restarted
     from its disk (a new store on the same directory, its watermark read back) every 7 batches.
-    Every alert version must be the same, in the same order, and eviction must still free state."""
+    Every alert version must be the same, in the same order, and eviction must still free state
+    (weekly on disk)."""
     import dataclasses
     from datetime import datetime
 
@@ -259,7 +260,8 @@ def test_the_rules_raise_the_same_alerts_on_disk_across_restarts_as_in_memory(tm
     on_disk, evicted_disk, held_disk = run(tmp_path / "state")
     assert len(in_memory) > 40, "the traffic raises alerts"
     assert on_disk == in_memory
-    assert evicted_disk > 0 and held_disk == held_mem
+    # on disk the sweep runs once a week of watermark, not once a day: a few more persons wait for it
+    assert evicted_disk > 0 and held_mem <= held_disk < held_mem * 1.2, (held_mem, held_disk)
 
 
 def test_a_restart_keeps_the_watermark_even_when_every_person_was_evicted(tmp_path: Path) -> None:
