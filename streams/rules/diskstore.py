@@ -79,6 +79,9 @@ class DiskStore(Store):
     #: a sweep decodes every person on disk: once a week of watermark, not once a day (a backlog of
     #: months would otherwise read the population back once per day of it)
     sweep_every_days: ClassVar[int] = 7
+    #: persons a batch's sweep reads at most (a pass over millions spreads over many batches instead
+    #: of holding the event loop, and with it the group's heartbeats, for seconds)
+    sweep_slice: ClassVar[int | None] = 20_000
 
     def __post_init__(self) -> None:
         if self.path == Path():
@@ -158,6 +161,34 @@ class DiskStore(Store):
             k = raw_key[len(prefix):].decode()
             if k not in seen:
                 yield k, self._decode(partition, k, raw)
+
+    def scan(self, partition: int, after: str, limit: int) -> tuple[list[tuple[str, Any]], str | None]:
+        """Up to ``limit`` (key, value) on disk after key ``after`` in key order (what this batch put
+        or deleted in their place), and the key to continue after (None: the partition's end)."""
+        prefix, sep = _prefix(partition), _CHUNK_SEP.encode()
+        changed = self.overlay.get(partition, {})
+        out: list[tuple[str, Any]] = []
+        it = self.db.iter()
+        it.seek(prefix + after.encode() + b"\x00" if after else prefix)
+        while it.valid():
+            raw_key = it.key()
+            assert isinstance(raw_key, bytes)
+            if not raw_key.startswith(prefix):
+                return out, None
+            if sep not in raw_key:
+                k = raw_key[len(prefix):].decode()
+                if len(out) >= limit:
+                    return out, after
+                v = changed.get(k)
+                if v is None:
+                    raw = it.value()
+                    assert isinstance(raw, bytes)
+                    out.append((k, self._decode(partition, k, raw)))
+                elif v is not _DELETED:
+                    out.append((k, v))
+                after = k
+            it.next()
+        return out, None
 
     def keys(self) -> int:
         n = self.db.property_int_value("rocksdb.estimate-num-keys") or 0

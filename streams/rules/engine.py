@@ -29,7 +29,7 @@ from __future__ import annotations
 import copy
 import hashlib
 from bisect import insort
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import orjson
@@ -98,6 +98,8 @@ class SettlementEngine:
         self._excluded: dict[str, frozenset[str]] = {}
         #: per partition, the China day of the watermark at the last eviction sweep
         self._swept: dict[int, int] = {}
+        #: per partition, the key a sweep in slices continues after
+        self._sweeping: dict[int, str] = {}
 
     # --- state lifecycle ---------------------------------------------------------------------
     def restored(self, partition: int) -> None:
@@ -116,6 +118,7 @@ class SettlementEngine:
         for p in partitions:
             self.watermark.pop(p, None)
             self._swept.pop(p, None)
+            self._sweeping.pop(p, None)
 
     # --- a settlement not yet made ------------------------------------------------------------
     def preview(self, datum: dict[str, Any], partition: int) -> list[dict[str, Any]]:
@@ -136,6 +139,7 @@ class SettlementEngine:
         twin.stores = [scratch]
         twin.watermark = dict(self.watermark)
         twin._swept = {partition: 2**62}  # no eviction sweep on the scratch copy
+        twin._sweeping = {}
         out = twin.process([EngineEvent(SETTLEMENT, datum, partition, PREVIEW_OFFSET)])
         return [d for d, _, _ in out.alerts if d["status"] == "FIRED"]
 
@@ -185,13 +189,26 @@ class SettlementEngine:
         go: a batch redelivered after a crash never meets a person whose state it had changed."""
         w = self.watermark.get(partition, 0)
         day = china_day(w) if w else 0
-        if not w or self._swept.get(partition, day) > day - self.person.sweep_every_days:
-            self._swept.setdefault(partition, day)
-            return 0
-        self._swept[partition] = day
+        cursor = self._sweeping.get(partition)
+        if cursor is None:  # no pass under way
+            if not w or self._swept.get(partition, day) > day - self.person.sweep_every_days:
+                self._swept.setdefault(partition, day)
+                return 0
+            self._swept[partition] = day
+            cursor = ""
+        slice_ = self.person.sweep_slice
+        if slice_ is None:
+            persons: Iterable[tuple[str, Any]] = self.person.items(partition)
+            self._sweeping.pop(partition, None)
+        else:
+            persons, after = self.person.scan(partition, cursor, slice_)  # type: ignore[attr-defined]
+            if after is None:
+                self._sweeping.pop(partition, None)
+            else:
+                self._sweeping[partition] = after
         cut_tl, cut_rv = w - horizon, w - self.lateness_ms
         cut_ep = cut_rv - 60 * DAY_MS
-        gone = [tok for tok, st in self.person.items(partition)
+        gone = [tok for tok, st in persons
                 if tok != WATERMARK_KEY and st["o"] < before_offset
                 and (not st["tl"] or st["tl"][-1]["t"] < cut_tl)
                 and all(e["exp"] < w for e in st["f"].values())

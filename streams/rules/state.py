@@ -77,6 +77,9 @@ class Store:
     chunks: dict[int, dict[str, tuple[str, int]]] = field(default_factory=dict)
     #: days of watermark between two eviction sweeps of the keys no rule needs any more
     sweep_every_days: ClassVar[int] = 1
+    #: keys one batch's sweep reads at most (None: the whole partition at once, with :meth:`items`;
+    #: a store that sets it has ``scan``)
+    sweep_slice: ClassVar[int | None] = None
 
     def part(self, partition: int) -> dict[str, Any]:
         return self.data.setdefault(partition, {})

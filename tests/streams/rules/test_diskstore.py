@@ -77,6 +77,32 @@ def test_disk_store_holds_what_the_memory_store_holds_and_its_records_replay_to_
         disk.destroy()
 
 
+def test_a_scan_in_slices_meets_every_key_once_in_order_as_this_batch_left_it(tmp_path: Path) -> None:
+    s = DiskStore("person", "t", path=tmp_path / "s")
+    try:
+        for i in range(50):
+            s.put(0, f"k{i:03d}", {"o": i})
+        s.put(1, "other-partition", {"o": 0})
+        s.put(0, "huge", {"o": 1, "big": "x" * (CHUNK_BYTES + 1)})
+        s.drain()
+        s.persisted({0: 1, 1: 1})
+        s.put(0, "k007", {"o": 700})  # this batch's value, not the disk's
+        s.delete(0, "k008")
+        s.put(0, "new-not-on-disk", {"o": 9})  # touched by this batch: no sweep needs it
+        seen: list[tuple[str, Any]] = []
+        after: str | None = ""
+        while after is not None:
+            got, after = s.scan(0, after, 7)
+            assert len(got) <= 7
+            seen += got
+        keys = [k for k, _ in seen]
+        assert keys == sorted(keys) and len(keys) == len(set(keys))
+        assert set(keys) == {f"k{i:03d}" for i in range(50) if i != 8} | {"huge"}
+        assert dict(seen)["k007"] == {"o": 700} and len(dict(seen)["huge"]["big"]) == CHUNK_BYTES + 1
+    finally:
+        s.close()
+
+
 def test_disk_store_refuses_a_directory_another_process_holds(tmp_path: Path) -> None:
     first = DiskStore("person", "t", path=tmp_path / "s")
     try:
@@ -197,7 +223,9 @@ def test_a_disk_behind_its_changelog_catches_up_and_one_ahead_of_it_is_rebuilt(b
 
 
 # --- the settlement engine on it ------------------------------------------------------------------------
-def test_the_rules_raise_the_same_alerts_on_disk_across_restarts_as_in_memory(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sweep_slice", [20_000, 37], ids=["sweep at once", "sweep in slices of 37"])
+def test_the_rules_raise_the_same_alerts_on_disk_across_restarts_as_in_memory(
+        tmp_path: Path, sweep_slice: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Generated traffic with planted anomalies over ten months, as producers deliver it, through
     the settlement stage twice: with the persons in memory, and on disk with the worker restarted
     from its disk (a new store on the same directory, its watermark read back) every 7 batches.
@@ -218,6 +246,7 @@ def test_the_rules_raise_the_same_alerts_on_disk_across_restarts_as_in_memory(tm
     from yibao.sim.generator import SimConfig
     from yibao.sim.planters import Planting
 
+    monkeypatch.setattr(DiskStore, "sweep_slice", sweep_slice)
     key = b"e" * 32
     gen = Planting("all", rate=0.03).generator(SimConfig(seed=8, settlements=2500, days=300, persons=1500,
                                                          start=datetime(2025, 1, 1, tzinfo=CHINA)))
@@ -261,7 +290,9 @@ def test_the_rules_raise_the_same_alerts_on_disk_across_restarts_as_in_memory(tm
     assert len(in_memory) > 40, "the traffic raises alerts"
     assert on_disk == in_memory
     # on disk the sweep runs once a week of watermark, not once a day: a few more persons wait for it
-    assert evicted_disk > 0 and held_mem <= held_disk < held_mem * 1.2, (held_mem, held_disk)
+    assert evicted_disk > 0, "the sweep evicts on disk too"
+    if sweep_slice > len(msgs):  # (in slices of 37 a pass over the population takes most of the run)
+        assert held_mem <= held_disk < held_mem * 1.2, (held_mem, held_disk)
 
 
 def test_a_restart_keeps_the_watermark_even_when_every_person_was_evicted(tmp_path: Path) -> None:
