@@ -38,7 +38,7 @@ from .landed import LandedIndex
 from .messages import ALERTS_TABLE, DEAD_LETTER_TABLE, REPLAY_HEADER, EmitTooLarge, Message, Outcome
 from .privacy import safe_error, scrub
 from .processors import Processor
-from .rules.state import restore
+from .rules.state import Store, restore
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -194,7 +194,9 @@ class Ingestor(ConsumerRebalanceListener):  # type: ignore[misc]
             self.restoring.difference_update(parts)
 
     async def _restore_stores(self, parts: list[int]) -> None:
-        for store in self.processor.stores:
+        """Every store of the processor, side by side (each reads its own changelog topic: a worker's
+        start-up waited for them one after the other)."""
+        async def one(store: Store) -> None:
             try:
                 await restore(store, parts, self.producer, self.restore_kwargs)
             except Exception as exc:
@@ -204,6 +206,8 @@ class Ingestor(ConsumerRebalanceListener):  # type: ignore[misc]
                 log.error("state not restored: rules on these partitions start from empty state "
                           "(windows opened before now are forgotten)", store=store.name, partitions=parts,
                           error=f"{type(exc).__name__}: {scrub(str(exc))[:300]}")
+
+        await asyncio.gather(*(one(store) for store in self.processor.stores))
         for p in parts:
             self.processor.restored(p)
 

@@ -79,7 +79,11 @@ class Settings(BaseSettings):
     topic_partitions: int = Field(4, ge=1, le=1024)
     topic_replication: int = Field(1, ge=1, le=16)
     consumer_group: str = "yibao-ingest"
-    session_timeout_ms: int = Field(10_000, ge=3_000, le=300_000)
+    session_timeout_ms: int = Field(
+        6_000, ge=3_000, le=300_000,
+        description="Consumer-group session: a worker that stops heartbeating is replaced after this long. 6 s is "
+                    "the least a Kafka broker accepts by default (group.min.session.timeout.ms); Tansu completes a "
+                    "group join after half of it, so it also sets half a worker's start-up")
 
     # --- ClickHouse --------------------------------------------------------------------------
     ch_backend: ClickHouseBackend = ClickHouseBackend.EMBEDDED
