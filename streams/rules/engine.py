@@ -108,8 +108,8 @@ class SettlementEngine:
             self.watermark[partition] = held["w"]
             return
         wm = 0  # a changelog written before the watermark was kept: the newest settlement held
-        for key, st in self.person.items(partition):
-            for e in st.get("tl", ()) if key != WATERMARK_KEY else ():
+        for _, st in self.person.items(partition):
+            for e in st.get("tl", ()):
                 wm = max(wm, e["t"])
         self.watermark[partition] = wm
 
@@ -201,7 +201,7 @@ class SettlementEngine:
             persons: Iterable[tuple[str, Any]] = self.person.items(partition)
             self._sweeping.pop(partition, None)
         else:
-            persons, after = self.person.scan(partition, cursor, slice_)  # type: ignore[attr-defined]
+            persons, after = self.person.scan(partition, cursor, slice_)
             if after is None:
                 self._sweeping.pop(partition, None)
             else:

@@ -99,6 +99,11 @@ class Store:
         """Every (key, value) held for ``partition``; the caller may put or delete while iterating."""
         return iter(list(self.data.get(partition, {}).items()))
 
+    def scan(self, partition: int, after: str, limit: int) -> tuple[list[tuple[str, Any]], str | None]:
+        """Up to ``limit`` (key, value) after key ``after`` in key order, and the key to continue after
+        (None: the end); only a store with a :attr:`sweep_slice` is swept this way."""
+        raise NotImplementedError(f"store {self.name} is swept whole (items), not in slices")
+
     def keys(self) -> int:
         return sum(len(d) for d in self.data.values())
 
