@@ -32,7 +32,7 @@ import orjson
 import structlog
 from rocksdict import Options, Rdict, WriteBatch, WriteOptions
 
-from .state import _CHUNK_SEP, CHUNK_BYTES, CHUNKED, ChangelogLost, Replay, Store, chunk_key, value_tag
+from .state import _CHUNK_SEP, CHUNKED, ChangelogLost, Replay, Store, chunk_key, key_records
 
 log = structlog.get_logger(__name__)
 
@@ -201,23 +201,7 @@ class DiskStore(Store):
         out: list[tuple[int, bytes, bytes | None]] = []
         for p, changed in self.overlay.items():
             for k, v in changed.items():
-                before = self._chunking(p, k)
-                if v is _DELETED:
-                    out.append((p, k.encode(), None))
-                else:
-                    b = orjson.dumps(v)
-                    if len(b) <= CHUNK_BYTES:
-                        out.append((p, k.encode(), b))
-                    else:
-                        tag = value_tag(b)
-                        n = -(-len(b) // CHUNK_BYTES)
-                        out.extend((p, chunk_key(k, tag, i), b[i * CHUNK_BYTES:(i + 1) * CHUNK_BYTES])
-                                   for i in range(n))
-                        out.append((p, k.encode(), orjson.dumps({CHUNKED: [tag, n]})))
-                        if before == (tag, n):
-                            continue
-                if before is not None:
-                    out.extend((p, chunk_key(k, before[0], i), None) for i in range(before[1]))
+                out.extend(key_records(p, k, None if v is _DELETED else v, self._chunking(p, k))[0])
             self.unacked.setdefault(p, {}).update(changed)
         self.overlay = {}
         self._drained = out

@@ -61,6 +61,36 @@ def chunk_key(key: str, tag: str, i: int) -> bytes:
     return f"{key}{_CHUNK_SEP}{tag}{_CHUNK_SEP}{i}".encode()
 
 
+Record = tuple[int, bytes, bytes | None]
+
+
+def key_records(partition: int, key: str, value: Any, before: tuple[str, int] | None
+                ) -> tuple[list[Record], tuple[str, int] | None]:
+    """The changelog records that make ``key`` hold ``value`` (None: a tombstone), its previous value
+    having the chunks ``before``: the value whole, or its chunks then their manifest, then tombstones
+    for the previous chunks unless they are the same ones. Also returns the chunks it has now."""
+    out: list[Record] = []
+    if value is None:
+        out.append((partition, key.encode(), None))
+        now = None
+    else:
+        b = _dumps(value)
+        if len(b) <= CHUNK_BYTES:
+            out.append((partition, key.encode(), b))
+            now = None
+        else:
+            tag = value_tag(b)
+            n = -(-len(b) // CHUNK_BYTES)
+            out.extend((partition, chunk_key(key, tag, i), b[i * CHUNK_BYTES:(i + 1) * CHUNK_BYTES]) for i in range(n))
+            out.append((partition, key.encode(), _dumps({CHUNKED: [tag, n]})))
+            now = (tag, n)
+            if before == now:
+                return out, now
+    if before is not None:
+        out.extend((partition, chunk_key(key, before[0], i), None) for i in range(before[1]))
+    return out, now
+
+
 class ChangelogLost(RuntimeError):
     """The broker no longer has a changelog partition's records: its state cannot be restored."""
 
@@ -137,25 +167,10 @@ class Store:
             part = self.data.get(p, {})
             chunked = self.chunks.setdefault(p, {})
             for k in keys:
-                v = part.get(k)
-                before = chunked.pop(k, None)
-                if v is None:
-                    out.append((p, k.encode(), None))
-                else:
-                    b = _dumps(v)
-                    if len(b) <= CHUNK_BYTES:
-                        out.append((p, k.encode(), b))
-                    else:
-                        tag = value_tag(b)
-                        n = -(-len(b) // CHUNK_BYTES)
-                        out.extend((p, chunk_key(k, tag, i), b[i * CHUNK_BYTES:(i + 1) * CHUNK_BYTES])
-                                   for i in range(n))
-                        out.append((p, k.encode(), _dumps({CHUNKED: [tag, n]})))
-                        chunked[k] = (tag, n)
-                        if before == (tag, n):
-                            continue
-                if before is not None:
-                    out.extend((p, chunk_key(k, before[0], i), None) for i in range(before[1]))
+                records, now = key_records(p, k, part.get(k), chunked.pop(k, None))
+                out.extend(records)
+                if now is not None:
+                    chunked[k] = now
         self.dirty = {}
         return out
 
