@@ -144,6 +144,8 @@ def test_compose_config_validates_and_orders_migrate_before_workers(compose_conf
     assert worker["deploy"]["replicas"] <= s.topic_partitions
     assert s.ch_backend.value == "server" and s.ch_host == "clickhouse"
     assert s.kafka_bootstrap.split(":")[0] == "kafka"
+    # the rule state on disk in each replica's own filesystem: no volume the replicas would share
+    assert s.state_store == "disk" and not worker.get("volumes")
     assert _seconds(worker["stop_grace_period"]) > s.shutdown_deadline_s
     # the secret files the settings point at are the secrets compose mounts
     mounted = {f"/run/secrets/{x['source']}" for x in worker["secrets"]}
@@ -471,7 +473,7 @@ def test_every_dashboard_query_is_valid_promql(tmp_path: Path) -> None:
 # --- Kubernetes ---------------------------------------------------------------------------------
 def test_kubernetes_manifests_validate_against_the_schemas() -> None:
     docs = list(k8s_documents())
-    assert {d["kind"] for _, d in docs} >= {"Deployment", "ConfigMap", "Secret", "PodDisruptionBudget", "Job"}
+    assert {d["kind"] for _, d in docs} >= {"StatefulSet", "ConfigMap", "Secret", "PodDisruptionBudget", "Job"}
     for path, doc in docs:
         try:
             kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
@@ -484,9 +486,9 @@ def test_kubernetes_manifests_validate_against_the_schemas() -> None:
     assert listed == {p.name for p, _ in docs} - {"migrate-job.yaml", "secret.example.yaml"}
 
 
-def test_worker_deployment_probes_secrets_and_scaling_fit_the_settings() -> None:
+def test_worker_statefulset_probes_secrets_and_scaling_fit_the_settings() -> None:
     config = k8s("ConfigMap", "yibao-worker")["data"]
-    deployment = k8s("Deployment", "yibao-worker")
+    deployment = k8s("StatefulSet", "yibao-worker")
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     env = {**config, **{e["name"]: e["value"] for e in container["env"]}}
@@ -518,6 +520,16 @@ def test_worker_deployment_probes_secrets_and_scaling_fit_the_settings() -> None
     assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
     service = k8s("Service", "yibao-worker-metrics")
     assert service["spec"]["selector"].items() <= labels.items()
+    assert deployment["spec"]["serviceName"] == "yibao-worker-metrics" and service["spec"]["clusterIP"] == "None"
+
+    # the persons' rule state on disk, on the pod's own claim (kept across restarts), not in memory
+    assert s.state_store == "disk"
+    claims = {c["metadata"]["name"]: c for c in deployment["spec"]["volumeClaimTemplates"]}
+    (state_mount,) = [m for m in container["volumeMounts"] if m["name"] in claims]
+    assert s.state_path() == Path(state_mount["mountPath"])
+    assert claims[state_mount["name"]]["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert claims[state_mount["name"]]["spec"]["resources"]["requests"]["storage"]
+    assert state_mount["name"] not in volumes  # a claim per pod, never a volume the pods share
 
     job = k8s("Job", "yibao-migrate")
     (migrate,) = job["spec"]["template"]["spec"]["containers"]
@@ -554,6 +566,9 @@ def test_systemd_workers_need_a_successful_migration_and_stop_gracefully() -> No
     assert stop > s.shutdown_deadline_s
     unit_env = dict(re.findall(r"^Environment=(YIBAO_[A-Z0-9_]+)=(.*)$", worker, re.M))
     assert_valid_settings(unit_env, "yibao-worker@.service")
+    # the rule state on disk, one directory per instance (RocksDB holds its directory exclusively)
+    assert s.state_store == "disk" and "YIBAO_STATE_DIR" not in example
+    assert "%i" in unit_env["YIBAO_STATE_DIR"] and unit_env["YIBAO_STATE_DIR"].startswith(str(s.data_dir) + "/")
     # every credential the unit points a *_FILE variable at is loaded
     credentials = set(re.findall(r"^LoadCredential=([\w-]+):", worker, re.M))
     for var, value in unit_env.items():
