@@ -13,8 +13,11 @@ database per store under the worker's state directory:
   now reflects. The database therefore never holds a change the changelog lacks: a crash between
   the two leaves the database behind, and the next restore reads the rest from the changelog.
 * ``restore`` (state.restore) asks :meth:`resume_at` where to read from: the recorded offset when
-  the changelog still starts at or before it and the restore mark lies after it, from the beginning
-  otherwise (a fresh disk, a log recreated or truncated under it), wiping the partition first.
+  the changelog still starts at or before it, the new restore mark lies after it, and the log still
+  holds, at its offset, the restore mark this disk was last restored to (:meth:`anchor`: a log
+  deleted and created again can have grown past the recorded offset; the mark tells them apart);
+  from the beginning otherwise (a fresh disk, a log recreated or truncated under it), wiping the
+  partition first.
 
 Records are kept as the changelog has them, chunk keys and manifests included, so a value too large
 for one record is put together on ``get`` exactly as a restore does.
@@ -32,7 +35,7 @@ import orjson
 import structlog
 from rocksdict import Options, Rdict, WriteBatch, WriteOptions
 
-from .state import _CHUNK_SEP, CHUNKED, ChangelogLost, Replay, Store, chunk_key, key_records
+from .state import _CHUNK_SEP, CHUNKED, SENTINEL_KEY, ChangelogLost, Replay, Store, chunk_key, key_records
 
 log = structlog.get_logger(__name__)
 
@@ -58,6 +61,10 @@ def _prefix(partition: int) -> bytes:
 
 def _meta(partition: int) -> bytes:
     return b"m%05d" % partition
+
+
+def _anchor(partition: int) -> bytes:
+    return b"a%05d" % partition
 
 
 def _end(partition: int) -> bytes:
@@ -237,32 +244,44 @@ class DiskStore(Store):
         self._drained = [r for r in self._drained if r[0] not in gone]
 
     # --- restore ---------------------------------------------------------------------------------
-    def resume_at(self, partition: int, mark: int, earliest: int) -> int | None:
+    def anchor(self, partition: int) -> tuple[int, bytes] | None:
+        raw = self._get(_anchor(partition))
+        if raw is None:
+            return None
+        offset, _, key = raw.partition(b" ")
+        return int(offset), key
+
+    def resume_at(self, partition: int, mark: int, earliest: int, anchored: bool = False) -> int | None:
         raw = self._get(_meta(partition))
         at = int(raw) if raw is not None else None
-        if at is not None and earliest <= at <= mark:
+        if at is not None and anchored and earliest <= at <= mark:
             log.info("state resumed from disk", store=self.name, partition=partition, changelog_from=at,
                      changelog_to=mark)
             return at
         if at is not None:
             log.warning("state on disk does not fit its changelog: rebuilt from the whole log", store=self.name,
-                        partition=partition, disk_offset=at, log_earliest=earliest, log_mark=mark)
+                        partition=partition, disk_offset=at, log_earliest=earliest, log_mark=mark,
+                        restore_mark_found=anchored)
         self.wipe(partition)
         return None
 
     def wipe(self, partition: int) -> None:
         self.db.delete_range(_prefix(partition), _end(partition))
         self.db.delete(_meta(partition))
+        self.db.delete(_anchor(partition))
 
     def replay(self, partition: int) -> Replay:
         return _DiskReplay(self, partition)
 
-    def install(self, partition: int, replay: Replay, mark: int) -> int:
+    def install(self, partition: int, replay: Replay, mark: int, mark_key: bytes = SENTINEL_KEY) -> int:
         assert isinstance(replay, _DiskReplay)
         replay.flush()
         if replay.applied:
             self.db.flush(wait=True)  # the replayed records skipped the WAL: on disk before the offset is
-        self.db.put(_meta(partition), b"%d" % mark)
+        wb = WriteBatch(raw_mode=True)
+        wb.put(_meta(partition), b"%d" % mark)
+        wb.put(_anchor(partition), b"%d %s" % (mark, mark_key))
+        self.db.write(wb)
         self.overlay.pop(partition, None)
         self.unacked.pop(partition, None)
         return replay.applied

@@ -40,6 +40,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 log = structlog.get_logger(__name__)
 
+#: Key of a restore mark (streams.rules.state.restore), followed by ``/`` and the mark's own id: a key
+#: of its own, so compaction never removes it and a store on disk can find again the mark it was
+#: restored to (:meth:`Store.anchor`). Marks written before that carried this key alone.
 SENTINEL_KEY = b"__yibao_restore_sentinel__"
 _dumps = orjson.dumps  # ~5× the standard library here; values are plain dicts/lists/ints/strs
 #: Largest changelog value written whole: brokers refuse messages over ~1 MB by default.
@@ -138,18 +141,25 @@ class Store:
         return sum(len(d) for d in self.data.values())
 
     # --- restore (``restore`` drives these; a disk-backed store keeps what it had) ----------------
-    def resume_at(self, partition: int, mark: int, earliest: int) -> int | None:
-        """The changelog offset to read ``partition`` from, its restore mark being at ``mark`` and
-        its earliest record at ``earliest`` (None: from the beginning; memory keeps nothing across
-        processes)."""
+    def anchor(self, partition: int) -> tuple[int, bytes] | None:
+        """(offset, key) of the restore mark this store's copy of ``partition`` was last restored to,
+        if it keeps one across processes: ``restore`` checks the log still holds that record there
+        before it lets :meth:`resume_at` resume (memory keeps nothing)."""
+        return None
+
+    def resume_at(self, partition: int, mark: int, earliest: int, anchored: bool = False) -> int | None:
+        """The changelog offset to read ``partition`` from, its restore mark being at ``mark``, its
+        earliest record at ``earliest``, and ``anchored`` whether the log still holds this store's
+        :meth:`anchor` (None: from the beginning; memory keeps nothing across processes)."""
         return None
 
     def replay(self, partition: int) -> Replay:
         """A fresh replay of ``partition``'s changelog records, read in order."""
         return Replay()
 
-    def install(self, partition: int, replay: Replay, mark: int) -> int:
-        """Make the replayed records the partition's state; returns the keys it holds."""
+    def install(self, partition: int, replay: Replay, mark: int, mark_key: bytes = SENTINEL_KEY) -> int:
+        """Make the replayed records the partition's state (as of the restore mark at offset ``mark``,
+        keyed ``mark_key``); returns the keys it holds."""
         self.data[partition] = replay.data
         self.chunks[partition] = replay.chunks
         self.dirty.pop(partition, None)
@@ -252,6 +262,41 @@ async def write_changelog(producer: AIOKafkaProducer, stores: Iterable[Store]) -
     return n
 
 
+def mark_key(mark: bytes) -> bytes:
+    """The changelog key of the restore mark ``mark`` (see :data:`SENTINEL_KEY`)."""
+    return SENTINEL_KEY + b"/" + mark
+
+
+async def _anchored(consumer: AIOKafkaConsumer, store: Store, tps: list[TopicPartition], begin: dict[int, int],
+                    at: dict[int, int], timeout_s: float) -> dict[int, bool]:
+    """Per partition, whether the log still holds, at its offset, the restore mark the store's copy
+    was restored to (:meth:`Store.anchor`): a log deleted and created again, or one a broker restarted
+    from scratch, can have grown past the offsets a disk remembers, and only the mark tells it from
+    the log the disk was built from (a key of its own: compaction keeps it). One record per partition."""
+    out = {tp.partition: False for tp in tps}
+    want: dict[TopicPartition, tuple[int, bytes]] = {}
+    for tp in tps:
+        anchor = store.anchor(tp.partition)
+        if anchor is not None and begin[tp.partition] <= anchor[0] < at[tp.partition]:
+            want[tp] = anchor
+            consumer.seek(tp, anchor[0])
+    others = [tp for tp in tps if tp not in want]
+    if others:
+        consumer.pause(*others)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while want and time.monotonic() < deadline:
+            got = await consumer.getmany(*want, timeout_ms=500, max_records=len(want))
+            for tp, records in got.items():
+                if tp in want and records:
+                    offset, key = want.pop(tp)
+                    out[tp.partition] = records[0].offset == offset and records[0].key == key
+                    consumer.pause(tp)
+    finally:
+        consumer.resume(*tps)
+    return out
+
+
 async def restore(store: Store, partitions: Iterable[int], producer: AIOKafkaProducer,
                   consumer_kwargs: dict[str, Any], timeout_s: float = 120.0) -> dict[int, int]:
     """Rebuild ``store`` for ``partitions`` from its changelog; returns keys restored per partition.
@@ -266,7 +311,7 @@ async def restore(store: Store, partitions: Iterable[int], producer: AIOKafkaPro
     at: dict[int, int] = {}
     for p in parts:
         mark = uuid.uuid4().hex.encode()
-        meta = await producer.send_and_wait(store.topic, mark, key=SENTINEL_KEY, partition=p)
+        meta = await producer.send_and_wait(store.topic, mark, key=mark_key(mark), partition=p)
         marks[p] = mark
         at[p] = meta.offset
     consumer = AIOKafkaConsumer(**consumer_kwargs, enable_auto_commit=False, group_id=None)
@@ -285,10 +330,10 @@ async def restore(store: Store, partitions: Iterable[int], producer: AIOKafkaPro
                 + "; the broker lost this log (Tansu on an S3 server that ignores conditional writes does after "
                   "a restart)")
         pending = set(parts)
+        anchored = await _anchored(consumer, store, tps, begin, at, timeout_s)
         for tp in tps:
-            start = store.resume_at(tp.partition, at[tp.partition], begin[tp.partition])
-            if start is not None:
-                consumer.seek(tp, start)
+            start = store.resume_at(tp.partition, at[tp.partition], begin[tp.partition], anchored[tp.partition])
+            consumer.seek(tp, begin[tp.partition] if start is None else start)
         fresh = {p: store.replay(p) for p in parts}
         deadline = time.monotonic() + timeout_s
         while pending:
@@ -303,7 +348,7 @@ async def restore(store: Store, partitions: Iterable[int], producer: AIOKafkaPro
                     continue
                 part = fresh[tp.partition]
                 for r in records:
-                    if r.key == SENTINEL_KEY:
+                    if r.key is not None and r.key.startswith(SENTINEL_KEY):
                         if r.value == marks[tp.partition]:
                             pending.discard(tp.partition)
                             consumer.pause(tp)
@@ -315,7 +360,7 @@ async def restore(store: Store, partitions: Iterable[int], producer: AIOKafkaPro
                     if r.key is not None:
                         part.apply(r.key, r.value)
         for p in parts:
-            restored[p] = store.install(p, fresh[p], at[p])
+            restored[p] = store.install(p, fresh[p], at[p], mark_key(marks[p]))
     finally:
         await consumer.stop()
     log.info("state restored", store=store.name, keys=restored)

@@ -222,6 +222,63 @@ def test_a_disk_behind_its_changelog_catches_up_and_one_ahead_of_it_is_rebuilt(b
     asyncio.run(go())
 
 
+@pytest.mark.integration
+def test_a_log_created_again_and_grown_past_the_disk_is_told_apart_by_its_restore_mark(
+        broker: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The disk remembers offset N of a log that was deleted and created again, and the new log has
+    grown past N by the time the worker restarts: offsets alone would have it resume at N, keeping
+    its old keys and skipping the new log's first N records. The restore mark it was restored to is
+    not at its offset in the new log, so the partition is rebuilt from the new log alone. A disk with
+    no mark (written before marks were kept) is rebuilt too; one whose mark is there resumes."""
+    from aiokafka import AIOKafkaProducer
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    topic = f"diskstore-{uuid.uuid4().hex[:8]}"
+    kwargs = {"bootstrap_servers": broker.bootstrap}
+
+    async def go() -> None:
+        await _topic(broker.bootstrap, topic)
+        producer = AIOKafkaProducer(**kwargs)
+        await producer.start()
+        s = DiskStore("person", topic, path=tmp_path / "s")
+        try:
+            await restore(s, [0], producer, kwargs, timeout_s=60)
+            for i in range(10):
+                s.put(0, f"old{i}", {"o": i})
+                await write_changelog(producer, [s])
+            s.close()
+            admin = AIOKafkaAdminClient(**kwargs)
+            await admin.start()
+            try:
+                await admin.delete_topics([topic])
+            finally:
+                await admin.close()
+            await asyncio.sleep(1)
+            await _topic(broker.bootstrap, topic)
+            other = Store("person", topic)
+            for i in range(40):  # well past the offsets the disk remembers
+                other.put(0, f"new{i}", {"o": i})
+                await write_changelog(producer, [other])
+
+            s = DiskStore("person", topic, path=tmp_path / "s")
+            await restore(s, [0], producer, kwargs, timeout_s=60)
+            assert _contents(s, range(1)) == {0: {f"new{i}": {"o": i} for i in range(40)}}
+
+            s.db.delete(b"a00000")  # as a disk written before restore marks were kept
+            s.close()
+            s = DiskStore("person", topic, path=tmp_path / "s")
+            assert sum((await restore(s, [0], producer, kwargs, timeout_s=60)).values()) >= 40  # read whole
+            s.close()
+            s = DiskStore("person", topic, path=tmp_path / "s")
+            assert sum((await restore(s, [0], producer, kwargs, timeout_s=60)).values()) == 0  # its mark: resumed
+            assert _contents(s, range(1)) == {0: {f"new{i}": {"o": i} for i in range(40)}}
+        finally:
+            await producer.stop()
+            s.close()
+
+    asyncio.run(go())
+
+
 # --- the settlement engine on it ------------------------------------------------------------------------
 @pytest.mark.parametrize("sweep_slice", [20_000, 37], ids=["sweep at once", "sweep in slices of 37"])
 def test_the_rules_raise_the_same_alerts_on_disk_across_restarts_as_in_memory(
