@@ -10,7 +10,9 @@ ahead of its changelog (the log recreated under it) is wiped and rebuilt, keepin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +126,36 @@ async def _topic(bootstrap: str, name: str) -> None:
         await admin.close()
 
 
+@contextlib.asynccontextmanager
+async def _changelog(bootstrap: str) -> AsyncIterator[tuple[str, Any, dict[str, Any]]]:
+    """A new compacted changelog topic of two partitions: (its name, a started producer, client kwargs)."""
+    from aiokafka import AIOKafkaProducer
+
+    topic = f"diskstore-{uuid.uuid4().hex[:8]}"
+    kwargs = {"bootstrap_servers": bootstrap}
+    await _topic(bootstrap, topic)
+    producer = AIOKafkaProducer(**kwargs)
+    await producer.start()
+    try:
+        yield topic, producer, kwargs
+    finally:
+        await producer.stop()
+
+
+async def _recreate(bootstrap: str, topic: str) -> None:
+    """Delete ``topic`` and create it again (empty, offsets from 0)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.delete_topics([topic])
+    finally:
+        await admin.close()
+    await asyncio.sleep(1)
+    await _topic(bootstrap, topic)
+
+
 @pytest.mark.integration
 def test_a_restart_reads_only_what_the_changelog_gained_and_ends_with_the_same_state(
         broker: Any, tmp_path: Path) -> None:
@@ -176,18 +208,9 @@ def test_a_disk_behind_its_changelog_catches_up_and_one_ahead_of_it_is_rebuilt(b
     """Behind: the changelog acknowledged a batch and the process died before the disk write (the
     records are on the changelog, not on disk). Ahead: the disk remembers offsets of a log that
     was deleted and created again; its old keys must not survive into the new log's state."""
-    from aiokafka import AIOKafkaProducer
-    from aiokafka.admin import AIOKafkaAdminClient
-
-    topic = f"diskstore-{uuid.uuid4().hex[:8]}"
-    kwargs = {"bootstrap_servers": broker.bootstrap}
-
     async def go() -> None:
-        await _topic(broker.bootstrap, topic)
-        producer = AIOKafkaProducer(**kwargs)
-        await producer.start()
-        s = DiskStore("person", topic, path=tmp_path / "s")
-        try:
+        async with _changelog(broker.bootstrap) as (topic, producer, kwargs):
+            s = DiskStore("person", topic, path=tmp_path / "s")
             await restore(s, [0], producer, kwargs, timeout_s=60)
             s.put(0, "kept", {"o": 1})
             await write_changelog(producer, [s])
@@ -195,86 +218,55 @@ def test_a_disk_behind_its_changelog_catches_up_and_one_ahead_of_it_is_rebuilt(b
             s.persisted = lambda offsets: None  # type: ignore[method-assign]  # dies before the disk write
             await write_changelog(producer, [s])
             s.close()
-            s = DiskStore("person", topic, path=tmp_path / "s")
-            await restore(s, [0], producer, kwargs, timeout_s=60)
-            assert _contents(s, range(1)) == {0: {"kept": {"o": 1}, "acked-not-on-disk": {"o": 2}}}
-            for i in range(30):  # the disk's offset now lies past anything a new log will hold soon
-                s.put(0, f"old{i}", {"o": i})
-                await write_changelog(producer, [s])
+            with contextlib.closing(DiskStore("person", topic, path=tmp_path / "s")) as s:
+                await restore(s, [0], producer, kwargs, timeout_s=60)
+                assert _contents(s, range(1)) == {0: {"kept": {"o": 1}, "acked-not-on-disk": {"o": 2}}}
+                for i in range(30):  # the disk's offset now lies past anything a new log will hold soon
+                    s.put(0, f"old{i}", {"o": i})
+                    await write_changelog(producer, [s])
 
-            admin = AIOKafkaAdminClient(**kwargs)
-            await admin.start()
-            try:
-                await admin.delete_topics([topic])
-            finally:
-                await admin.close()
-            await asyncio.sleep(1)
-            await _topic(broker.bootstrap, topic)
-            other = Store("person", topic)
-            other.put(0, "new", {"o": 7})
-            await write_changelog(producer, [other])
-            await restore(s, [0], producer, kwargs, timeout_s=60)
-            assert _contents(s, range(1)) == {0: {"new": {"o": 7}}}
-        finally:
-            await producer.stop()
-            s.close()
+                await _recreate(broker.bootstrap, topic)
+                other = Store("person", topic)
+                other.put(0, "new", {"o": 7})
+                await write_changelog(producer, [other])
+                await restore(s, [0], producer, kwargs, timeout_s=60)
+                assert _contents(s, range(1)) == {0: {"new": {"o": 7}}}
 
     asyncio.run(go())
 
 
 @pytest.mark.integration
 def test_a_log_created_again_and_grown_past_the_disk_is_told_apart_by_its_restore_mark(
-        broker: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        broker: Any, tmp_path: Path) -> None:
     """The disk remembers offset N of a log that was deleted and created again, and the new log has
     grown past N by the time the worker restarts: offsets alone would have it resume at N, keeping
     its old keys and skipping the new log's first N records. The restore mark it was restored to is
     not at its offset in the new log, so the partition is rebuilt from the new log alone. A disk with
     no mark (written before marks were kept) is rebuilt too; one whose mark is there resumes."""
-    from aiokafka import AIOKafkaProducer
-    from aiokafka.admin import AIOKafkaAdminClient
-
-    topic = f"diskstore-{uuid.uuid4().hex[:8]}"
-    kwargs = {"bootstrap_servers": broker.bootstrap}
+    new = {0: {f"new{i}": {"o": i} for i in range(40)}}
 
     async def go() -> None:
-        await _topic(broker.bootstrap, topic)
-        producer = AIOKafkaProducer(**kwargs)
-        await producer.start()
-        s = DiskStore("person", topic, path=tmp_path / "s")
-        try:
-            await restore(s, [0], producer, kwargs, timeout_s=60)
-            for i in range(10):
-                s.put(0, f"old{i}", {"o": i})
-                await write_changelog(producer, [s])
-            s.close()
-            admin = AIOKafkaAdminClient(**kwargs)
-            await admin.start()
-            try:
-                await admin.delete_topics([topic])
-            finally:
-                await admin.close()
-            await asyncio.sleep(1)
-            await _topic(broker.bootstrap, topic)
+        async with _changelog(broker.bootstrap) as (topic, producer, kwargs):
+            with contextlib.closing(DiskStore("person", topic, path=tmp_path / "s")) as s:
+                await restore(s, [0], producer, kwargs, timeout_s=60)
+                for i in range(10):
+                    s.put(0, f"old{i}", {"o": i})
+                    await write_changelog(producer, [s])
+            await _recreate(broker.bootstrap, topic)
             other = Store("person", topic)
             for i in range(40):  # well past the offsets the disk remembers
                 other.put(0, f"new{i}", {"o": i})
                 await write_changelog(producer, [other])
 
-            s = DiskStore("person", topic, path=tmp_path / "s")
-            await restore(s, [0], producer, kwargs, timeout_s=60)
-            assert _contents(s, range(1)) == {0: {f"new{i}": {"o": i} for i in range(40)}}
-
-            s.db.delete(b"a00000")  # as a disk written before restore marks were kept
-            s.close()
-            s = DiskStore("person", topic, path=tmp_path / "s")
-            assert sum((await restore(s, [0], producer, kwargs, timeout_s=60)).values()) >= 40  # read whole
-            s.close()
-            s = DiskStore("person", topic, path=tmp_path / "s")
-            assert sum((await restore(s, [0], producer, kwargs, timeout_s=60)).values()) == 0  # its mark: resumed
-            assert _contents(s, range(1)) == {0: {f"new{i}": {"o": i} for i in range(40)}}
-        finally:
-            await producer.stop()
-            s.close()
+            with contextlib.closing(DiskStore("person", topic, path=tmp_path / "s")) as s:
+                await restore(s, [0], producer, kwargs, timeout_s=60)
+                assert _contents(s, range(1)) == new
+                s.db.delete(b"a00000")  # as a disk written before restore marks were kept
+            with contextlib.closing(DiskStore("person", topic, path=tmp_path / "s")) as s:
+                assert sum((await restore(s, [0], producer, kwargs, timeout_s=60)).values()) >= 40  # read whole
+            with contextlib.closing(DiskStore("person", topic, path=tmp_path / "s")) as s:
+                assert sum((await restore(s, [0], producer, kwargs, timeout_s=60)).values()) == 0  # its mark: resumed
+                assert _contents(s, range(1)) == new
 
     asyncio.run(go())
 
