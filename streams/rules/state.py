@@ -280,6 +280,8 @@ async def _anchored(consumer: AIOKafkaConsumer, store: Store, tps: list[TopicPar
         if anchor is not None and begin[tp.partition] <= anchor[0] < at[tp.partition]:
             want[tp] = anchor
             consumer.seek(tp, anchor[0])
+    if not want:
+        return out
     others = [tp for tp in tps if tp not in want]
     if others:
         consumer.pause(*others)
