@@ -62,6 +62,13 @@ MAX_ID_CHARS = 64
 
 #: The source offset a previewed settlement is given: past any offset a person's state has applied.
 PREVIEW_OFFSET = 2**62
+#: A sweep in slices (a store on disk: it decodes each person it reads) reads at most this many
+#: persons per event of the call, and at least :data:`SWEEP_MIN_PERSONS`, up to the store's
+#: ``sweep_slice``: measured, 20,000 persons on disk take 0.65 s, 1,000 take 12 ms, so a slice of 32
+#: events (while pre-settlement checks are served) or a small batch (alerts waiting on it) is not held
+#: up by a pass over millions; a full batch still reads a whole slice.
+SWEEP_PER_EVENT = 2
+SWEEP_MIN_PERSONS = 500
 #: the person store's one key that is not a person: the partition's watermark, so a restore
 #: starts from the watermark the partition had, not from the newest settlement still held
 WATERMARK_KEY = "#watermark"  # tokens are "<key id>.<base32>"
@@ -154,8 +161,9 @@ class SettlementEngine:
         first: dict[int, int] = {}
         for ev in events:
             first.setdefault(ev.partition, ev.offset)
+        budget = max(SWEEP_MIN_PERSONS, SWEEP_PER_EVENT * len(events))
         for p, offset in first.items():
-            out.evicted += self._sweep(p, offset, horizon)
+            out.evicted += self._sweep(p, offset, horizon, budget)
         by_scenario: dict[tuple[str, bool], tuple[list[tuple[Any, Any]], list[tuple[Any, Any]]]] = {}
         for ev in events:
             if ev.record == SETTLEMENT:
@@ -175,7 +183,7 @@ class SettlementEngine:
                 self.person.put(p, WATERMARK_KEY, {"o": -1, "w": wm})
         return out
 
-    def _sweep(self, partition: int, before_offset: int, horizon: int) -> int:
+    def _sweep(self, partition: int, before_offset: int, horizon: int, budget: int) -> int:
         """Once per China day of the partition's watermark ``W`` (once per ``sweep_every_days`` of the
         store: a sweep on disk reads every person back): drop the persons in whom nothing
         can matter to any rule any more, so memory and the changelog (a tombstone each, which
@@ -197,6 +205,8 @@ class SettlementEngine:
             self._swept[partition] = day
             cursor = ""
         slice_ = self.person.sweep_slice
+        if slice_ is not None:
+            slice_ = min(slice_, budget)
         if slice_ is None:
             persons: Iterable[tuple[str, Any]] = self.person.items(partition)
             self._sweeping.pop(partition, None)

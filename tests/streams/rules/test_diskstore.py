@@ -288,7 +288,7 @@ def test_the_rules_raise_the_same_alerts_on_disk_across_restarts_as_in_memory(
     from streams.messages import Message
     from streams.privacy import Pseudonymizer, Sealer
     from streams.processors import BatchProcessor
-    from streams.rules.engine import WATERMARK_KEY, SettlementEngine
+    from streams.rules.engine import SWEEP_MIN_PERSONS, WATERMARK_KEY, SettlementEngine
     from streams.topology import build_pipeline
     from yibao.settings import load_settings
     from yibao.sim.delivery import deliver
@@ -296,6 +296,15 @@ def test_the_rules_raise_the_same_alerts_on_disk_across_restarts_as_in_memory(
     from yibao.sim.planters import Planting
 
     monkeypatch.setattr(DiskStore, "sweep_slice", sweep_slice)
+    reads: list[int] = []
+    scan = DiskStore.scan
+
+    def counted(self: DiskStore, partition: int, after: str, limit: int) -> tuple[list[tuple[str, Any]], str | None]:
+        got = scan(self, partition, after, limit)
+        reads.append(len(got[0]))
+        return got
+
+    monkeypatch.setattr(DiskStore, "scan", counted)
     key = b"e" * 32
     gen = Planting("all", rate=0.03).generator(SimConfig(seed=8, settlements=2500, days=300, persons=1500,
                                                          start=datetime(2025, 1, 1, tzinfo=CHINA)))
@@ -342,6 +351,9 @@ def test_the_rules_raise_the_same_alerts_on_disk_across_restarts_as_in_memory(
     assert evicted_disk > 0, "the sweep evicts on disk too"
     if sweep_slice > len(msgs):  # (in slices of 37 a pass over the population takes most of the run)
         assert held_mem <= held_disk < held_mem * 1.2, (held_mem, held_disk)
+    # a batch of 100 events reads at most SWEEP_MIN_PERSONS of the persons on disk, however many there are
+    assert reads and max(reads) <= min(sweep_slice, SWEEP_MIN_PERSONS), (max(reads), sweep_slice)
+    assert sweep_slice < SWEEP_MIN_PERSONS or max(reads) == SWEEP_MIN_PERSONS  # the population is larger
 
 
 def test_a_restart_keeps_the_watermark_even_when_every_person_was_evicted(tmp_path: Path) -> None:
