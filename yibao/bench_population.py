@@ -113,6 +113,8 @@ def build_population(n: int, progress: Progress = _silent, state_dir: Path | Non
     writer = _ChangelogWriter(*changelog) if state_dir is not None and changelog else None
     if changelog:
         engine.person.topic = changelog[1]
+    if writer:
+        writer.restore(engine.person)
     try:
         for ev in _population_events(n, templates, horizon - 1, now_ms):
             chunk.append(ev)
@@ -156,10 +158,18 @@ class _ChangelogWriter:
             await producer.start()
             return producer
 
+        self.bootstrap = bootstrap
         self.loop = asyncio.new_event_loop()
         self.producer = self.loop.run_until_complete(start())
         self.seconds = 0.0
         self.records = 0
+
+    def restore(self, store: Any) -> None:
+        """Restore ``store`` (partition 0) from its changelog first, as a worker does when it is given a
+        partition: the disk then records the restore mark a later restart checks before resuming."""
+        from streams.rules.state import restore
+
+        self.loop.run_until_complete(restore(store, [0], self.producer, {"bootstrap_servers": self.bootstrap}))
 
     def write(self, store: Any) -> None:
         from streams.rules.state import write_changelog
