@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import chain, repeat
 from operator import itemgetter
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from sinks.tables import TABLES, decimal_precision, unwrap_nullable
 
@@ -29,10 +29,15 @@ from .records import RECORDS
 from .validation import CheckBase as Check
 from .validation import Each, EventId, Fits
 
+if TYPE_CHECKING:
+    from .rows_columnar import FrameContext
+
 Datum = dict[str, Any]
 Columns = dict[str, list[Any]]
 #: Computes one column for a list of data (events, or lines with their parents).
 ColumnFn = Callable[[Sequence[Datum], "RowContext"], list[Any]]
+#: The same column computed from a frame of events (streams.rows_columnar).
+ColumnarFn = Callable[["FrameContext"], list[Any]]
 
 SERVER_SIDE_COLUMNS = frozenset({"ingested_at"})
 SOURCE_COLUMNS = ("src_partition", "src_offset")
@@ -140,31 +145,64 @@ class Subsystem:
 # --- column helpers used by the modules ----------------------------------------------------------
 
 
-def token_of(fld: str, domain: str = "psn") -> ColumnFn:
+@dataclass(frozen=True)
+class Twinned:
+    """A column function with its columnar twin, which must return the same list for the same events.
+
+    An override without a twin keeps its record on the record path (streams.rows_columnar).
+    :func:`compile_plan` keeps ``fn`` itself, so the record path runs exactly what it ran before.
+    """
+
+    fn: ColumnFn
+    columnar: ColumnarFn
+
+    def __call__(self, ds: Sequence[Datum], ctx: RowContext) -> list[Any]:
+        return self.fn(ds, ctx)
+
+
+def twinned(columnar: ColumnarFn) -> Callable[[ColumnFn], Twinned]:
+    """Decorator giving a module's own column function its columnar twin."""
+
+    def wrap(fn: ColumnFn) -> Twinned:
+        return Twinned(fn, columnar)
+
+    return wrap
+
+
+def token_of(fld: str, domain: str = "psn") -> Twinned:
     """Pseudonymous token column for an identifier field."""
 
     def fn(ds: Sequence[Datum], ctx: RowContext) -> list[Any]:
         tok = ctx.pseudonymizer.token
         return [tok(d.get(fld), domain) for d in ds]
 
-    return fn
+    def columnar(ctx: FrameContext) -> list[Any]:
+        return ctx.tokens(ctx.get(fld), domain)
+
+    return Twinned(fn, columnar)
 
 
-def negated(fld: str) -> ColumnFn:
+def negated(fld: str) -> Twinned:
     def fn(ds: Sequence[Datum], ctx: RowContext) -> list[Any]:
         return [-d[fld] for d in ds]
 
-    return fn
+    def columnar(ctx: FrameContext) -> list[Any]:
+        return ctx.negated(ctx.column(fld))
+
+    return Twinned(fn, columnar)
 
 
-def constant(value: Any) -> ColumnFn:
+def constant(value: Any) -> Twinned:
     def fn(ds: Sequence[Datum], ctx: RowContext) -> list[Any]:
         return [value] * len(ds)
 
-    return fn
+    def columnar(ctx: FrameContext) -> list[Any]:
+        return [value] * ctx.height
+
+    return Twinned(fn, columnar)
 
 
-def from_field(fld: str, ms_to_s: bool = False) -> ColumnFn:
+def from_field(fld: str, ms_to_s: bool = False) -> Twinned:
     """Copy another field (renamed column); optionally epoch ms → s."""
 
     def fn(ds: Sequence[Datum], ctx: RowContext) -> list[Any]:
@@ -172,10 +210,16 @@ def from_field(fld: str, ms_to_s: bool = False) -> ColumnFn:
             return [d[fld] // 1000 for d in ds]
         return [d.get(fld) for d in ds]
 
-    return fn
+    def columnar(ctx: FrameContext) -> list[Any]:
+        if ms_to_s:
+            return (ctx.column(fld) // 1000).to_list()
+        values = ctx.get(fld)
+        return [None] * ctx.height if values is None else values.to_list()
+
+    return Twinned(fn, columnar)
 
 
-def from_parent(fld: str, ms_to_s: bool = False) -> ColumnFn:
+def from_parent(fld: str, ms_to_s: bool = False) -> Twinned:
     """For line tables: a field of the line's parent event."""
 
     def fn(ds: Sequence[Datum], ctx: RowContext) -> list[Any]:
@@ -184,22 +228,30 @@ def from_parent(fld: str, ms_to_s: bool = False) -> ColumnFn:
             return ctx.per_line([p[fld] // 1000 for p in ctx.parents])
         return ctx.per_line(list(map(itemgetter(fld), ctx.parents)))
 
-    return fn
+    def columnar(ctx: FrameContext) -> list[Any]:
+        values = ctx.parent(fld)
+        return ctx.per_line((values // 1000 if ms_to_s else values).to_list())
+
+    return Twinned(fn, columnar)
 
 
-def parent_token(fld: str, domain: str = "psn") -> ColumnFn:
+def parent_token(fld: str, domain: str = "psn") -> Twinned:
     def fn(ds: Sequence[Datum], ctx: RowContext) -> list[Any]:
         assert ctx.parents is not None
         tok = ctx.pseudonymizer.token
         return ctx.per_line([tok(p[fld], domain) for p in ctx.parents])
 
-    return fn
+    def columnar(ctx: FrameContext) -> list[Any]:
+        return ctx.per_line(ctx.tokens(ctx.parent(fld), domain))
+
+    return Twinned(fn, columnar)
 
 
 # --- compiled row building -----------------------------------------------------------------------
 
 
-def _default_for(ch_type: str) -> Any:
+def default_for(ch_type: str) -> Any:
+    """What a column no field or override fills holds."""
     t = ch_type
     if t.startswith("Nullable("):
         return None
@@ -210,16 +262,46 @@ def _default_for(ch_type: str) -> Any:
     return 0
 
 
-def _copier(col: str, ch_type: str, nullable_src: bool) -> ColumnFn:
+#: How a field is copied into its column: epoch ms → s, None → '', bool → int, or as it is.
+CopyKind = Literal["ms_to_s", "or_empty", "flag", "as_is"]
+
+
+def copy_kind(ch_type: str, nullable_src: bool) -> CopyKind:
+    """One decision for both row builders (record and columnar), so they cannot disagree."""
     if ch_type.startswith("DateTime"):
+        return "ms_to_s"
+    if ("String" in ch_type and not ch_type.startswith(("Nullable", "Array"))) and nullable_src:
+        return "or_empty"
+    if ch_type == "UInt8":
+        return "flag"
+    return "as_is"
+
+
+def source_fields(mapping: TableMapping, record_schema: dict[str, Any]) -> dict[str, Any]:
+    """Avro type by field name of what one row is made from: the event, or one of its lines."""
+    fields = {f["name"]: f["type"] for f in record_schema["fields"]}
+    if mapping.lines is not None:
+        items = fields[mapping.lines]["items"]
+        fields = {f["name"]: f["type"] for f in items["fields"]}
+    return fields
+
+
+def is_nullable(avro_type: Any) -> bool:
+    """Whether an Avro field type admits null (``["null", T]``): such a value may need a default."""
+    return isinstance(avro_type, list) and "null" in avro_type
+
+
+def _copier(col: str, ch_type: str, nullable_src: bool) -> ColumnFn:
+    kind = copy_kind(ch_type, nullable_src)
+    if kind == "ms_to_s":
         def dt_fn(ds: Sequence[Datum], ctx: RowContext) -> list[Any]:
             return [d[col] // 1000 for d in ds]
         return dt_fn
-    if ("String" in ch_type and not ch_type.startswith(("Nullable", "Array"))) and nullable_src:
+    if kind == "or_empty":
         def str_fn(ds: Sequence[Datum], ctx: RowContext) -> list[Any]:
             return [d[col] or "" for d in ds]
         return str_fn
-    if ch_type == "UInt8":
+    if kind == "flag":
         def bool_fn(ds: Sequence[Datum], ctx: RowContext) -> list[Any]:
             return [int(d[col]) for d in ds]
         return bool_fn
@@ -233,7 +315,7 @@ def _copier(col: str, ch_type: str, nullable_src: bool) -> ColumnFn:
 
 
 def _missing(ch_type: str) -> ColumnFn:
-    default = _default_for(ch_type)
+    default = default_for(ch_type)
 
     def fn(ds: Sequence[Datum], ctx: RowContext) -> list[Any]:
         return [default] * len(ds) if not isinstance(default, list) else [[] for _ in ds]
@@ -323,23 +405,20 @@ def record_checks(spec: RecordSpec, record_schema: dict[str, Any], rules: FieldR
 
 def compile_plan(mapping: TableMapping, record_schema: dict[str, Any]) -> ColumnPlan:
     """Derive the per-column functions of ``mapping`` from the table spec and the Avro schema."""
-    fields = {f["name"]: f["type"] for f in record_schema["fields"]}
-    if mapping.lines is not None:
-        items = fields[mapping.lines]["items"]
-        fields = {f["name"]: f["type"] for f in items["fields"]}
+    fields = source_fields(mapping, record_schema)
     fns: list[tuple[str, ColumnFn]] = []
     for col, ch_type in TABLES[mapping.table].columns:
         if col in SERVER_SIDE_COLUMNS:
             continue
         if col in mapping.overrides:
-            fns.append((col, mapping.overrides[col]))
+            fn = mapping.overrides[col]
+            fns.append((col, fn.fn if isinstance(fn, Twinned) else fn))
         elif col == "src_partition":
             fns.append((col, lambda ds, ctx: ctx.partitions))
         elif col == "src_offset":
             fns.append((col, lambda ds, ctx: ctx.offsets))
         elif col in fields:
-            ftype = fields[col]
-            fns.append((col, _copier(col, ch_type, isinstance(ftype, list) and "null" in ftype)))
+            fns.append((col, _copier(col, ch_type, is_nullable(fields[col]))))
         else:
             fns.append((col, _missing(ch_type)))
     return ColumnPlan(mapping.table, mapping.lines, tuple(fns))

@@ -10,9 +10,9 @@ rules re-key by ``fixmedins_code``.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from schemas.calendar import DAY_MS, china_day, ymd
+from schemas.calendar import CHINA_OFFSET_MS, DAY_MS, china_day, ymd
 
 from .base import (
     RecordSpec,
@@ -24,6 +24,7 @@ from .base import (
     negated,
     parent_token,
     token_of,
+    twinned,
 )
 from .checks_common import amount_matches, non_negative, not_blank, quantity, when
 from .config import ValidationConfig
@@ -41,6 +42,9 @@ from .validation import (
     SumsTo,
 )
 
+if TYPE_CHECKING:
+    from .rows_columnar import FrameContext
+
 NS = "cn.nhsa.yibao.settlement"
 
 MONEY = ("medfee_sumamt", "inscp_amt", "fulamt_ownpay_amt", "overlmt_selfpay", "preselfpay_amt",
@@ -57,10 +61,31 @@ def age_at(brdy_days: int, setl_ms: int) -> int:
     return max(0, sy - by - ((sm, sd) < (bm, bd)))
 
 
+def _age_columnar(ctx: FrameContext) -> list[Any]:
+    """:func:`age_at` on whole columns: epoch days read as polars dates give the same proleptic
+    Gregorian calendar as ``datetime.date`` (years 1 to 9999, where ``age_at`` is defined)."""
+    import polars as pl  # here, so that the record path never loads polars
+
+    birth = pl.col("brdy").cast(pl.Date)
+    day = ((pl.col("setl_time") + CHINA_OFFSET_MS) // DAY_MS).cast(pl.Date)
+
+    def month_day(d: pl.Expr) -> pl.Expr:
+        return d.dt.month().cast(pl.Int32) * 32 + d.dt.day().cast(pl.Int32)
+
+    years = day.dt.year() - birth.dt.year() - (month_day(day) < month_day(birth)).cast(pl.Int32)
+    return ctx.rows.select(years.clip(lower_bound=0)).to_series().to_list()
+
+
+@twinned(_age_columnar)
 def _age(ds: Sequence[dict[str, Any]], ctx: RowContext) -> list[Any]:
     return [age_at(d["brdy"], d["setl_time"]) for d in ds]
 
 
+def _line_count_columnar(ctx: FrameContext) -> list[Any]:
+    return ctx.column("fee_details").list.len().to_list()
+
+
+@twinned(_line_count_columnar)
 def _line_count(ds: Sequence[dict[str, Any]], ctx: RowContext) -> list[Any]:
     return [len(d["fee_details"]) for d in ds]
 
