@@ -221,6 +221,9 @@ class Codec:
         self._subject_of_record = {
             rec: s for s in self.registry.subjects() for rec in self.registry.latest(s).records
         }
+        #: a union subject's record names in branch order, read off each version's own schema
+        self._branches = {sid: tuple(_fullname(r) for r in c.version.schema)
+                          for sid, c in self._by_id.items() if isinstance(c.version.schema, list)}
         self._unscalers = {name: compile_unscaler(rec) for name, rec in self._record_schemas.items()}
         self._latest_dec = latest_dec
 
@@ -277,6 +280,25 @@ class Codec:
         if magic != MAGIC:
             raise DecodeError("BAD_MAGIC", f"magic byte {magic & 0xFF} is not 0 (Confluent wire format)")
         return int(schema_id)
+
+    def latest_body(self, data: bytes, subject: str) -> tuple[str, int, int] | None:
+        """``(record, schema id, where its Avro body starts)`` when ``data`` is framed with the latest
+        schema of ``subject`` and a valid union branch, else None: the columnar path decodes only such
+        messages together (one writer schema per record); anything else, including every malformed
+        frame, goes through :meth:`decode`, which says what is wrong with it."""
+        if not HEADER.size < len(data) <= self.max_bytes:
+            return None
+        magic, schema_id = HEADER.unpack_from(data)
+        comp = self._by_id.get(schema_id)
+        if magic != MAGIC or comp is None or comp.dec_reader is not None or comp.version.subject != subject:
+            return None
+        if comp.single is not None:
+            return comp.single, schema_id, HEADER.size
+        index = data[HEADER.size]
+        records = self._branches[schema_id]
+        if index & 0x81 or (index >> 1) >= len(records):  # a one-byte, non-negative zig-zag varint
+            return None
+        return records[index >> 1], schema_id, HEADER.size + 1
 
     def decode(self, data: bytes, *, subject: str | None = None, logical: bool = False) -> Decoded:
         """Decode one framed message; raises DecodeError with a reason code."""

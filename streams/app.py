@@ -24,6 +24,7 @@ from faust.app.base import BootStrategy
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from schemas import Codec
+from schemas.columnar_decode import ArrowDecoder
 from sinks import connect
 from sinks.base import Backend
 
@@ -60,6 +61,7 @@ class IngestService(mode.Service):
         self.rulebook: RuleBook | None = None
         self.owners = Owners()
         self.precheck: PrecheckServer | None = None
+        self._decoder: ArrowDecoder | None = None
         super().__init__(**kw)
 
     async def on_start(self) -> None:
@@ -70,8 +72,11 @@ class IngestService(mode.Service):
         key = load_key(c.privacy.key, c.privacy.key_file, c.data_dir, create=True)
         pseudo = Pseudonymizer(key, c.privacy.key_id)
         sealer = Sealer(key, c.privacy.key_id)
+        self._decoder = ArrowDecoder() if c.columnar else None
+        if self._decoder is not None:
+            self._decoder.start()  # its helper imports its libraries while the groups join
         pipeline = build_pipeline(validation=c.validation, rules=c.rules, topic=kafka.topic, codec=codec,
-                                  pseudonymizer=pseudo, sealer=sealer, streams=self.streams)
+                                  pseudonymizer=pseudo, sealer=sealer, streams=self.streams, decoder=self._decoder)
         await ensure_topics(kafka)
         self._dl_producer = AIOKafkaProducer(**kafka.client_kwargs(), linger_ms=20, acks="all")
         await self._dl_producer.start()
@@ -248,6 +253,8 @@ class IngestService(mode.Service):
             await self._dl_producer.stop()
         for b in self._ingest_backends:
             b.close()
+        if self._decoder is not None:
+            self._decoder.close()
 
     def ready(self) -> bool:
         return bool(self.ingestors) and all(i.ready.is_set() for i in self.ingestors.values())

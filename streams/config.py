@@ -122,3 +122,5 @@ class WorkerConfig:
     schema_registry: RegistryClientConfig | None = None
     #: the pre-settlement check's server (None: not served by this worker)
     precheck: PrecheckConfig | None = None
+    #: the columnar path (schemas.columnar_decode, a helper process) for batches it covers
+    columnar: bool = True

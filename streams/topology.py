@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from schemas import Codec
+from schemas.columnar_decode import ArrowDecoder
 
 from . import procurement, settlement, supervision
 from .base import Subsystem
@@ -95,10 +96,12 @@ class Pipeline:
 
 def build_pipeline(*, validation: ValidationConfig, rules: RulesConfig, topic: Callable[[str], str], codec: Codec,
                    pseudonymizer: Pseudonymizer, sealer: Sealer, limits: Callable[[], Limits] | None = None,
-                   streams: tuple[str, ...] = STREAMS, rulebook: RuleBook | None = None) -> Pipeline:
+                   streams: tuple[str, ...] = STREAMS, rulebook: RuleBook | None = None,
+                   decoder: ArrowDecoder | None = None) -> Pipeline:
     """The stages for ``streams`` (and, with rules on and the settlement stream among them, the
     hospital and DRG stages fed by its emits). ``topic`` names every topic the pipeline reads or
-    writes from its logical name (``settlement``, ``changelog.person``, ...)."""
+    writes from its logical name (``settlement``, ``changelog.person``, ...). With a ``decoder`` the
+    subsystem stages take the columnar path where it applies (its owner closes it)."""
     subsystems = build_subsystems(validation, limits)
     book = (rulebook or build_rulebook(rules.rules_file)) if rules.enabled else None
     engines: dict[str, SettlementEngine | ProcurementEngine] = {}
@@ -116,7 +119,7 @@ def build_pipeline(*, validation: ValidationConfig, rules: RulesConfig, topic: C
                                 validation.dedup_horizon_days)
         stages[name] = Stage(name, topic(name), BatchProcessor(subsystems[name], codec, pseudonymizer, sealer,
                                                                topic(name), clock, engine=engines.get(name),
-                                                               identities=identities))
+                                                               identities=identities, decoder=decoder))
     routes: dict[str, str] = {}
     if book is not None and "settlement" in streams:
         for stream, by in STAY_STREAMS.items():

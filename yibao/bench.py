@@ -15,6 +15,7 @@ the time goes. Figures vary with the machine: compare ratios within one run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import shutil
@@ -101,17 +102,25 @@ def stage_costs(settings: Settings, frames: list[OutEvent], backend: Any) -> dic
     """µs per settlement for each in-process stage, on one batch (rules included)."""
     import dataclasses
 
-    from streams.app import tune_gc
-    from streams.messages import Message
+    from schemas.columnar_decode import ArrowDecoder
     from streams.privacy import Pseudonymizer, Sealer
-    from streams.processors import BatchProcessor
-    from streams.rules.engine import SettlementEngine
     from streams.topology import build_pipeline
 
     key = b"k" * 32
     rules_on = dataclasses.replace(settings.rules(), enabled=True)
-    pipeline = build_pipeline(validation=settings.validation(), rules=rules_on, topic=settings.topic, codec=Codec(),
-                              pseudonymizer=Pseudonymizer(key, "k1"), sealer=Sealer(key, "k1"), streams=("settlement",))
+    with ArrowDecoder() if settings.columnar else contextlib.nullcontext() as decoder:
+        pipeline = build_pipeline(validation=settings.validation(), rules=rules_on, topic=settings.topic,
+                                  codec=Codec(), pseudonymizer=Pseudonymizer(key, "k1"), sealer=Sealer(key, "k1"),
+                                  streams=("settlement",), decoder=decoder)
+        return _stage_costs(pipeline, frames, backend)
+
+
+def _stage_costs(pipeline: Any, frames: list[OutEvent], backend: Any) -> dict[str, float]:
+    from streams.app import tune_gc
+    from streams.messages import Message
+    from streams.processors import BatchProcessor
+    from streams.rules.engine import SettlementEngine
+
     proc = pipeline.stages["settlement"].processor
     engine = proc.engine if isinstance(proc, BatchProcessor) else None
     assert isinstance(engine, SettlementEngine), "the stage costs are measured with the rules on"

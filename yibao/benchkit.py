@@ -50,7 +50,8 @@ def worker_env(s: Settings, rules: bool) -> dict[str, str]:
                 YIBAO_RULES_ENABLED=str(rules).lower(), YIBAO_DATA_DIR=str(s.data_dir),
                 YIBAO_BATCH_MAX_EVENTS=str(s.batch_max_events), YIBAO_BATCH_MAX_SECONDS=str(s.batch_max_seconds),
                 YIBAO_MONITOR_INTERVAL_S="0", YIBAO_PSEUDO_KEY="00" * 32, YIBAO_LOG_LEVEL="WARNING",
-                YIBAO_PROCESSES="1", **({"YIBAO_RULES_FILE": str(s.rules_file)} if s.rules_file else {}))
+                YIBAO_PROCESSES="1", YIBAO_COLUMNAR=str(s.columnar).lower(),
+                **({"YIBAO_RULES_FILE": str(s.rules_file)} if s.rules_file else {}))
 
 
 def workers_rss_mb(procs: list[subprocess.Popen[bytes]]) -> list[float | None]:

@@ -115,6 +115,7 @@ class Settings(BaseSettings):
     batch_max_events: int = Field(5000, ge=1, le=1_000_000)
     batch_max_seconds: float = Field(1.0, gt=0, le=60)
     sink_retry_max_seconds: float = Field(30.0, gt=0, le=600, description="Cap of the sink back-off")
+    columnar: bool = Field(True, description="Decode, check and build rows of large batches as columns")
 
     # --- Privacy -----------------------------------------------------------------------------
     pseudo_key: SecretStr | None = None
@@ -328,7 +329,7 @@ class Settings(BaseSettings):
             privacy=self.privacy(), data_dir=self.data_dir, batch_max_events=self.batch_max_events,
             batch_max_seconds=self.batch_max_seconds, sink_retry_max_seconds=self.sink_retry_max_seconds,
             web_port=self.web_port, shutdown_deadline_s=self.shutdown_deadline_s,
-            schema_registry=self.schema_registry(), precheck=self.precheck(),
+            schema_registry=self.schema_registry(), precheck=self.precheck(), columnar=self.columnar,
         )
 
     def precheck(self) -> PrecheckConfig | None:
