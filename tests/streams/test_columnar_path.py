@@ -75,6 +75,10 @@ class Counting:
         self.inner = inner
         self.rows = 0
 
+    @property
+    def timeouts(self) -> int:
+        return self.inner.timeouts
+
     def decode(self, schema: dict[str, Any], bodies: Any) -> Any:
         frame = self.inner.decode(schema, bodies)
         if frame is not None:
@@ -213,3 +217,24 @@ def test_small_batches_stay_on_the_record_path(settings_: Settings, events: list
     out = processor(settings_, counting, rules=False).process(msgs)
     assert counting.rows == 0
     assert sum(out.landed.values()) == len(msgs)
+
+
+def test_a_large_batch_is_decoded_in_frames_of_at_most_the_cap(settings_: Settings, events: list[SimEvent],
+                                                               decoder: ArrowDecoder,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import streams.processors as processors
+
+    monkeypatch.setattr(processors, "COLUMNAR_MAX_EVENTS", 97)
+    codec = Codec()
+    actions = ["keep" if i % 10 else "corrupt" for i in range(len(events))]
+    msgs = batch(codec, events, actions, seed=4)
+    frames: list[int] = []
+
+    class Spy(Counting):
+        def decode(self, schema: dict[str, Any], bodies: Any) -> Any:
+            frames.append(len(bodies))
+            return super().decode(schema, bodies)
+
+    spy = Spy(decoder)
+    same(processor(settings_, spy, rules=False).process(msgs), processor(settings_, None, rules=False).process(msgs))
+    assert spy.rows > 0 and len(frames) > 1 and max(frames) <= 97
