@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -212,10 +213,16 @@ class WorkerProcess:
             time.sleep(0.1)
 
     def log_tail(self, chars: int = 4000) -> str:
+        """The log's last ``chars``, after its earlier error lines: at DEBUG a child's crash scrolls out of
+        any tail before its supervisor has stopped the others."""
         try:
-            return self.log_path.read_text(errors="replace")[-chars:]
+            text = self.log_path.read_text(errors="replace")
         except OSError:
             return ""
+        earlier = [line[:600] for line in text[:-chars].splitlines()
+                   if re.search(r"\[(error|critical)|Traceback|Error:", line)][:20]
+        head = "earlier errors:\n" + "\n".join(earlier) + "\n... last lines:\n" if earlier else ""
+        return head + text[-chars:]
 
     def stop_quietly(self) -> None:
         """Teardown: never leave a worker behind, whatever the test did."""

@@ -15,6 +15,7 @@ import atexit
 import contextlib
 import importlib.util
 import os
+import random
 import shutil
 import socket
 import stat
@@ -23,6 +24,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -85,41 +87,61 @@ class ClickHouseEndpoint:
     password: str = ""
 
 
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago.
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
 
-    The kernel picks it, so concurrent callers do not collide with each other; another process
-    could still grab it before the server binds, which is rare enough to accept for local use.
+
+def _listen_candidates() -> Iterator[int]:
+    """Ports for a server to listen on, at random, below the kernel's ephemeral range if it leaves room.
+
+    A port the kernel picked for ``bind(0)`` lies in the range it also gives outgoing connections, so
+    between this check and the server's bind any client (a worker's connection to the broker, say) could
+    take it: a two-process worker then failed to start now and then. Ports outside that range are only
+    ever taken by a bind that asks for them.
     """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOCALHOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
+    low, high = _ephemeral_range()
+    lo, hi = (10000, low - 1) if low - 1 - 10000 >= 1000 else (high + 1, 65535)
+    rng = random.SystemRandom()
+    while True:
+        yield rng.randint(lo, hi)
+
+
+def _bindable(ports: range) -> bool:
+    socks: list[socket.socket] = []
+    try:
+        for port in ports:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(sock)
+            sock.bind((LOCALHOST, port))
+        return True
+    except OSError:
+        return False
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago, for a server to listen on (see
+    :func:`_listen_candidates`); another process could still bind it first, which is rare enough to
+    accept for local use."""
+    return free_port_run(1)
 
 
 def free_port_run(n: int) -> int:
     """The first of ``n`` consecutive TCP ports on 127.0.0.1 that were all free a moment ago.
 
-    For settings that give process i the port ``base + i`` (``YIBAO_WEB_PORT``, ``YIBAO_PRECHECK_PORT``):
-    the kernel hands out ephemeral ports close together, so ``free_port() + 1`` is often a port a
-    server started just before holds (it made a two-process worker fail to start now and then).
+    For settings that give process i the port ``base + i`` (``YIBAO_WEB_PORT``, ``YIBAO_PRECHECK_PORT``).
     """
-    for _ in range(200):
-        base = free_port()
-        if base + n - 1 > 65535:
-            continue
-        socks: list[socket.socket] = []
-        try:
-            for port in range(base, base + n):
-                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                socks.append(sock)
-                sock.bind((LOCALHOST, port))
+    candidates = _listen_candidates()
+    for _ in range(500):
+        base = next(candidates)
+        if base + n - 1 <= 65535 and _bindable(range(base, base + n)):
             return base
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
     raise InfraError(f"no {n} consecutive free ports found on {LOCALHOST}")
 
 

@@ -74,12 +74,15 @@ def test_bench_json_figures_are_positive_consistent_and_progress_is_shown(user: 
                   "ingest only: workers joining the group", "ingest only: landing", "all rules on: landing"):
         assert phase in res.err, f"no {phase!r} progress on stderr\n{res}"
     assert f"{BENCH_EVENTS}/{BENCH_EVENTS}" in res.err, res
-    # start-up and memory, per worker: launch → first record fetched comes before the pass's wall time
+    # start-up and memory, per worker: the first record fetched by any worker comes before the pass's
+    # wall time; a worker given partitions only later (a rebalance after the other landed the events but
+    # before it committed them) fetches its first record after it, and one given none fetches none
     for p in ("ingest", "rules"):
         one = f["by_processes"]["2"][p]
         assert len(one["first_fetch_s"]) == 2 and len(one["worker_rss_mb"]) == 2, one
-        assert all(0 < x < one["wall_including_startup_s"] for x in one["first_fetch_s"] if x is not None), one
-        assert any(x is not None for x in one["first_fetch_s"]), one  # a worker with no partition fetches none
+        fetched = [x for x in one["first_fetch_s"] if x is not None]
+        assert fetched and all(x > 0 for x in fetched), one
+        assert min(fetched) < one["wall_including_startup_s"], one
         assert all(x is not None and x > 20 for x in one["worker_rss_mb"]), one
     # alert latency at half the all-rules rate, with the default batch settings
     lat = f["alert_latency"]

@@ -28,10 +28,27 @@ from yibao.localinfra import (
     MissingBinaryError,
     TansuBroker,
     docker_available,
+    free_port_run,
     tansu_binary,
 )
 
 integration = pytest.mark.integration
+
+
+def test_ports_for_servers_lie_outside_the_range_outgoing_connections_take() -> None:
+    """A client's connection can take an ephemeral port between the check and the server's bind; a
+    port outside that range is free until someone asks for it."""
+    low, high = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    for n in (1, 2, 4):
+        base = free_port_run(n)
+        assert all(not low <= p <= high for p in range(base, base + n)), (base, n, low, high)
+        socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
+        try:
+            for i, sock in enumerate(socks):
+                sock.bind(("127.0.0.1", base + i))
+        finally:
+            for sock in socks:
+                sock.close()
 
 
 def _local_clickhouse(
