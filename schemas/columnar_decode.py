@@ -153,6 +153,48 @@ class ArrowDecoder:
             if self._proc is None:
                 self._spawn()
 
+    def poll_ready(self) -> bool:
+        """Whether a :meth:`decode` now would find a helper ready, never waiting: starts one if there
+        is none. For a caller with another path, which would rather take it than wait the second or so
+        a new helper takes to import its libraries (a worker that never sees a batch big enough never
+        starts one)."""
+        return self.wait_ready(0.0)
+
+    def wait_ready(self, timeout_s: float = STARTUP_TIMEOUT_S) -> bool:
+        """Start the helper if needed and wait until it is ready, or ``timeout_s`` has passed."""
+        with self._lock:
+            try:
+                return self._await_ready(wait_s=timeout_s)
+            except _Failed as exc:
+                self.failures += 1
+                self.last_error = str(exc)
+                return False
+
+    def _await_ready(self, wait_s: float) -> bool:
+        """True once the helper said READY; False while it has not yet; _Failed if it died first."""
+        if self._owner != os.getpid():
+            self._proc, self._owner = None, os.getpid()
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            self._drop(kill=True)
+            proc = self._spawn()
+        if self._ready:
+            return True
+        assert proc.stdout is not None
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.stdout, selectors.EVENT_READ)
+            if not sel.select(wait_s):
+                return False
+        try:  # the helper's first reply is READY (or it died): readable means it has come
+            status, _ = self._exchange(proc, (), time.monotonic() + STARTUP_TIMEOUT_S)
+        except (_Failed, _TimedOut) as exc:
+            raise _Failed(f"the helper did not start: {exc}") from None
+        if status != _READY:
+            self._drop(kill=True)
+            raise _Failed("the helper did not start")
+        self._ready = True
+        return True
+
     def close(self) -> None:
         """End the helper: EOF on its stdin, SIGKILL if it has not gone within a second. Idempotent."""
         with self._lock:
@@ -185,18 +227,11 @@ class ArrowDecoder:
         return text, expected
 
     def _call(self, request: tuple[bytes | memoryview, ...], timeout_s: float) -> memoryview:
-        if self._owner != os.getpid():  # a forked copy of the decoder: the helper is the original's
-            self._proc, self._owner = None, os.getpid()
-        proc = self._proc
-        if proc is None or proc.poll() is not None:
+        if not self._await_ready(wait_s=STARTUP_TIMEOUT_S):
             self._drop(kill=True)
-            proc = self._spawn()
-        if not self._ready:
-            status, _ = self._exchange(proc, (), time.monotonic() + STARTUP_TIMEOUT_S)
-            if status != _READY:
-                self._drop(kill=True)
-                raise _Failed("the helper did not start")
-            self._ready = True
+            raise _Failed(f"the helper did not start within {STARTUP_TIMEOUT_S:.0f} s")
+        proc = self._proc
+        assert proc is not None
         try:
             status, payload = self._exchange(proc, request, time.monotonic() + timeout_s)
         except _TimedOut:
@@ -489,6 +524,24 @@ def _watch_parent(parent: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
+_WARM_UP_SCHEMA = json.dumps({
+    "type": "record", "name": "WarmUp", "fields": [
+        {"name": "s", "type": "string"}, {"name": "l", "type": "long"}, {"name": "i", "type": "int"},
+        {"name": "b", "type": "boolean"}, {"name": "n", "type": ["null", "string"]},
+        {"name": "m", "type": {"type": "bytes", "logicalType": "decimal", "precision": 16, "scale": 2}},
+        {"name": "a", "type": {"type": "array", "items": {
+            "type": "record", "name": "Line", "fields": [{"name": "d", "type": "double"}]}}},
+    ]}).encode()
+# s="x", l=1, i=1, b=true, n=null, m=0.01, a=[{d: 1.0}]
+_WARM_UP_BODY = b"\x02x\x02\x02\x01\x00\x02\x01\x02" + struct.pack("<d", 1.0) + b"\x00"
+
+
+def _warm_up(helper: _Helper) -> None:
+    """Decode one small record before saying ready: a new helper's first decode costs ~0.3 s of lazy
+    set-up, which would otherwise count against the first request's deadline."""
+    helper.decode(_WARM_UP_SCHEMA, [len(_WARM_UP_BODY)], memoryview(_WARM_UP_BODY))
+
+
 def _serve(parent: int) -> None:
     """The helper's request loop, until EOF on stdin."""
     os.environ["POLARS_MAX_THREADS"] = "1"  # the helper's own setting, before polars is imported
@@ -504,6 +557,7 @@ def _serve(parent: int) -> None:
     pyarrow.set_cpu_count(1)  # like POLARS_MAX_THREADS: the helper shares a few cores with its parent
 
     helper = _Helper()
+    _warm_up(helper)
 
     def reply(status: int, payload: bytes | pa.Buffer) -> None:
         replies.write(_REPLY.pack(status, len(payload)))

@@ -72,9 +72,8 @@ class IngestService(mode.Service):
         key = load_key(c.privacy.key, c.privacy.key_file, c.data_dir, create=True)
         pseudo = Pseudonymizer(key, c.privacy.key_id)
         sealer = Sealer(key, c.privacy.key_id)
+        # its helper starts with the first batch big enough for it, which takes the record path meanwhile
         self._decoder = ArrowDecoder() if c.columnar else None
-        if self._decoder is not None:
-            self._decoder.start()  # its helper imports its libraries while the groups join
         pipeline = build_pipeline(validation=c.validation, rules=c.rules, topic=kafka.topic, codec=codec,
                                   pseudonymizer=pseudo, sealer=sealer, streams=self.streams, decoder=self._decoder)
         await ensure_topics(kafka)

@@ -224,6 +224,8 @@ class BatchProcessor:
         chunks = [(record, schema_id, idx[at:at + COLUMNAR_MAX_EVENTS], bodies[at:at + COLUMNAR_MAX_EVENTS])
                   for record, (schema_id, idx, bodies) in groups.items() if len(idx) >= COLUMNAR_MIN_EVENTS
                   for at in range(0, len(idx), COLUMNAR_MAX_EVENTS)]
+        if not chunks or not decoder.poll_ready():  # a helper still starting: this batch won't wait for it
+            return {}, 0.0
         for record, schema_id, idx, bodies in chunks:
             col = self._columnar[record]
             timeouts = decoder.timeouts

@@ -109,6 +109,8 @@ def stage_costs(settings: Settings, frames: list[OutEvent], backend: Any) -> dic
     key = b"k" * 32
     rules_on = dataclasses.replace(settings.rules(), enabled=True)
     with ArrowDecoder() if settings.columnar else contextlib.nullcontext() as decoder:
+        if decoder is not None:
+            decoder.wait_ready()  # else the timed batch would take the record path while it starts
         pipeline = build_pipeline(validation=settings.validation(), rules=rules_on, topic=settings.topic,
                                   codec=Codec(), pseudonymizer=Pseudonymizer(key, "k1"), sealer=Sealer(key, "k1"),
                                   streams=("settlement",), decoder=decoder)

@@ -319,6 +319,24 @@ def test_trailing_bytes_time_out_and_a_fresh_helper_takes_over(codec: Codec) -> 
         assert frame.height == 2 and d.pid not in (None, old)
 
 
+def test_poll_ready_starts_a_helper_without_waiting_for_it(codec: Codec) -> None:
+    """A worker's batch takes the record path rather than wait the second a new helper takes to start."""
+    schema = codec.record_schema("Settlement")
+    _, body = framed(codec, SETTLEMENT, example(schema, random.Random(3)))
+    with ArrowDecoder(timeout_s=1.0, cooldown_s=0.0) as d:
+        assert d.pid is None  # nothing runs until asked
+        started = time.monotonic()
+        assert d.poll_ready() is False
+        assert time.monotonic() - started < 0.2 and d.pid is not None
+        first = d.pid
+        assert d.wait_ready() is True and d.poll_ready() is True and d.pid == first
+        assert d.decode(schema, [body]) is not None, d.last_error
+        assert d.decode(schema, [body + b"\x00"]) is None and d.timeouts == 1  # killed; a new one starts
+        assert d.pid not in (None, first) and d.wait_ready() is True
+        assert d.decode(schema, [body]) is not None, d.last_error
+        assert d.failures == 0
+
+
 def test_after_a_timeout_the_decoder_rests_longer_each_time(codec: Codec) -> None:
     schema = codec.record_schema("Settlement")
     _, body = framed(codec, SETTLEMENT, example(schema, random.Random(3)))
