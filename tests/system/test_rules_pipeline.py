@@ -28,6 +28,7 @@ from schemas import Codec
 from sinks import connect
 from sinks.base import Backend
 from sinks.migrate import migrate
+from tests.harness import committed_offsets
 from yibao.localinfra import ClickHouseEndpoint, KafkaEndpoint
 from yibao.producer import OutEvent, produce
 from yibao.settings import Settings, load_settings
@@ -148,7 +149,10 @@ def test_window_interrupted_by_a_crash_alerts_exactly_once(env: tuple[Settings, 
     proc = start()
     try:
         deadline = time.monotonic() + 240
-        while not (landed(v1["setl_id"]) and landed(v2["setl_id"])):
+        parts = [(s.topic("settlement"), p) for p in range(s.topic_partitions)]
+        # both visits landed, and a batch committed (so the changelog holds persons to restore)
+        while not (landed(v1["setl_id"]) and landed(v2["setl_id"])
+                   and max(asyncio.run(committed_offsets(s, parts)).values()) > 0):
             assert time.monotonic() < deadline, log_path.read_text()[-3000:]
             assert proc.poll() is None, log_path.read_text()[-3000:]
             time.sleep(0.1)
