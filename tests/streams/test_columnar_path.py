@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from schemas import SUBJECT_RECORDS, Codec
+from schemas import SUBJECT_RECORDS, Codec, DecodeError
 from schemas.columnar_decode import ArrowDecoder
 from streams.messages import Message, Outcome
 from streams.privacy import Pseudonymizer, Sealer
@@ -128,6 +128,14 @@ ACTIONS = ("corrupt", "frame", "resend", "conflict", "trailing", "tombstone", "h
 REFUSED = {"frame", "trailing"}
 
 
+def _decodes(codec: Codec, value: bytes) -> bool:
+    try:
+        codec.decode(value)
+    except DecodeError:
+        return False
+    return True
+
+
 def batch(codec: Codec, evs: list[SimEvent], actions: list[str], seed: int) -> list[Message]:
     rng = random.Random(seed)
     msgs: list[Message] = []
@@ -154,8 +162,8 @@ def batch(codec: Codec, evs: list[SimEvent], actions: list[str], seed: int) -> l
             value = codec.encode(ev.record, d)
         elif action == "resend" and sent:
             p, key, value = rng.choice(sent)
-        elif action == "conflict" and sent:
-            p, key, old = rng.choice(sent)
+        elif action == "conflict" and (clean := [x for x in sent if _decodes(codec, x[2])]):
+            p, key, old = rng.choice(clean)  # a different content for an event sent before
             decoded = codec.decode(old)
             d = copy.deepcopy(decoded.datum)
             if "medfee_sumamt" in d:
