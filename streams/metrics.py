@@ -132,7 +132,11 @@ PRECHECK_SECONDS = Histogram(
 
 
 def process_age_s() -> float | None:
-    """Seconds since this process started, from /proc (None where there is no /proc)."""
+    """Seconds since this process started, from /proc (None where there is no /proc).
+
+    The kernel counts a process's start in clock ticks since boot, so it is compared with the clock
+    since boot (CLOCK_BOOTTIME), not with wall time: /proc/stat's boot time is a whole second, which
+    put up to a second on every age (and NTP steps since boot more)."""
     import os
     import time
 
@@ -140,8 +144,7 @@ def process_age_s() -> float | None:
         with open("/proc/self/stat", "rb") as f:
             fields = f.read().rsplit(b")", 1)[1].split()
         start_ticks = int(fields[19])  # field 22 of stat(5), counted after the command's ")"
-        with open("/proc/stat", "rb") as f:
-            btime = next(int(line.split()[1]) for line in f if line.startswith(b"btime"))
-    except (OSError, ValueError, IndexError, StopIteration):
+        since_boot = time.clock_gettime(time.CLOCK_BOOTTIME)
+    except (OSError, ValueError, IndexError, AttributeError):
         return None
-    return time.time() - (btime + start_ticks / os.sysconf("SC_CLK_TCK"))
+    return max(0.0, since_boot - start_ticks / os.sysconf("SC_CLK_TCK"))

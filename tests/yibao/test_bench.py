@@ -168,3 +168,19 @@ def test_a_run_that_lands_in_one_batch_is_timed(broker: KafkaEndpoint, clickhous
     assert res["rows_per_s"] == pytest.approx(res["settlements_per_s"] * (1 + lines / n), rel=0.01)
     assert res["landing_s"] < res["wall_including_startup_s"]
     assert res["startup_s"] + res["landing_s"] == pytest.approx(res["wall_including_startup_s"], abs=0.02)
+
+
+def test_a_process_age_is_what_a_clock_outside_it_measures() -> None:
+    """The start-up figure (``yibao_first_fetch_seconds``) counts from the process's start: to within
+    the kernel's tick and the interpreter's exit, not the whole second /proc/stat's boot time rounds to."""
+    import subprocess
+    import sys
+    import time
+
+    code = "import time; time.sleep(1.2); from streams.metrics import process_age_s; print(process_age_s())"
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2]).stdout
+    outside = time.monotonic() - t0
+    age = float(out)
+    assert 1.2 <= age <= outside + 0.02, (age, outside)
