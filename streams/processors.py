@@ -38,7 +38,7 @@ from .privacy import Pseudonymizer, Sealer
 from .rows_columnar import ColumnarPlan, compile_columnar_plan
 from .rules.events import Engine, EngineEvent
 from .rules.state import Store
-from .validation import Limits, Violation, compile_checks
+from .validation import Limits, Validator, Violation, compile_checks
 from .validation_columnar import MaskFn, compile_mask
 
 log = structlog.get_logger(__name__)
@@ -155,20 +155,19 @@ class BatchProcessor:
         self.topic = topic
         self.limits = limits
         self._specs = {s.record: s for s in subsystem.records}
-        self._validators = {
-            s.record: compile_checks(record_checks(s, codec.record_schema(s.record)), s.short_name)
-            for s in subsystem.records
-        }
-        self._plans: dict[str, list[ColumnPlan]] = {
-            s.record: [compile_plan(m, codec.record_schema(s.record)) for m in s.tables]
-            for s in subsystem.records
-        }
+        self._validators: dict[str, Validator] = {}
+        self._plans: dict[str, list[ColumnPlan]] = {}
+        self._columnar: dict[str, Columnar] = {}
         self._dead = DeadLetters(topic, codec, sealer, pseudonymizer)
         self._alert_plan = alert_plan(codec)
-        self._columnar: dict[str, Columnar] = {}
         for s in subsystem.records:
             schema = codec.record_schema(s.record)
-            mask = compile_mask(record_checks(s, schema))
+            checks = record_checks(s, schema)
+            self._validators[s.record] = compile_checks(checks, s.short_name)
+            self._plans[s.record] = [compile_plan(m, schema) for m in s.tables]
+            if decoder is None:
+                continue
+            mask = compile_mask(checks)
             plans = [compile_columnar_plan(m, schema) for m in s.tables]
             if mask is not None and all(p is not None for p in plans):
                 self._columnar[s.record] = Columnar(schema, mask, tuple(p for p in plans if p is not None))
@@ -429,6 +428,16 @@ class GroupedProcessor:
         return out
 
 
+def _not_landed(table: str, idents: Sequence[Any], parts: list[int], offs: list[int],
+                already: AlreadyLanded, skipped: Counter[str]) -> list[int] | None:
+    """Indices of the events ``already`` says are not in ``table`` yet; None when that is all of them."""
+    keep = [i for i in range(len(parts)) if not already(table, parts[i], offs[i], idents[i])]
+    if len(keep) == len(parts):
+        return None
+    skipped[table] += len(parts) - len(keep)
+    return keep
+
+
 def _without_landed(
     table: str,
     data: list[Datum],
@@ -440,10 +449,9 @@ def _without_landed(
 ) -> tuple[list[Datum], list[int], list[int]]:
     if already is None:
         return data, parts, offs
-    keep = [i for i in range(len(data)) if not already(table, parts[i], offs[i], data[i][ident_field])]
-    if len(keep) == len(data):
+    keep = _not_landed(table, [d[ident_field] for d in data], parts, offs, already, skipped)
+    if keep is None:
         return data, parts, offs
-    skipped[table] += len(data) - len(keep)
     return [data[i] for i in keep], [parts[i] for i in keep], [offs[i] for i in keep]
 
 
@@ -459,11 +467,9 @@ def _frame_without_landed(
     """:func:`_without_landed` for a frame of valid events."""
     if already is None:
         return frame, parts, offs
-    idents = frame.get_column(ident_field).to_list()
-    keep = [i for i in range(len(parts)) if not already(table, parts[i], offs[i], idents[i])]
-    if len(keep) == len(parts):
+    keep = _not_landed(table, frame.get_column(ident_field).to_list(), parts, offs, already, skipped)
+    if keep is None:
         return frame, parts, offs
-    skipped[table] += len(parts) - len(keep)
     return frame[keep], [parts[i] for i in keep], [offs[i] for i in keep]
 
 

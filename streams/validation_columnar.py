@@ -577,18 +577,21 @@ def _each_items(v: pl.Expr, dt: pl.DataType, inner: Sequence[Build], env: Env) -
     return v.is_null() | _all_items(v, ok)
 
 
-@_prepares(EventId)
-def _event_id(c: EventId, prep: _Prep) -> Build:
-    rx = _fullmatch_rx(_UUID)
-
+def _str_matches(field: str, rx: str | None) -> Build:
+    """A string ``field`` that is present and matches ``rx`` (a whole-value pattern); no ``rx``: never."""
     def build(scope: _Scope, env: Env) -> pl.Expr:
-        dt = scope.dtype(c.field)
-        if dt is None or not _is_str(dt):
+        dt = scope.dtype(field)
+        if dt is None or not _is_str(dt) or rx is None:
             return _lit(False)
-        v = scope.col(c.field)
+        v = scope.col(field)
         return v.is_not_null() & v.str.contains(rx)
 
     return build
+
+
+@_prepares(EventId)
+def _event_id(c: EventId, prep: _Prep) -> Build:
+    return _str_matches(c.field, _fullmatch_rx(_UUID))
 
 
 @_prepares(NotBlank)
@@ -638,16 +641,7 @@ def _code(c: Code, prep: _Prep) -> Build:
 @_prepares(Region)
 def _region(c: Region, prep: _Prep) -> Build:
     prefixes = sorted(p for p in PROVINCES if isinstance(p, str) and len(p) == 2 and p.isascii() and p.isdigit())
-    rx = _checked(r"\A(?:" + "|".join(prefixes) + r")[0-9]{4}\z") if prefixes else None
-
-    def build(scope: _Scope, env: Env) -> pl.Expr:
-        dt = scope.dtype(c.field)
-        if dt is None or not _is_str(dt) or rx is None:
-            return _lit(False)
-        v = scope.col(c.field)
-        return v.is_not_null() & v.str.contains(rx)
-
-    return build
+    return _str_matches(c.field, _checked(r"\A(?:" + "|".join(prefixes) + r")[0-9]{4}\z") if prefixes else None)
 
 
 @_prepares(OneOf)
