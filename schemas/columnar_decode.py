@@ -172,7 +172,7 @@ class ArrowDecoder:
 
     def _await_ready(self, wait_s: float) -> bool:
         """True once the helper said READY; False while it has not yet; _Failed if it died first."""
-        if self._owner != os.getpid():
+        if self._owner != os.getpid():  # a forked copy of the decoder: the helper is the original's
             self._proc, self._owner = None, os.getpid()
         proc = self._proc
         if proc is None or proc.poll() is not None:
