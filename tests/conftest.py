@@ -14,7 +14,6 @@ import os
 import sys
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from typing import NoReturn
 
 import pytest
@@ -123,21 +122,6 @@ def _no_leaked_threads() -> Iterator[None]:
     alive = [t.name for t in leaked if t.is_alive()]
     if alive:
         pytest.fail(f"the test left non-daemon threads running: {alive}", pytrace=False)
-
-
-#: directories whose files run longest (servers, worker processes, CLI journeys): collected first, so
-#: that under pytest-xdist the many short files fill in at the end instead of a long one running alone
-_LONG_FIRST = ("system", "journeys")
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    here = Path(__file__).parent
-
-    def rank(item: pytest.Item) -> int:
-        parts = Path(str(item.fspath)).relative_to(here).parts
-        return _LONG_FIRST.index(parts[0]) if len(parts) > 1 and parts[0] in _LONG_FIRST else len(_LONG_FIRST)
-
-    items.sort(key=rank)  # stable: each file stays whole and in its own order
 
 
 _exit_status = 0
