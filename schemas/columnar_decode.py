@@ -147,12 +147,6 @@ class ArrowDecoder:
                 self.last_error = f"{type(exc).__name__}: {exc}"[:1000]
             return None
 
-    def start(self) -> None:
-        """Start the helper now (it imports its libraries while the caller does other things)."""
-        with self._lock:
-            if self._proc is None:
-                self._spawn()
-
     def poll_ready(self) -> bool:
         """Whether a :meth:`decode` now would find a helper ready, never waiting: starts one if there
         is none. For a caller with another path, which would rather take it than wait the second or so
