@@ -522,6 +522,8 @@ class Ingestor(ConsumerRebalanceListener):  # type: ignore[misc]
             metrics.DUPLICATES_SKIPPED.labels(table).inc(n)
         for rec, n in out.duplicates.items():
             metrics.DUPLICATES_RECOGNISED.labels(self.topic, rec).inc(n)
+        if out.columnar:
+            metrics.COLUMNAR_EVENTS.labels(self.topic).inc(out.columnar)
         for stage, s in out.stage_seconds.items():
             metrics.STAGE_SECONDS.labels(self.topic, stage).inc(s)
         for a in out.alerts:

@@ -130,6 +130,9 @@ class Outcome:
     #: re-sent events recognised by their identity (same ``event_id``, same content, new offset):
     #: neither landed nor dead-lettered; consumed = landed + dead-lettered + duplicates
     duplicates: Counter[str] = field(default_factory=Counter)
+    #: events decoded and checked as columns (streams/processors.py ``_columnar_pass``); the rest of
+    #: the readable ones took the record path
+    columnar: int = 0
 
     def rows(self, table: str) -> int:
         cols = self.tables.get(table)
@@ -160,6 +163,7 @@ class Outcome:
         self.state_capped += later.state_capped
         self.state_evicted += later.state_evicted
         self.duplicates.update(later.duplicates)
+        self.columnar += later.columnar
 
 
 #: ``already(table, partition, offset, ident)``: that table holds rows of that event at that position.

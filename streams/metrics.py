@@ -80,6 +80,13 @@ CONSUMER_LAG = Gauge(
 STAGE_SECONDS = Counter(
     "yibao_stage_seconds_total", "CPU-side time per pipeline stage", ["topic", "stage"], registry=REGISTRY
 )
+COLUMNAR_EVENTS = Counter(
+    "yibao_columnar_events_total",
+    "Events decoded and checked as columns; the others took the record path (a batch under 200 events of "
+    "one record, another schema version, a row the mask cannot vouch for, the decoder starting or resting)",
+    ["topic"],
+    registry=REGISTRY,
+)
 
 # --- rule engine (incremented by streams/rules; declared here so dashboards and alerting rules
 # can rely on the names before the first rule fires) --------------------------------------------

@@ -172,6 +172,11 @@ class BatchProcessor:
             if mask is not None and all(p is not None for p in plans):
                 self._columnar[s.record] = Columnar(schema, mask, tuple(p for p in plans if p is not None))
 
+    @property
+    def columnar_records(self) -> tuple[str, ...]:
+        """The records this processor can take through the columnar path (none without a decoder)."""
+        return tuple(self._columnar)
+
     def validate(self, record: str, datum: Datum) -> Violation | None:
         """The first violation of ``datum`` (a raw ``record``), by the same compiled checks as the
         stream's: the pre-settlement check answers bad input with what the stream would dead-letter."""
@@ -370,6 +375,7 @@ class BatchProcessor:
             out.emit_sources.extend(res.emit_sources)
             out.state_capped += res.capped
             out.state_evicted += res.evicted
+        out.columnar = len(fast)
         out.stage_seconds = {
             "decode": t_decode + t_columnar,
             "validate": t_validate + t_mask,

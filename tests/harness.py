@@ -172,6 +172,21 @@ class WorkerProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def columnar_helpers(self) -> int:
+        """How many columnar decoder helpers (``python -m schemas.columnar_decode <parent>``) this
+        worker process runs now."""
+        mine = ["-m", "schemas.columnar_decode", str(self.pid)]
+        n = 0
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                argv = (d / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            except OSError:
+                continue
+            n += argv[1:4] == mine
+        return n
+
     def kill(self) -> None:
         """SIGKILL: no flush, no commit, no cleanup."""
         if self.alive():

@@ -44,6 +44,7 @@ from .benchkit import (
     first_fetch_s,
     stop_workers,
     worker_env,
+    worker_metric,
     workers_rss_mb,
 )
 from .producer import OutEvent, produce
@@ -282,6 +283,7 @@ def _pass(label: str, rules: bool, base: Settings, frames: list[OutEvent], total
         window = t_done - t_owned
         lines = count("fee_details")
         first_fetch = [first_fetch_s(port, topic) for port in ports]
+        columnar = sum(worker_metric(port, "yibao_columnar_events_total", topic) or 0.0 for port in ports)
         alerts = count("alerts")
         rss = workers_rss_mb(procs)
         rate = n / window if window >= MIN_WINDOW_S else None
@@ -294,6 +296,8 @@ def _pass(label: str, rules: bool, base: Settings, frames: list[OutEvent], total
             "wall_including_startup_s": round(t_done - t_spawn, 2),
             "produce_per_s": round(n / produce_s, 1) if produce_s > 0 else None,
             "first_fetch_s": first_fetch,
+            # re-reads after a rebalance count again: a share, not an exact split
+            "columnar_share": round(min(1.0, columnar / n), 3),
             "alerts": alerts,
             "worker_rss_mb": rss,
             "not_measured": None if rate is not None else
@@ -429,6 +433,8 @@ def print_figures(console: Console, f: dict[str, Any]) -> None:
     t.add_row("start-up: launch → partitions owned (s)", *(f"{v['ingest']['startup_s']:.1f}" for v in by.values()))
     t.add_row("start-up: launch → first record fetched, per worker (s)",
               *(" ".join(_fmt(x, digits=1) for x in v["ingest"]["first_fetch_s"]) for v in by.values()))
+    t.add_row("events through the columnar path, ingest / rules",
+              *(f"{v['ingest']['columnar_share']:.0%} / {v['rules']['columnar_share']:.0%}" for v in by.values()))
     t.add_row("alerts raised by the all-rules pass", *(f"{v['rules']['alerts']:,}" for v in by.values()))
     t.add_row("worker RSS after the all-rules pass, per worker (MB)",
               *(" ".join(_fmt(x) for x in v["rules"]["worker_rss_mb"]) for v in by.values()))

@@ -67,15 +67,21 @@ def workers_rss_mb(procs: list[subprocess.Popen[bytes]]) -> list[float | None]:
     return out
 
 
-def first_fetch_s(port: int, topic: str) -> float | None:
-    """The worker's ``yibao_first_fetch_seconds`` for ``topic``: launch to first record fetched."""
+def worker_metric(port: int, name: str, topic: str) -> float | None:
+    """A worker's ``name{topic="..."}`` sample from its /metrics (None when it cannot be read)."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
             text = resp.read().decode("utf-8", "replace")
     except OSError:
         return None
-    m = re.search(r'^yibao_first_fetch_seconds\{topic="' + re.escape(topic) + r'"\} (\S+)$', text, re.M)
-    return round(float(m.group(1)), 2) if m else None
+    m = re.search("^" + re.escape(name) + r'\{topic="' + re.escape(topic) + r'"\} (\S+)$', text, re.M)
+    return float(m.group(1)) if m else None
+
+
+def first_fetch_s(port: int, topic: str) -> float | None:
+    """The worker's ``yibao_first_fetch_seconds`` for ``topic``: launch to first record fetched."""
+    v = worker_metric(port, "yibao_first_fetch_seconds", topic)
+    return None if v is None else round(v, 2)
 
 
 def stop_workers(procs: list[subprocess.Popen[bytes]]) -> None:

@@ -84,6 +84,7 @@ def test_bench_json_figures_are_positive_consistent_and_progress_is_shown(user: 
         assert fetched and all(x > 0 for x in fetched), one
         assert min(fetched) < one["wall_including_startup_s"], one
         assert all(x is not None and x > 20 for x in one["worker_rss_mb"]), one
+        assert 0 <= one["columnar_share"] <= 1, one
     # alert latency at half the all-rules rate, with the default batch settings
     lat = f["alert_latency"]
     assert lat["rate_target"] == round(rules / 2) and lat["settlements_sent"] > 0, lat
@@ -92,6 +93,7 @@ def test_bench_json_figures_are_positive_consistent_and_progress_is_shown(user: 
     q = lat["latency_ms"]
     assert 0 < q["p50"] <= q["p90"] <= q["p99"] <= q["max"], q
     assert "alert latency (ms)" in res.err and "on the alerts topic" in res.err, res
+    assert "events through the columnar path" in res.err, res
     assert set(Path(tempfile.gettempdir()).glob("yibao-bench-*")) == before, "a temp folder was left"
 
 

@@ -215,7 +215,7 @@ def test_columnar_and_record_paths_raise_the_same_alerts(settings_: Settings, pl
     slow = processor(settings_, None, rules=True)
     a, b = fast.process(msgs), slow.process(msgs)
     same(a, b)
-    assert counting.rows > 0
+    assert counting.rows > 0 and 0 < a.columnar <= counting.rows and b.columnar == 0
     assert a.alerts, "the traffic raised no alert: nothing was compared"
     assert sum(a.landed.values()) > Counter(actions)["keep"] // 2
 
@@ -227,7 +227,7 @@ def test_small_batches_stay_on_the_record_path(settings_: Settings, events: list
             for i, e in enumerate(events[:COLUMNAR_MIN_EVENTS - 1])]
     counting = Counting(decoder)
     out = processor(settings_, counting, rules=False).process(msgs)
-    assert counting.rows == 0
+    assert counting.rows == 0 and out.columnar == 0
     assert sum(out.landed.values()) == len(msgs)
 
 
