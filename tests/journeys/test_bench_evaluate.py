@@ -85,6 +85,8 @@ def test_bench_json_figures_are_positive_consistent_and_progress_is_shown(user: 
         assert min(fetched) < one["wall_including_startup_s"], one
         assert all(x is not None and x > 20 for x in one["worker_rss_mb"]), one
         assert 0 <= one["columnar_share"] <= 1, one
+    # the traffic fires alerts, and only with the rules on
+    assert f["by_processes"]["2"]["rules"]["alerts"] > 0 and f["by_processes"]["2"]["ingest"]["alerts"] == 0, f
     # alert latency at half the all-rules rate, with the default batch settings
     lat = f["alert_latency"]
     assert lat["rate_target"] == round(rules / 2) and lat["settlements_sent"] > 0, lat
