@@ -71,7 +71,7 @@ def _figures(**over: Any) -> dict[str, Any]:
         "not_measured": {}, "clickhouse_version": "18.16.1", "cpus": 2,
     }
     f.update(over)
-    pass_ = {"first_fetch_s": [6.1, None], "worker_rss_mb": [180.0, 175.5], "alerts": 120,
+    pass_ = {"first_fetch_s": [6.1, None], "worker_rss_mb": [180.0, 175.5], "alerts": 120, "columnar_share": 0.98,
              "wall_including_startup_s": f["wall_including_startup_s"], "startup_s": f["startup_s"]}
     f["by_processes"] = {"2": {
         "ingest": {**pass_, "settlements_per_s": f["settlements_per_s"], "rows_per_s": f["rows_per_s"],
@@ -112,6 +112,7 @@ def test_start_up_memory_and_alert_latency_are_printed_per_worker() -> None:
             if line.count("│") >= 3}
     assert rows["start-up: launch → first record fetched, per worker (s)"] == ["6.1 —"]
     assert rows["worker RSS after the all-rules pass, per worker (MB)"] == ["180 176"]
+    assert rows["events through the columnar path, ingest / rules"] == ["98% / 98%"]
     assert rows["on the alerts topic"] == ["700", "1,100", "1,400", "1,650"]
     assert "80 alerts measured of 95 fired" in text.replace("\n", " ")
     assert "alert latency" not in _printed(_figures())  # skipped (--latency-seconds 0): no table
