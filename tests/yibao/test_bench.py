@@ -185,3 +185,12 @@ def test_a_process_age_is_what_a_clock_outside_it_measures() -> None:
     outside = time.monotonic() - t0
     age = float(out)
     assert 1.2 <= age <= outside + 0.02, (age, outside)
+
+
+def test_the_landing_is_looked_at_rarely_mid_pass_and_closely_at_its_ends() -> None:
+    from yibao.bench import POLL_FAR_S, POLL_S, _next_look
+
+    assert _next_look(None, 5.0, 0, 200_000) == POLL_S  # the window is opening
+    assert _next_look(1.0, 2.0, 10_000, 200_000) == POLL_FAR_S  # 19 s to go at 10,000/s
+    assert _next_look(1.0, 20.0, 199_000, 200_000) == POLL_S  # 0.1 s to go: at most one look late
+    assert POLL_S < _next_look(1.0, 11.0, 195_000, 200_000) < POLL_FAR_S  # 0.26 s to go
