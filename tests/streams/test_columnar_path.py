@@ -250,3 +250,21 @@ def test_a_large_batch_is_decoded_in_frames_of_at_most_the_cap(settings_: Settin
     spy = Spy(decoder)
     same(processor(settings_, spy, rules=False).process(msgs), processor(settings_, None, rules=False).process(msgs))
     assert spy.rows > 0 and len(frames) > 1 and max(frames) <= 97
+
+
+def test_a_helper_is_started_only_for_ingestors_fed_batches_the_path_can_take(settings_: Settings,
+                                                                             decoder: ArrowDecoder) -> None:
+    from types import SimpleNamespace
+
+    from streams.app import _takes_columnar
+    from streams.ingest import PRECHECK_SLICE
+
+    fast, plain = processor(settings_, decoder, rules=False), processor(settings_, None, rules=False)
+
+    def fed(proc: BatchProcessor, slice_: int) -> Any:
+        return SimpleNamespace(processor=proc, process_slice=slice_)
+
+    assert fast.columnar_records and not plain.columnar_records
+    assert _takes_columnar(fed(fast, 0)) and _takes_columnar(fed(fast, COLUMNAR_MIN_EVENTS))
+    assert not _takes_columnar(fed(fast, PRECHECK_SLICE))  # the check's slices never reach the path
+    assert not _takes_columnar(fed(plain, 0))
