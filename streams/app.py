@@ -54,8 +54,9 @@ def _takes_columnar(ing: Ingestor) -> bool:
     """Whether ``ing`` hands its processor batches the columnar path takes: a processor with records it
     covers, fed whole batches or slices of at least ``COLUMNAR_MIN_EVENTS`` (the pre-settlement check's
     slices of 32 never are)."""
-    records = getattr(ing.processor, "columnar_records", ())
-    return bool(records) and (not ing.process_slice or ing.process_slice >= COLUMNAR_MIN_EVENTS)
+    proc = ing.processor
+    return (isinstance(proc, BatchProcessor) and bool(proc.columnar_records)
+            and (not ing.process_slice or ing.process_slice >= COLUMNAR_MIN_EVENTS))
 
 
 class IngestService(mode.Service):
