@@ -17,14 +17,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,10 +39,11 @@ from .benchkit import (
     BenchError,
     Progress,
     _silent,
-    first_fetch_s,
+    metric_sample,
+    metrics_pages,
+    metrics_text,
     stop_workers,
     worker_env,
-    worker_metric,
     workers_rss_mb,
 )
 from .producer import OutEvent, produce
@@ -199,14 +198,13 @@ def _owned_partitions(port: int, topic: str) -> int | None:
     """Partitions of ``topic`` the worker serving /metrics on ``port`` owns: 0 when it does not
     listen yet (it is still starting, so it consumes nothing), None when it did not answer in time."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=0.5) as resp:
-            text = resp.read().decode("utf-8", "replace")
+        text = metrics_text(port, timeout=0.5)
     except urllib.error.URLError as exc:
         return 0 if isinstance(exc.reason, ConnectionRefusedError) else None
     except OSError as exc:
         return 0 if isinstance(exc, ConnectionRefusedError) else None
-    m = re.search(r'^yibao_assigned_partitions\{topic="' + re.escape(topic) + r'"\} (\S+)$', text, re.M)
-    return int(float(m.group(1))) if m else 0
+    v = metric_sample(text, "yibao_assigned_partitions", topic)
+    return int(v) if v is not None else 0
 
 
 def _pass(label: str, rules: bool, base: Settings, frames: list[OutEvent], total_lines: int, processes: int,
@@ -287,9 +285,11 @@ def _pass(label: str, rules: bool, base: Settings, frames: list[OutEvent], total
                              f"in the {phase} pass", log_path)
         window = t_done - t_owned
         lines = count("fee_details")
-        first_fetch = [first_fetch_s(port, topic) for port in ports]
         alerts = _settled_alerts(count) if rules else count("alerts")
-        columnar = sum(worker_metric(port, "yibao_columnar_events_total", topic) or 0.0 for port in ports)
+        pages = metrics_pages(ports)
+        first_fetch = [None if (v := metric_sample(t, "yibao_first_fetch_seconds", topic)) is None else round(v, 2)
+                       for t in pages]
+        columnar = sum(metric_sample(t, "yibao_columnar_events_total", topic) or 0.0 for t in pages)
         rss = workers_rss_mb(procs)
         rate = n / window if window >= MIN_WINDOW_S else None
         return {

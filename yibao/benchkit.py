@@ -67,21 +67,29 @@ def workers_rss_mb(procs: list[subprocess.Popen[bytes]]) -> list[float | None]:
     return out
 
 
-def worker_metric(port: int, name: str, topic: str) -> float | None:
-    """A worker's ``name{topic="..."}`` sample from its /metrics (None when it cannot be read)."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
-            text = resp.read().decode("utf-8", "replace")
-    except OSError:
+def metrics_text(port: int, timeout: float = 2.0) -> str:
+    """The /metrics page of the worker serving it on ``port`` (raises OSError when it cannot be read)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as resp:
+        return str(resp.read().decode("utf-8", "replace"))
+
+
+def metrics_pages(ports: list[int]) -> list[str | None]:
+    """Each worker's /metrics page, None where it cannot be read."""
+    out: list[str | None] = []
+    for port in ports:
+        try:
+            out.append(metrics_text(port))
+        except OSError:
+            out.append(None)
+    return out
+
+
+def metric_sample(text: str | None, name: str, topic: str) -> float | None:
+    """The ``name{topic="..."}`` sample of a /metrics page (None without the page or the sample)."""
+    if text is None:
         return None
     m = re.search("^" + re.escape(name) + r'\{topic="' + re.escape(topic) + r'"\} (\S+)$', text, re.M)
     return float(m.group(1)) if m else None
-
-
-def first_fetch_s(port: int, topic: str) -> float | None:
-    """The worker's ``yibao_first_fetch_seconds`` for ``topic``: launch to first record fetched."""
-    v = worker_metric(port, "yibao_first_fetch_seconds", topic)
-    return None if v is None else round(v, 2)
 
 
 def stop_workers(procs: list[subprocess.Popen[bytes]]) -> None:
