@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -35,7 +35,7 @@ from .messages import (
     alert_plan,
 )
 from .privacy import Pseudonymizer, Sealer
-from .rows_columnar import ColumnarPlan, compile_columnar_plan
+from .rows_columnar import ColumnarPlan, compile_columnar_plan, frame_dicts
 from .rules.events import Engine, EngineEvent
 from .rules.state import Store
 from .validation import Limits, Validator, Violation, compile_checks
@@ -369,7 +369,7 @@ class BatchProcessor:
             self._dead.add(failed, already, out)
         t3 = time.perf_counter()
         if ordered and self.engine is not None:
-            res = self.engine.process(_engine_events(ordered, kept, frames, self._specs))
+            res = self.engine.process(_engine_events(ordered, kept, frames, self._specs, self.engine.reads))
             add_alerts(out, res.alerts, already, self._alert_plan, self.pseudonymizer)
             out.emits.extend(res.emits)
             out.emit_sources.extend(res.emit_sources)
@@ -481,12 +481,14 @@ def _frame_without_landed(
 
 def _engine_events(ordered: list[EngineEvent | _FastRow],
                    kept: dict[int, tuple[_FastGroup, list[int], list[int], list[int]]],
-                   frames: dict[int, pl.DataFrame], specs: dict[str, Any]) -> list[EngineEvent]:
-    """The engine's events in stream order, the columnar rows turned into the dicts it reads."""
+                   frames: dict[int, pl.DataFrame], specs: dict[str, Any],
+                   reads: Mapping[str, frozenset[str]]) -> list[EngineEvent]:
+    """The engine's events in stream order, the columnar rows turned into dicts of the fields it reads."""
     if not kept:
         return [e for e in ordered if isinstance(e, EngineEvent)]
     rows: dict[int, Iterator[tuple[dict[str, Any], int, int]]] = {
-        key: iter(zip(frames[key].to_dicts(), parts, offs, strict=True)) for key, (_, _, parts, offs) in kept.items()
+        key: iter(zip(frame_dicts(frames[key], reads.get(specs[group.record].short_name)), parts, offs, strict=True))
+        for key, (group, _, parts, offs) in kept.items()
     }
     out: list[EngineEvent] = []
     for e in ordered:

@@ -79,6 +79,16 @@ class Facts:
     test_fee: int = 0  # inpatient only
 
 
+#: Every field :func:`gather` reads from a settlement, a fee line's as ``fee_details.<field>``: the
+#: columnar path hands the engine dicts of these alone (streams.rows_columnar.frame_dicts).
+GATHERED = frozenset({
+    "setl_id", "mdtrt_id", "setl_time", "fixmedins_code", "hosp_lv", "med_type", "gend", "mdtrt_admdvs",
+    "insu_admdvs", "adm_date", "dscg_date", "dscg_maindiag_code", "oprn_codes", "drg_code", "medfee_sumamt",
+    "fee_details.hilist_code", "fee_details.det_item_fee_sumamt", "fee_details.fee_ocur_time",
+    "fee_details.pric", "fee_details.cnt",
+})
+
+
 def gather(s: dict[str, Any], age: int, k: Knowledge, dup_codes: frozenset[str],
            tolerance_pm: int = 0) -> Facts:
     """One pass over a settlement's lines (raw values)."""

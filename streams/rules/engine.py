@@ -29,7 +29,7 @@ from __future__ import annotations
 import copy
 import hashlib
 from bisect import insort
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -39,7 +39,7 @@ from schemas.calendar import DAY_MS, china_day
 from ..privacy import Pseudonymizer
 from ..settlement import age_at
 from .alerts import alert_datum, alert_id, fired_datum, next_generation, remember, retract
-from .detectors import INPATIENT, KINDS, Facts, Finding, entry_of, gather
+from .detectors import GATHERED, INPATIENT, KINDS, Facts, Finding, entry_of, gather
 from .events import EngineEvent, EngineOutput
 from .knowledge import Knowledge
 from .rulebook import RuleBook
@@ -96,6 +96,12 @@ class SettlementEngine:
         self.pseudo = pseudonymizer
         self.person = person
         self.stores = [person]
+        #: what :meth:`process` reads of each record: a settlement's facts, the person and their
+        #: age, the scenario; a reversal's target and person
+        self.reads: Mapping[str, frozenset[str]] = {
+            SETTLEMENT: GATHERED | {"psn_no", "brdy"},
+            REVERSAL: frozenset({"psn_no", "init_setl_id", "full_reversal", "setl_time", "insu_admdvs"}),
+        }
         #: the kinds whose alerts this engine raises (the alerts table is shared by every stream)
         self.alert_kinds = frozenset(n for n, k in KINDS.items()
                                      if k.stateless is not None or k.historic is not None)

@@ -8,7 +8,7 @@ batch's valid events to :meth:`Engine.process` in partition order and sends what
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -55,6 +55,9 @@ class Engine(Protocol):
     stores: list[Store]
     #: the rule kinds whose alerts this engine raises (the alerts table is shared by every stream)
     alert_kinds: frozenset[str]
+    #: the fields of a record (by short name) the engine reads, a nested list's as ``list.field``:
+    #: its processor may hand it dicts of these alone. A record not named is handed whole.
+    reads: Mapping[str, frozenset[str]]
 
     def restored(self, partition: int) -> None: ...
 

@@ -65,7 +65,7 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left, bisect_right, insort
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -115,6 +115,7 @@ class GroupedEngine:
         self.book = book
         self.store = store
         self.stores = [store]
+        self.reads: Mapping[str, frozenset[str]] = {}  # every record whole
         self.by = by
         self.kind = "drg_upcoding" if by == "hospital" else "high_cost"
         self.alert_kinds = frozenset({self.kind})

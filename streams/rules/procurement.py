@@ -94,7 +94,7 @@ from __future__ import annotations
 import datetime as dt
 import heapq
 from bisect import bisect_left, bisect_right, insort
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from schemas.calendar import CHINA, DAY_MS, china_day, day_start_ms, month_bounds, month_of
@@ -164,6 +164,7 @@ class ProcurementEngine:
         self.book = book
         self.store = store
         self.stores = [store]
+        self.reads: Mapping[str, frozenset[str]] = {}  # every record whole
         self.alert_kinds = frozenset(PROCUREMENT_KINDS)
         self.lateness_days = allowed_lateness_days
         self.lateness_ms = allowed_lateness_days * DAY_MS

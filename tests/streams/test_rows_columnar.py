@@ -19,6 +19,7 @@ import polars as pl
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from polars.testing.parametric import dataframes
 
 from schemas import SUBJECT_RECORDS, Codec
 from schemas.calendar import CHINA_OFFSET_MS, DAY_MS, EPOCH_ORDINAL
@@ -41,7 +42,7 @@ from streams.base import (
 )
 from streams.config import ValidationConfig
 from streams.privacy import Pseudonymizer
-from streams.rows_columnar import ColumnarPlan, compile_columnar_plan
+from streams.rows_columnar import ColumnarPlan, compile_columnar_plan, frame_dicts
 from streams.validation import Limits
 from yibao.bench import _settlements
 from yibao.sim.generator import SimConfig, TrafficGenerator
@@ -386,3 +387,54 @@ def test_a_frame_not_in_the_raw_representation_is_refused() -> None:
         plan.build(frame, [0], [1], PSEUDO)
     assert plan.build(frame.select(reversed(frame.columns)), [0, 0], [1, 2], PSEUDO) == \
         plan.build(frame, [0, 0], [1, 2], PSEUDO)
+
+
+# --- the engine's dicts --------------------------------------------------------------------------
+
+
+def _projected(datum: Datum, fields: frozenset[str], schema: pl.Schema) -> Datum:
+    """``datum`` of ``fields`` alone, a list of records' fields named as ``list.field``."""
+    out: Datum = {}
+    for name, value in datum.items():
+        dtype = schema[name]
+        nested = isinstance(dtype, pl.List) and isinstance(dtype.inner, pl.Struct)
+        parts = {f[len(name) + 1:] for f in fields if f.startswith(name + ".")} if nested else set()
+        if name in fields:
+            out[name] = value
+        elif parts:
+            out[name] = None if value is None else [
+                None if r is None else {k: v for k, v in r.items() if k in parts} for r in value]
+    return out
+
+
+@pytest.mark.parametrize("record", ALL_RECORDS, ids=lambda r: r.rsplit(".", 1)[-1])
+@settings(max_examples=40, deadline=None, print_blob=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example])
+@given(data=st.data())
+def test_the_engines_dicts_are_the_frames_rows(record: str, data: st.DataObject) -> None:
+    """frame_dicts gives what DataFrame.to_dicts gives, whole or of any choice of fields."""
+    evs, _, _ = data.draw(batches(record), label="batch")
+    frame = raw_frame(CODEC.record_schema(record), evs)
+    rows = frame.to_dicts()
+    assert _same(frame_dicts(frame), rows)
+    nested = [f"{n}.{s.name}" for n, d in frame.schema.items()
+              if isinstance(d, pl.List) and isinstance(d.inner, pl.Struct) for s in d.inner.fields]
+    fields = frozenset(data.draw(st.sets(st.sampled_from([*frame.columns, *nested, "no_such_field"])),
+                                 label="fields"))
+    assert _same(frame_dicts(frame, fields), [_projected(r, fields, frame.schema) for r in rows])
+
+
+@settings(max_examples=150, deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+@given(frame=dataframes(min_cols=1, max_cols=4, max_size=8, allowed_dtypes=[
+    pl.Int64, pl.String, pl.List(pl.String),
+    pl.List(pl.Struct({"a": pl.Int64, "b": pl.String})),
+    pl.List(pl.Struct({"c": pl.List(pl.Int32), "d": pl.Boolean})),
+]))
+def test_the_engines_dicts_keep_null_and_empty_lists_and_null_records(frame: pl.DataFrame) -> None:
+    """Frames no schema of ours makes: null lists, empty lists, null records inside a list."""
+    rows = frame.to_dicts()
+    assert _same(frame_dicts(frame), rows)
+    some = frozenset(n for i, n in enumerate(frame.columns) if i % 2 == 0) | {
+        f"{n}.a" for n in frame.columns} | {f"{n}.d" for n in frame.columns}
+    assert _same(frame_dicts(frame, some), [_projected(r, some, frame.schema) for r in rows])
+
