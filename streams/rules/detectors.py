@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from schemas.calendar import DAY_MS, HOUR_MS, china_day, day_start_ms
+from schemas.calendar import CHINA_OFFSET_MS, DAY_MS, HOUR_MS, china_day, day_start_ms
 
 from .knowledge import OTHER, Knowledge
 from .model import Rule, RuleError
@@ -109,7 +109,7 @@ def gather(s: dict[str, Any], age: int, k: Knowledge, dup_codes: frozenset[str],
         code = ln["hilist_code"]
         fee = ln["det_item_fee_sumamt"]
         t = ln["fee_ocur_time"]
-        day = china_day(t)
+        day = (t + CHINA_OFFSET_MS) // DAY_MS  # china_day, inline: once per fee line
         info = info_of(code, other)
         if inp:  # per-day categories and test fees: only stay rules use them
             cat = info.category
@@ -240,16 +240,23 @@ def over_frequency(rule: Rule, cur: dict[str, Any], tl: list[dict[str, Any]], k:
     of the visit (a stay settled in parts, 中途结算), whichever part arrives first."""
     if not cur["fq"]:
         return []
-    visit = [e for e in tl if e["m"] == cur["m"] and e["h"] == cur["h"]]
-    if not any(e["s"] == cur["s"] for e in visit):
+    m, h, s = cur["m"], cur["h"], cur["s"]
+    visit = [e for e in tl if e["m"] == m and e["h"] == h and e["fq"]]
+    if not any(e["s"] == s for e in visit):
         visit.append(cur)
+    totals = {(c, d): [0, 0] for c, d, _, _ in cur["fq"]}  # Σcnt, Σfee over the visit
+    for e in visit:
+        for c, d, cnt, fee in e["fq"]:
+            acc = totals.get((c, d))
+            if acc is not None:
+                acc[0] += cnt
+                acc[1] += fee
+    limits = k.frequency_limits
     out = []
-    for code, day in sorted({(c, d) for c, d, _, _ in cur["fq"]}):
-        parts = [(e, x) for e in visit for x in e["fq"] if x[0] == code and x[1] == day]
-        cnt = sum(x[2] for _, x in parts)
-        limit = k.frequency_limits[code] * 10**4
+    for (code, day), (cnt, fee) in sorted(totals.items()):
+        limit = limits[code] * 10**4
         if cnt > limit:
-            fee = sum(x[3] for _, x in parts)
+            parts = [(e, x) for e in visit for x in e["fq"] if x[0] == code and x[1] == day]
             excess = fee - fee * limit // cnt
             start, end = _day_window(day)
             out.append(Finding(rule, f"{cur['m']}|{code}|{day}", cur["h"], start, end,
