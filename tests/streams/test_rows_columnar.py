@@ -264,6 +264,9 @@ def _check(record: str, data: list[Datum], parts: list[int], offs: list[int], ps
 # --- tests ---------------------------------------------------------------------------------------
 
 ALL_RECORDS = [r for s in SUBJECTS for r in SUBJECT_RECORDS[s]]
+#: the hypothesis settings of the tests over generated batches of every record
+OVER_BATCHES = settings(max_examples=40, deadline=None, print_blob=True, suppress_health_check=[
+    HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example])
 PSEUDO = Pseudonymizer(KEY, "t1")
 
 
@@ -295,8 +298,7 @@ def test_the_record_path_runs_the_very_function_a_twin_wraps() -> None:
 
 
 @pytest.mark.parametrize("record", ALL_RECORDS, ids=lambda r: r.rsplit(".", 1)[-1])
-@settings(max_examples=40, deadline=None, print_blob=True,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example])
+@OVER_BATCHES
 @given(data=st.data())
 def test_columnar_columns_are_the_record_paths(record: str, data: st.DataObject) -> None:
     evs, parts, offs = data.draw(batches(record), label="batch")
@@ -408,8 +410,7 @@ def _projected(datum: Datum, fields: frozenset[str], schema: pl.Schema) -> Datum
 
 
 @pytest.mark.parametrize("record", ALL_RECORDS, ids=lambda r: r.rsplit(".", 1)[-1])
-@settings(max_examples=40, deadline=None, print_blob=True,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example])
+@OVER_BATCHES
 @given(data=st.data())
 def test_the_engines_dicts_are_the_frames_rows(record: str, data: st.DataObject) -> None:
     """frame_dicts gives what DataFrame.to_dicts gives, whole or of any choice of fields."""
