@@ -199,7 +199,6 @@ def compile_columnar_plan(mapping: TableMapping, record_schema: dict[str, Any]) 
     return ColumnarPlan(mapping.table, mapping.lines, tuple(fns), schema)
 
 
-
 def frame_dicts(frame: pl.DataFrame, fields: frozenset[str] | None = None) -> list[dict[str, Any]]:
     """The frame's rows as the dicts the record path decodes (``DataFrame.to_dicts``), of ``fields``
     alone when given (a field of a list's records as ``list.field``), in the frame's column order.
