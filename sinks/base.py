@@ -16,6 +16,11 @@ about 10× slower than an ``Int64`` column (~1.1 M vs ~11-16 M values/s; the lea
 earlier), and every ``datetime`` costs a pytz ``astimezone``. So rows go into a staging twin
 ``<table>_in`` whose columns have the raw types, and a materialized view converts them exactly
 inside ClickHouse (see :mod:`sinks.migrate`).
+
+Text may come as ``str`` or as its UTF-8 ``bytes``; both backends write the same bytes either way.
+The row builders send copied text as bytes: clickhouse-driver writes a ``bytes`` value in about a
+third of the time it takes to encode a ``str`` (32–52 against 109–157 ns here), and a String
+column is most of what a settlement's fee lines send.
 """
 
 from __future__ import annotations

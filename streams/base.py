@@ -174,7 +174,7 @@ def token_of(fld: str, domain: str = "psn") -> Twinned:
 
     def fn(ds: Sequence[Datum], ctx: RowContext) -> list[Any]:
         tok = ctx.pseudonymizer.token
-        return [tok(d.get(fld), domain) for d in ds]
+        return [tok(d.get(fld), domain).encode() for d in ds]
 
     def columnar(ctx: FrameContext) -> list[Any]:
         return ctx.tokens(ctx.get(fld), domain)
@@ -226,11 +226,11 @@ def from_parent(fld: str, ms_to_s: bool = False) -> Twinned:
         assert ctx.parents is not None
         if ms_to_s:
             return ctx.per_line([p[fld] // 1000 for p in ctx.parents])
-        return ctx.per_line(list(map(itemgetter(fld), ctx.parents)))
+        return ctx.per_line(utf8(list(map(itemgetter(fld), ctx.parents))))
 
     def columnar(ctx: FrameContext) -> list[Any]:
         values = ctx.parent(fld)
-        return ctx.per_line((values // 1000 if ms_to_s else values).to_list())
+        return ctx.per_line((values // 1000).to_list() if ms_to_s else ctx.listed(values))
 
     return Twinned(fn, columnar)
 
@@ -239,7 +239,7 @@ def parent_token(fld: str, domain: str = "psn") -> Twinned:
     def fn(ds: Sequence[Datum], ctx: RowContext) -> list[Any]:
         assert ctx.parents is not None
         tok = ctx.pseudonymizer.token
-        return ctx.per_line([tok(p[fld], domain) for p in ctx.parents])
+        return ctx.per_line([tok(p[fld], domain).encode() for p in ctx.parents])
 
     def columnar(ctx: FrameContext) -> list[Any]:
         return ctx.per_line(ctx.tokens(ctx.parent(fld), domain))
@@ -258,23 +258,33 @@ def default_for(ch_type: str) -> Any:
     if t.startswith("Array("):
         return []
     if "String" in t:
-        return ""
+        return b""
     return 0
 
 
-#: How a field is copied into its column: epoch ms → s, None → '', bool → int, or as it is.
-CopyKind = Literal["ms_to_s", "or_empty", "flag", "as_is"]
+#: How a field is copied into its column: epoch ms → s, text → UTF-8 (None → b''), bool → int, or
+#: as it is.
+CopyKind = Literal["ms_to_s", "text", "or_empty", "flag", "as_is"]
 
 
 def copy_kind(ch_type: str, nullable_src: bool) -> CopyKind:
     """One decision for both row builders (record and columnar), so they cannot disagree."""
     if ch_type.startswith("DateTime"):
         return "ms_to_s"
-    if ("String" in ch_type and not ch_type.startswith(("Nullable", "Array"))) and nullable_src:
-        return "or_empty"
+    if "String" in ch_type and not ch_type.startswith(("Nullable", "Array")):
+        return "or_empty" if nullable_src else "text"
     if ch_type == "UInt8":
         return "flag"
     return "as_is"
+
+
+def utf8(values: list[Any]) -> list[Any]:
+    """Each ``str`` as its UTF-8 bytes, anything else as it is.
+
+    Copied text goes to the sink as bytes (:mod:`sinks.base`): clickhouse-driver writes a bytes
+    value in a third of the time it takes to encode a ``str``, and the columnar path gets bytes
+    from its frame without building a ``str`` first (``Binary``)."""
+    return [v.encode() if type(v) is str else v for v in values]
 
 
 def source_fields(mapping: TableMapping, record_schema: dict[str, Any]) -> dict[str, Any]:
@@ -299,8 +309,12 @@ def _copier(col: str, ch_type: str, nullable_src: bool) -> ColumnFn:
         return dt_fn
     if kind == "or_empty":
         def str_fn(ds: Sequence[Datum], ctx: RowContext) -> list[Any]:
-            return [d[col] or "" for d in ds]
+            return utf8([d[col] or b"" for d in ds])
         return str_fn
+    if kind == "text":
+        def text_fn(ds: Sequence[Datum], ctx: RowContext) -> list[Any]:
+            return utf8([d[col] for d in ds])
+        return text_fn
     if kind == "flag":
         def bool_fn(ds: Sequence[Datum], ctx: RowContext) -> list[Any]:
             return [int(d[col]) for d in ds]

@@ -73,6 +73,12 @@ class FrameContext:
         assert self.counts is not None, "parent fields exist only for line tables"
         return self.events.get_column(name)
 
+    @staticmethod
+    def listed(values: pl.Series) -> list[Any]:
+        """The values as the record path has them for the sink (:func:`streams.base.utf8`): text as
+        UTF-8 bytes, read from the frame without building a ``str`` each."""
+        return (values.cast(pl.Binary) if values.dtype == pl.String else values).to_list()
+
     def per_line(self, values: list[Any]) -> list[Any]:
         """Repeat one value per event for each of its lines.
 
@@ -82,14 +88,15 @@ class FrameContext:
         assert self.counts is not None
         return _repeat(values, self.counts)
 
-    def tokens(self, values: pl.Series | None, domain: str) -> list[str]:
-        """``pseudonymizer.token`` of each value, called once per distinct value (nulls included,
-        with None, as the record path calls it); ``values`` None stands for a field the record lacks."""
+    def tokens(self, values: pl.Series | None, domain: str) -> list[bytes]:
+        """``pseudonymizer.token`` of each value as UTF-8, called once per distinct value (nulls
+        included, with None, as the record path calls it); ``values`` None stands for a field the
+        record lacks."""
         tok = self.pseudonymizer.token
         if values is None:
-            return [tok(None, domain)] * self.height if self.height else []
+            return [tok(None, domain).encode()] * self.height if self.height else []
         vals = values.to_list()
-        memo = {v: tok(v, domain) for v in set(vals)}
+        memo = {v: tok(v, domain).encode() for v in set(vals)}
         return list(map(memo.__getitem__, vals))
 
     def negated(self, values: pl.Series) -> list[Any]:
@@ -107,7 +114,9 @@ def _copier(col: str, ch_type: str, nullable_src: bool) -> ColumnarFn:
     if kind == "ms_to_s":
         return lambda ctx: (ctx.column(col) // 1000).to_list()
     if kind == "or_empty":
-        return lambda ctx: ctx.column(col).fill_null("").to_list()
+        return lambda ctx: ctx.listed(ctx.column(col).fill_null(""))
+    if kind == "text":
+        return lambda ctx: ctx.listed(ctx.column(col))
     if kind == "flag":
         return lambda ctx: ctx.column(col).cast(pl.Int64).to_list()
     return lambda ctx: ctx.column(col).to_list()

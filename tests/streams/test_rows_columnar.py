@@ -379,6 +379,32 @@ def test_tokens_are_computed_once_per_distinct_value() -> None:
             assert calls[None, "psn"] == 1  # the absent field: one call, for None
 
 
+def test_copied_text_goes_to_the_sink_as_the_events_utf8_bytes() -> None:
+    """Both builders hand the sink a settlement's text (codes, Chinese names, the parent's keys on
+    each line, the person's token) as UTF-8 bytes of exactly the event's strings."""
+    real = _realistic()[SETTLEMENT][:20]
+    data = [{**d, "fee_details": [{**ln, "hilist_name": f"阿莫西林胶囊\t{i}"} for i, ln in enumerate(d["fee_details"])]}
+            for d in real]
+    n = len(data)
+    lines = [ln for d in data for ln in d["fee_details"]]
+    parents = [d for d in data for _ in d["fee_details"]]
+    tokens = [PSEUDO.token(d["psn_no"], "psn").encode() for d in parents]
+    for m in SPECS[SETTLEMENT].tables[:2]:
+        plan = compile_columnar_plan(m, CODEC.record_schema(SETTLEMENT))
+        assert plan is not None
+        for cols in (compile_plan(m, CODEC.record_schema(SETTLEMENT)).build(data, [0] * n, list(range(n)), PSEUDO),
+                     plan.build(raw_frame(CODEC.record_schema(SETTLEMENT), data), [0] * n, list(range(n)), PSEUDO)):
+            if m.lines is None:
+                assert cols["setl_id"] == [d["setl_id"].encode() for d in data]
+                assert cols["insu_admdvs"] == [d["insu_admdvs"].encode() for d in data]
+                continue
+            assert cols["hilist_name"] == [ln["hilist_name"].encode() for ln in lines]
+            assert cols["hilist_code"] == [ln["hilist_code"].encode() for ln in lines]
+            assert cols["setl_id"] == [d["setl_id"].encode() for d in parents]
+            assert cols["med_type"] == [d["med_type"].encode() for d in parents]
+            assert cols["psn_token"] == tokens
+
+
 def test_a_frame_not_in_the_raw_representation_is_refused() -> None:
     plan = compile_columnar_plan(SPECS[SETTLEMENT].tables[0], CODEC.record_schema(SETTLEMENT))
     assert plan is not None
