@@ -58,9 +58,10 @@ rule below.
 State. The ``procurement`` store keeps, per partition:
 
 * key ``<fixmedins_code>`` (the institution): ``v`` (format, 2), ``o`` (last source offset applied),
-  ``t`` (its latest event time), ``w`` (the partition's watermark after its last event), ``r``
-  (region), ``c`` (contracts: ``cntr_id → [drug, agreed_volume, cycle start ms, cycle end ms,
-  sign_time, winning unit price, purchased by folded orders, last midnight judged]``), ``po``
+  ``t`` (its latest event time), ``w`` (the partition's watermark after its last event; the region
+  its alerts carry is its code's, :func:`region_of`), ``c`` (contracts: ``cntr_id → [drug,
+  agreed_volume, cycle start ms, cycle end ms, sign_time, winning unit price, purchased by folded
+  orders, last midnight judged]``), ``po``
   (orders held, by time: ``[ord_time, ord_id, drug, cntr_id or "", purc_cnt]``), ``d``
   (deliveries: ``dlv_id → [acpt_time, dlv_amt, splr_code, earliest pay_time known or null]``),
   ``py`` (payments whose delivery is not known yet: ``dlv_id → earliest pay_time``), ``td`` (the
@@ -155,6 +156,16 @@ def _crit(balance: int, inflow: int) -> int:
     if inflow <= 0:
         return NEVER
     return -(-1000 * -balance // inflow)
+
+
+def region_of(inst: str) -> str:
+    """The region an institution's alerts carry: the six digits its code holds (``H``/``P`` + region +
+    5 digits, the national coding standard; validation refuses any other code).
+
+    Not an event's ``admdvs``: a contract carries the province that procured, the institution's other
+    events its own district, so the region of the event seen last changed with arrival order (a
+    shuffled run filed one oversell alert under 440000 instead of 440305)."""
+    return inst[1:7]
 
 
 class ProcurementEngine:
@@ -285,7 +296,6 @@ class ProcurementEngine:
                     self._payment(ev, inst, st, by_kind[KIND_PAYMENT], w, out)
             if fresh:
                 st["o"] = ev.offset
-                st["r"] = d.get("admdvs") or st.get("r", "")
                 st["w"] = w
                 if t is not None:
                     st["t"] = max(int(st.get("t", 0)), t)
@@ -307,7 +317,7 @@ class ProcurementEngine:
         if st is None or st.get("v") != FORMAT:
             old = st or {}
             st = {"v": FORMAT, "o": old.get("o", -1), "t": old.get("t", 0), "w": old.get("t", 0),
-                  "r": old.get("r", ""), "c": {},
+                  "c": {},
                   "po": [], "d": {}, "py": {}, "td": [], "f": {}}
         return st
 
@@ -522,7 +532,7 @@ class ProcurementEngine:
                          "oversold_cnt": f"{excess / CNT:g}", "tolerance_cnt": f"{tolerance / CNT:g}",
                          "opening_plus_purchases_cnt": f"{e[INFLOW] / CNT:g}",
                      }, w)
-        self._fire(dk, fd, inst, st.get("r"), e[T] + self.lateness_ms, ev, out)
+        self._fire(dk, fd, inst, region_of(inst), e[T] + self.lateness_ms, ev, out)
 
     # --- traceability codes ---------------------------------------------------------------------
     def _trace_keep_days(self, rules: list[Rule]) -> int:
@@ -622,7 +632,7 @@ class ProcurementEngine:
                              "codes": ",".join(sorted({c for c, _ in dups})[:10]), "duplicates": str(len(dups)),
                              "first_sold_day": dt.date.fromordinal(719_163 + first_day).isoformat(),
                          }, w)
-            self._fire(st, fd, inst, st.get("r"), t + self.lateness_ms, ev, out)
+            self._fire(st, fd, inst, region_of(inst), t + self.lateness_ms, ev, out)
 
     def _prune_traces(self, p: int, inst: str, st: dict[str, Any], cutoff: int) -> None:
         days: list[int] = st["td"]
@@ -770,7 +780,7 @@ class ProcurementEngine:
                         "behind_cnt": f"{owed / CNT:g}", "behind_value": f"{value / 100:.2f}",
                         "judged_at": dt.datetime.fromtimestamp(days[j] / 1000, CHINA).isoformat(),
                     }, w)
-                    self._fire(st, fd, inst, st.get("r"), min(stop + 1, end) + self.lateness_ms, ev, out)
+                    self._fire(st, fd, inst, region_of(inst), min(stop + 1, end) + self.lateness_ms, ev, out)
                 st["f"][aid]["at"] = days[j]
 
     def _contract_due(self, ev: EngineEvent, inst: str, st: dict[str, Any], cid: str, rules: list[Rule], w: int,
@@ -845,7 +855,7 @@ class ProcurementEngine:
                 "paid": "yes" if paid is not None else "no (event time passed the deadline)",
                 "days_since_acceptance": f"{(at - acpt) / DAY_MS:.1f}", "max_days": str(days),
             }, w)
-            self._fire(st, fd, inst, st.get("r"), deadline + self.lateness_ms, ev, out)
+            self._fire(st, fd, inst, region_of(inst), deadline + self.lateness_ms, ev, out)
 
     def _delivery_due(self, ev: EngineEvent, inst: str, st: dict[str, Any], dlv_id: str, rules: list[Rule],
                       w: int, out: EngineOutput) -> None:

@@ -23,14 +23,14 @@ _ids = itertools.count(1)
 def mov(kind: str, cnt: float, t: int, traces: list[str] | None = None, drug: str = DRUG, *, inst: str = H,
         mov_id: str | None = None, pric: int = 2_000_000) -> tuple[str, dict[str, Any]]:
     return "InventoryMovement", {"mov_id": mov_id or f"MV{next(_ids):012d}", "fixmedins_code": inst,
-                                 "med_list_codg": drug, "admdvs": "450124", "mov_type": kind, "cnt": int(cnt * CNT),
+                                 "med_list_codg": drug, "admdvs": inst[1:7], "mov_type": kind, "cnt": int(cnt * CNT),
                                  "pric": pric, "drug_trac_codg": traces or [], "setl_id": None, "mov_time": t}
 
 
 def contract(volume: int, begin_day: int, end_day: int, cntr: str = "CT1", win_pric: int = 10_000_000, *,
              inst: str = H, drug: str = DRUG, sign: int | None = None) -> tuple[str, dict[str, Any]]:
     return "ProcurementContract", {"cntr_id": cntr, "fixmedins_code": inst, "med_list_codg": drug, "splr_code": "S",
-                                   "admdvs": "450000", "agreed_volume": volume * CNT, "win_pric": win_pric,
+                                   "admdvs": inst[1:3] + "0000", "agreed_volume": volume * CNT, "win_pric": win_pric,
                                    "base_pric": 2 * win_pric, "cycle_begn_date": date(begin_day),
                                    "cycle_end_date": date(end_day),
                                    "sign_time": ms(begin_day) if sign is None else sign}
@@ -39,19 +39,19 @@ def contract(volume: int, begin_day: int, end_day: int, cntr: str = "CT1", win_p
 def order(cnt: int, t: int, cntr: str | None = "CT1", *, inst: str = H, drug: str = DRUG
           ) -> tuple[str, dict[str, Any]]:
     return "ProcurementOrder", {"ord_id": f"PO{next(_ids)}", "fixmedins_code": inst, "splr_code": "S",
-                                "med_list_codg": drug, "cntr_id": cntr, "admdvs": "450124", "purc_cnt": cnt * CNT,
+                                "med_list_codg": drug, "cntr_id": cntr, "admdvs": inst[1:7], "purc_cnt": cnt * CNT,
                                 "purc_pric": 10_000_000, "purc_amt": cnt * 1000, "ord_time": t}
 
 
 def delivery(dlv: str, t: int, amt: int = 100_000, *, inst: str = H) -> tuple[str, dict[str, Any]]:
     return "DeliveryAcceptance", {"dlv_id": dlv, "ord_id": "PO", "fixmedins_code": inst, "splr_code": "S",
-                                  "med_list_codg": DRUG, "admdvs": "450124", "dlv_cnt": CNT, "dlv_amt": amt,
+                                  "med_list_codg": DRUG, "admdvs": inst[1:7], "dlv_cnt": CNT, "dlv_amt": amt,
                                   "acpt_time": t}
 
 
 def payment(dlv: str, t: int, *, inst: str = H) -> tuple[str, dict[str, Any]]:
     return "SupplierPayment", {"pay_id": f"PY{next(_ids)}", "dlv_id": dlv, "fixmedins_code": inst, "splr_code": "S",
-                               "admdvs": "450124", "pay_amt": 100_000, "pay_time": t}
+                               "admdvs": inst[1:7], "pay_amt": 100_000, "pay_time": t}
 
 
 class ProcRig:
@@ -119,7 +119,7 @@ def test_oversell_fires_once_beyond_the_tolerance_and_not_at_it() -> None:
     [a] = rig.send(mov("SALE_OUT", 0.5, ms(0, 14)))
     assert a["rule_id"] == "YB-PSI-OVERSELL" and a["subsystem"] == "procurement" and a["fixmedins_code"] == H
     assert a["evidence"]["oversold_cnt"] == "3.5" and a["amount_at_risk"] == 7 * 100  # 3.5 × 2.00 yuan
-    assert a["admdvs"] == "450124"
+    assert a["admdvs"] == H[1:7] == "110105"  # the institution's region, never the procuring province
     assert rig.send(mov("SALE_OUT", 5, ms(0, 15))) == []  # the same episode
     rig.send(mov("STOCKTAKE", 0, ms(1)))  # a recount closes it
     assert rules(rig.send(mov("SALE_OUT", 1, ms(1, 10)))) == ["YB-PSI-OVERSELL"]

@@ -10,7 +10,8 @@ comes) of one to three institutions on one partition is processed
     after its changelog reached the store whole, in part (some keys written, others not) or not at
     all, and restarts (the engine rebuilt from a JSON round trip of its store).
 
-The alerts standing (latest version by ``detected_at``, FIRED) must be the same. Hypothesis prints
+The alerts standing (latest version by ``detected_at``, FIRED) must be the same, region included
+(a contract carries the province that procured, the other events the institution's district). Hypothesis prints
 the falsifying example (and its seed with ``--hypothesis-seed``)."""
 
 from __future__ import annotations
@@ -152,5 +153,5 @@ def test_standing_alerts_depend_only_on_the_events(events: list[Event], data: st
     delays = data.draw(st.lists(st.integers(0, LATENESS_MS), min_size=len(events), max_size=len(events)))
     expected = in_order(events)
     got = shuffled(events, delays, random.Random(seed))
-    assert {k: (a["rule_id"], a["evidence"].get("ref")) for k, a in got.items()} == \
-        {k: (a["rule_id"], a["evidence"].get("ref")) for k, a in expected.items()}
+    assert {k: (a["rule_id"], a["evidence"].get("ref"), a["admdvs"]) for k, a in got.items()} == \
+        {k: (a["rule_id"], a["evidence"].get("ref"), a["admdvs"]) for k, a in expected.items()}
